@@ -1,0 +1,275 @@
+//! Delivery (methods 200-206): durable queues, long poll, push, ephemeral relay.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use qpq_proto::{MAX_PAYLOAD, Message, Status, frame, method, v1};
+
+use super::{Bound, Conn, RpcError, RpcResult, id16, key32, ok};
+use crate::hub::PushFrame;
+use crate::store::{EnqueueItem, EnqueueOutcome, QueueLimits, StoredEnvelope, now_ms, queue_key};
+
+/// Largest stored payload: leaves room for the envelope so a message always fits in one
+/// response or push frame.
+pub const MAX_MESSAGE: usize = MAX_PAYLOAD as usize - 4096;
+/// Payloads up to this size ride inside the `NewMessage` push; larger ones are announced
+/// without data and fetched.
+pub const PUSH_INLINE_MAX: usize = 64 * 1024;
+/// Largest ephemeral (typing) payload.
+pub const MAX_EPHEMERAL: usize = 4096;
+/// Messages per Fetch when the client asks for 0, and the most it may ask for.
+const DEFAULT_FETCH: usize = 100;
+const MAX_FETCH: usize = 500;
+/// Payload bytes per Fetch response.
+const FETCH_BYTES: usize = MAX_PAYLOAD as usize - 64 * 1024;
+/// Retry hint when a recipient's queue is full.
+const QUEUE_FULL_RETRY: Duration = Duration::from_secs(60);
+
+pub(super) async fn enqueue(ctx: &Conn, req: v1::EnqueueRequest) -> RpcResult {
+    let _me = ctx.principal()?;
+    let recipient = key32("recipient_key", &req.recipient_key)?;
+    let item = item(
+        ctx,
+        recipient,
+        &req.channel_id,
+        &req.message_id,
+        Arc::new(req.payload),
+        req.ttl_secs,
+    )?;
+    let outcomes = ctx.shared.store.enqueue(vec![item.clone()], limits(ctx), now_ms()).await?;
+    match outcomes.first() {
+        Some(EnqueueOutcome::Stored { seq, duplicate }) => {
+            if !duplicate {
+                announce(ctx, &item, *seq);
+            }
+            ok(v1::EnqueueResponse { seq: *seq, delivery_proof: Vec::new(), duplicate: *duplicate })
+        }
+        Some(EnqueueOutcome::UnknownRecipient) => {
+            Err(RpcError::new(Status::NotFound, "no user has this recipient key"))
+        }
+        Some(EnqueueOutcome::QueueFull) | None => Err(RpcError::retry(
+            Status::Unavailable,
+            "the recipient's queue is full",
+            QUEUE_FULL_RETRY,
+        )),
+    }
+}
+
+pub(super) async fn batch_enqueue(ctx: &Conn, req: v1::BatchEnqueueRequest) -> RpcResult {
+    let _me = ctx.principal()?;
+    let max = ctx.shared.config.limits.max_batch_recipients as usize;
+    if req.recipient_keys.is_empty() {
+        return Err(RpcError::new(Status::BadRequest, "no recipients"));
+    }
+    if req.recipient_keys.len() > max {
+        return Err(RpcError::new(Status::PayloadTooLarge, format!("more than {max} recipients")));
+    }
+    let mut recipients = Vec::with_capacity(req.recipient_keys.len());
+    for k in &req.recipient_keys {
+        let r = key32("recipient_keys[]", k)?;
+        if recipients.contains(&r) {
+            return Err(RpcError::new(Status::BadRequest, "a recipient is listed twice"));
+        }
+        recipients.push(r);
+    }
+    let payload = Arc::new(req.payload);
+    let items = recipients
+        .iter()
+        .map(|r| item(ctx, *r, &req.channel_id, &req.message_id, payload.clone(), req.ttl_secs))
+        .collect::<Result<Vec<_>, _>>()?;
+    let outcomes = ctx.shared.store.enqueue(items.clone(), limits(ctx), now_ms()).await?;
+    let mut resp = v1::BatchEnqueueResponse::default();
+    for (item, outcome) in items.iter().zip(&outcomes) {
+        match outcome {
+            EnqueueOutcome::Stored { seq, duplicate } => {
+                if !duplicate {
+                    announce(ctx, item, *seq);
+                }
+                resp.seqs.push(*seq);
+                resp.duplicates.push(*duplicate);
+            }
+            EnqueueOutcome::UnknownRecipient | EnqueueOutcome::QueueFull => {
+                resp.seqs.push(0);
+                resp.duplicates.push(false);
+            }
+        }
+    }
+    ok(resp)
+}
+
+pub(super) async fn fetch(ctx: &Conn, req: v1::FetchRequest) -> RpcResult {
+    let me = ctx.principal()?;
+    let qk = own_queue(&me, &req.recipient_key, &req.channel_id, &req.device_id)?;
+    let envs = ctx.shared.store.fetch(&qk, fetch_limit(req.limit), FETCH_BYTES, now_ms())?;
+    ok(v1::FetchResponse { payloads: envelopes(envs) })
+}
+
+pub(super) async fn peek(ctx: &Conn, req: v1::PeekRequest) -> RpcResult {
+    let me = ctx.principal()?;
+    let qk = own_queue(&me, &req.recipient_key, &req.channel_id, &req.device_id)?;
+    let envs = ctx.shared.store.fetch(&qk, fetch_limit(req.limit), FETCH_BYTES, now_ms())?;
+    ok(v1::PeekResponse { payloads: envelopes(envs) })
+}
+
+pub(super) async fn fetch_wait(ctx: &Conn, req: v1::FetchWaitRequest) -> RpcResult {
+    let me = ctx.principal()?;
+    let qk = own_queue(&me, &req.recipient_key, &req.channel_id, &req.device_id)?;
+    let limit = fetch_limit(req.limit);
+    let wait = req.timeout_ms.min(ctx.shared.config.limits.fetch_wait_max_ms);
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(wait);
+    let notify = ctx.shared.hub.waiter(&me.identity);
+    let result = loop {
+        // Register for the wake-up before looking, so an enqueue between the look and the wait
+        // is not missed.
+        let woken = notify.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        let envs = match ctx.shared.store.fetch(&qk, limit, FETCH_BYTES, now_ms()) {
+            Ok(e) => e,
+            Err(e) => break Err(e.into()),
+        };
+        if !envs.is_empty() || wait == 0 {
+            break ok(v1::FetchWaitResponse { payloads: envelopes(envs) });
+        }
+        if tokio::time::timeout_at(deadline, woken).await.is_err() {
+            break ok(v1::FetchWaitResponse { payloads: Vec::new() });
+        }
+    };
+    ctx.shared.hub.release_waiter(&me.identity, notify);
+    result
+}
+
+pub(super) async fn ack(ctx: &Conn, req: v1::AckRequest) -> RpcResult {
+    let me = ctx.principal()?;
+    let qk = own_queue(&me, &req.recipient_key, &req.channel_id, &req.device_id)?;
+    let removed = ctx.shared.store.ack(me.identity, qk, req.seq_up_to).await?;
+    ok(v1::AckResponse { removed })
+}
+
+pub(super) async fn relay(ctx: &Conn, req: v1::RelayEphemeralRequest) -> RpcResult {
+    let me = ctx.principal()?;
+    id16("channel_id", &req.channel_id)?;
+    if req.payload.len() > MAX_EPHEMERAL {
+        return Err(RpcError::new(
+            Status::PayloadTooLarge,
+            format!("ephemeral payloads are at most {MAX_EPHEMERAL} bytes"),
+        ));
+    }
+    let max = ctx.shared.config.limits.max_batch_recipients as usize;
+    if req.recipient_keys.len() > max {
+        return Err(RpcError::new(Status::PayloadTooLarge, format!("more than {max} recipients")));
+    }
+    let msg = v1::TypingIndicator {
+        sender_key: me.identity.to_vec(),
+        channel_id: req.channel_id,
+        payload: req.payload,
+    };
+    let frame = push_frame(method::PUSH_TYPING, &msg)?;
+    let mut delivered = 0u32;
+    for k in &req.recipient_keys {
+        let r = key32("recipient_keys[]", k)?;
+        delivered += ctx.shared.hub.push(&r, &frame, Some(ctx.id)) as u32;
+    }
+    ok(v1::RelayEphemeralResponse { delivered })
+}
+
+/// Builds a validated queue item.
+fn item(
+    ctx: &Conn,
+    recipient: [u8; 32],
+    channel: &[u8],
+    message_id: &[u8],
+    payload: Arc<Vec<u8>>,
+    ttl_secs: u32,
+) -> Result<EnqueueItem, RpcError> {
+    id16("channel_id", channel)?;
+    id16("message_id", message_id)?;
+    if payload.is_empty() {
+        return Err(RpcError::new(Status::BadRequest, "empty payload"));
+    }
+    if payload.len() > MAX_MESSAGE {
+        return Err(RpcError::new(
+            Status::PayloadTooLarge,
+            format!("payloads are at most {MAX_MESSAGE} bytes"),
+        ));
+    }
+    let l = &ctx.shared.config.limits;
+    let ttl =
+        if ttl_secs == 0 { l.default_ttl_secs } else { u64::from(ttl_secs).min(l.max_ttl_secs) };
+    Ok(EnqueueItem {
+        recipient,
+        channel: channel.to_vec(),
+        message_id: message_id.to_vec(),
+        payload,
+        expires_ms: now_ms().saturating_add(ttl.saturating_mul(1000)),
+    })
+}
+
+fn limits(ctx: &Conn) -> QueueLimits {
+    let l = &ctx.shared.config.limits;
+    QueueLimits {
+        max_messages: l.max_queue_messages,
+        max_bytes: l.max_queue_bytes,
+        dedup_window_ms: l.dedup_window_secs.saturating_mul(1000),
+    }
+}
+
+/// Wakes long polls and pushes `NewMessage` to the recipient's connections.
+fn announce(ctx: &Conn, item: &EnqueueItem, seq: u64) {
+    ctx.shared.hub.notify(&item.recipient);
+    let inline = item.payload.len() <= PUSH_INLINE_MAX;
+    let msg = v1::NewMessage {
+        channel_id: item.channel.clone(),
+        envelope: Some(v1::Envelope {
+            seq,
+            data: if inline { item.payload.to_vec() } else { Vec::new() },
+            message_id: item.message_id.clone(),
+            enqueued_at_ms: now_ms(),
+        }),
+    };
+    if let Ok(frame) = push_frame(method::PUSH_NEW_MESSAGE, &msg) {
+        ctx.shared.hub.push(&item.recipient, &frame, None);
+    }
+}
+
+/// The caller's queue named by a request: the recipient key must be empty or the caller's own.
+fn own_queue(
+    me: &Bound,
+    recipient: &[u8],
+    channel: &[u8],
+    device: &[u8],
+) -> Result<Vec<u8>, RpcError> {
+    if !recipient.is_empty() && recipient != me.identity {
+        return Err(RpcError::new(Status::Forbidden, "you can only read and ack your own queues"));
+    }
+    id16("channel_id", channel)?;
+    if device.len() > 16 {
+        return Err(RpcError::new(Status::BadRequest, "device_id is longer than 16 bytes"));
+    }
+    Ok(queue_key(&me.identity, channel))
+}
+
+fn fetch_limit(limit: u32) -> usize {
+    match limit as usize {
+        0 => DEFAULT_FETCH,
+        n => n.min(MAX_FETCH),
+    }
+}
+
+fn envelopes(envs: Vec<StoredEnvelope>) -> Vec<v1::Envelope> {
+    envs.into_iter()
+        .map(|e| v1::Envelope {
+            seq: e.seq,
+            data: e.payload,
+            message_id: e.message_id,
+            enqueued_at_ms: e.enqueued_ms,
+        })
+        .collect()
+}
+
+/// Encodes a push frame once, to be shared by every recipient connection.
+pub(super) fn push_frame<M: Message>(event: u16, msg: &M) -> Result<PushFrame, RpcError> {
+    frame::encode_push(event, &msg.encode_to_vec())
+        .map(Arc::new)
+        .map_err(|_| RpcError::new(Status::Internal, "push too large"))
+}

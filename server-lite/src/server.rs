@@ -1,0 +1,428 @@
+//! The QUIC endpoint: accept loop, connection limits, per-connection and per-stream tasks,
+//! and graceful shutdown.
+//!
+//! One bidirectional stream carries one RPC: the server reads a request header, checks it
+//! against the frame cap before reading the payload, dispatches, writes one response frame
+//! and finishes the stream. Pushes go out on server-opened unidirectional streams.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use opaque_ke::ServerSetup;
+use qpq_core::opaque::Suite;
+use qpq_proto::frame::{FrameError, REQUEST_HEADER_LEN, RequestHeader};
+use qpq_proto::{Message, Status, frame, method, v1};
+use tokio::sync::{Notify, mpsc};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::config::Config;
+use crate::handler::{self, Conn, RpcError};
+use crate::hub::{Hub, PUSH_QUEUE, PushFrame};
+use crate::rate::RateLimiter;
+use crate::store::Store;
+use crate::tls;
+
+/// QUIC application close code: the server is shutting down.
+pub const CLOSE_SHUTDOWN: u32 = 1;
+/// QUIC stream error code sent with `stop` when a request is refused before it is read.
+pub const STREAM_REFUSED: u32 = 1;
+/// Time a client has to finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a push may take to be written before the connection's push task gives up on it.
+const PUSH_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// State shared by every connection.
+pub struct Shared {
+    /// The loaded configuration.
+    pub config: Config,
+    /// The database.
+    pub store: Store,
+    /// Connected clients.
+    pub hub: Hub,
+    /// The OPAQUE server keys, persisted in the database.
+    pub opaque: ServerSetup<Suite>,
+    /// Auth attempts per client address.
+    pub auth_per_ip: RateLimiter<IpAddr>,
+    /// Login attempts per username.
+    pub auth_per_user: RateLimiter<String>,
+    /// When the server started.
+    pub started: Instant,
+    conns: Mutex<ConnCounts>,
+    next_conn_id: AtomicU64,
+    inflight: AtomicUsize,
+    idle: Notify,
+}
+
+#[derive(Default)]
+struct ConnCounts {
+    total: u32,
+    per_ip: HashMap<IpAddr, u32>,
+}
+
+/// A bound, ready-to-run server.
+pub struct Server {
+    shared: Arc<Shared>,
+    endpoint: quinn::Endpoint,
+    fingerprint: String,
+    generated_cert: bool,
+}
+
+impl Server {
+    /// Opens the database, loads or generates the certificate and binds the UDP socket.
+    pub async fn bind(config: Config) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+        let store = Store::open(
+            &config.db_path(),
+            &config.data_dir.join("blobs"),
+            config.limits.db_cache_bytes,
+        )
+        .with_context(|| format!("opening database {}", config.db_path().display()))?;
+        let opaque = load_opaque_setup(&store).await?;
+        let identity = tls::load_or_generate(
+            config.tls_cert.as_deref(),
+            config.tls_key.as_deref(),
+            &config.data_dir,
+        )?;
+        let fingerprint = identity.fingerprint();
+        let generated_cert = identity.generated;
+        let mut server_config =
+            quinn::ServerConfig::with_crypto(Arc::new(tls::server_crypto(identity)?));
+        server_config.transport_config(Arc::new(transport(&config)));
+        server_config.migration(true);
+        let endpoint = bind_endpoint(config.listen, server_config)?;
+        let l = &config.limits;
+        let shared = Arc::new(Shared {
+            auth_per_ip: RateLimiter::new(l.auth_per_ip_burst, l.auth_per_ip_per_min, 10_000),
+            auth_per_user: RateLimiter::new(l.auth_per_user_burst, l.auth_per_user_per_min, 10_000),
+            config,
+            store,
+            hub: Hub::default(),
+            opaque,
+            started: Instant::now(),
+            conns: Mutex::default(),
+            next_conn_id: AtomicU64::new(1),
+            inflight: AtomicUsize::new(0),
+            idle: Notify::new(),
+        });
+        Ok(Self { shared, endpoint, fingerprint, generated_cert })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// SHA-256 of the server certificate, hex.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// Whether this start generated the certificate.
+    pub fn generated_cert(&self) -> bool {
+        self.generated_cert
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets in-flight RPCs finish within
+    /// the drain timeout, closes every connection and flushes the database.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let Self { shared, endpoint, .. } = self;
+        let sweeper = tokio::spawn(sweep_loop(shared.clone()));
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                incoming = endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    admit(&shared, incoming);
+                }
+            }
+        }
+        info!("shutdown: no longer accepting connections");
+        endpoint.set_server_config(None);
+        let drain = Duration::from_secs(shared.config.limits.drain_timeout_secs);
+        let deadline = tokio::time::Instant::now() + drain;
+        loop {
+            let idle = shared.idle.notified();
+            if shared.inflight.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+                warn!(
+                    inflight = shared.inflight.load(Ordering::Acquire),
+                    "drain timeout; closing anyway"
+                );
+                break;
+            }
+        }
+        sweeper.abort();
+        endpoint.close(quinn::VarInt::from_u32(CLOSE_SHUTDOWN), b"server shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        info!("shutdown complete");
+        Ok(())
+    }
+}
+
+/// Binds `addr`; an unspecified IPv6 address falls back to IPv4 on hosts without IPv6.
+fn bind_endpoint(addr: SocketAddr, config: quinn::ServerConfig) -> anyhow::Result<quinn::Endpoint> {
+    match quinn::Endpoint::server(config.clone(), addr) {
+        Ok(e) => Ok(e),
+        Err(err) if addr.ip() == IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED) => {
+            let v4 = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, addr.port()));
+            warn!(%err, "IPv6 unavailable; listening on {v4}");
+            quinn::Endpoint::server(config, v4).with_context(|| format!("binding UDP {v4}"))
+        }
+        Err(err) => Err(err).with_context(|| format!("binding UDP {addr}")),
+    }
+}
+
+/// Transport settings sized for a router: small windows, few streams, no datagrams.
+fn transport(config: &Config) -> quinn::TransportConfig {
+    let l = &config.limits;
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(l.max_streams_per_connection));
+    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+    t.stream_receive_window(quinn::VarInt::from_u32(1 << 20));
+    t.receive_window(quinn::VarInt::from_u32(2 << 20));
+    t.send_window(2 << 20);
+    t.datagram_receive_buffer_size(None);
+    let idle = Duration::from_secs(l.idle_timeout_secs);
+    t.max_idle_timeout(quinn::IdleTimeout::try_from(idle).ok());
+    t
+}
+
+async fn load_opaque_setup(store: &Store) -> anyhow::Result<ServerSetup<Suite>> {
+    let bytes = store
+        .meta_or_insert("opaque_setup", || {
+            ServerSetup::<Suite>::new(&mut rand::rngs::OsRng).serialize().to_vec()
+        })
+        .await?;
+    ServerSetup::<Suite>::deserialize(&bytes)
+        .map_err(|_| anyhow::anyhow!("stored OPAQUE setup is corrupt"))
+}
+
+/// Applies the connection limits to a new connection attempt.
+fn admit(shared: &Arc<Shared>, incoming: quinn::Incoming) {
+    let ip = incoming.remote_address().ip().to_canonical();
+    let l = &shared.config.limits;
+    {
+        let mut c = shared.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let from_ip = c.per_ip.get(&ip).copied().unwrap_or(0);
+        if c.total >= l.max_connections || from_ip >= l.max_connections_per_ip {
+            debug!(%ip, total = c.total, from_ip, "connection refused: limit");
+            incoming.refuse();
+            return;
+        }
+        c.total += 1;
+        *c.per_ip.entry(ip).or_default() += 1;
+    }
+    let guard = ConnSlot { shared: shared.clone(), ip };
+    let conn_id = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
+    let span = info_span!("conn", id = conn_id, peer = %incoming.remote_address());
+    tokio::spawn(
+        async move {
+            let _slot = guard;
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
+                Ok(Ok(conn)) => serve_connection(_slot.shared.clone(), conn, conn_id, ip).await,
+                Ok(Err(e)) => debug!(error = %e, "handshake failed"),
+                Err(_) => debug!("handshake timed out"),
+            }
+        }
+        .instrument(span),
+    );
+}
+
+/// Releases a connection's place in the limits when dropped.
+struct ConnSlot {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        let mut c = self.shared.conns.lock().unwrap_or_else(|p| p.into_inner());
+        c.total = c.total.saturating_sub(1);
+        if let Some(n) = c.per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                c.per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection, conn_id: u64, ip: IpAddr) {
+    debug!("connected");
+    let (push_tx, push_rx) = mpsc::channel::<PushFrame>(PUSH_QUEUE);
+    let pusher = tokio::spawn(push_loop(conn.clone(), push_rx));
+    let ctx = Arc::new(Conn::new(shared.clone(), conn.clone(), conn_id, ip, push_tx));
+    loop {
+        match conn.accept_bi().await {
+            Ok((send, recv)) => {
+                let ctx = ctx.clone();
+                tokio::spawn(serve_stream(ctx, send, recv).in_current_span());
+            }
+            Err(e) => {
+                debug!(reason = %e, "connection closed");
+                break;
+            }
+        }
+    }
+    ctx.unbind();
+    pusher.abort();
+}
+
+async fn push_loop(conn: quinn::Connection, mut rx: mpsc::Receiver<PushFrame>) {
+    while let Some(frame) = rx.recv().await {
+        let sent = tokio::time::timeout(PUSH_WRITE_TIMEOUT, async {
+            let mut s = conn.open_uni().await.ok()?;
+            s.write_all(&frame).await.ok()?;
+            s.finish().ok()
+        })
+        .await;
+        if !matches!(sent, Ok(Some(()))) {
+            debug!("push not delivered; client will fetch");
+        }
+    }
+}
+
+/// Counts an RPC as in flight for the shutdown drain.
+struct InFlight(Arc<Shared>);
+
+impl InFlight {
+    fn new(shared: &Arc<Shared>) -> Self {
+        shared.inflight.fetch_add(1, Ordering::AcqRel);
+        Self(shared.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+async fn serve_stream(ctx: Arc<Conn>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let _inflight = InFlight::new(&ctx.shared);
+    let timeout = Duration::from_secs(ctx.shared.config.limits.request_timeout_secs);
+    let mut raw = [0u8; REQUEST_HEADER_LEN];
+    let read = tokio::time::timeout(timeout, recv.read_exact(&mut raw)).await;
+    let request_id = u32::from_be_bytes([raw[2], raw[3], raw[4], raw[5]]);
+    match read {
+        Ok(Ok(())) => {}
+        Ok(Err(quinn::ReadExactError::FinishedEarly(n))) => {
+            let e = RpcError::new(
+                Status::BadRequest,
+                format!("truncated request header ({n} of 10 bytes)"),
+            );
+            return respond(&mut send, request_id, Err(e)).await;
+        }
+        Ok(Err(quinn::ReadExactError::ReadError(_))) => return,
+        Err(_) => {
+            let _ = recv.stop(quinn::VarInt::from_u32(STREAM_REFUSED));
+            let e = RpcError::new(Status::DeadlineExceeded, "request header not received in time");
+            return respond(&mut send, request_id, Err(e)).await;
+        }
+    }
+    let header = match RequestHeader::decode(&raw) {
+        Ok(h) => h,
+        Err(FrameError::TooLarge { len, max }) => {
+            let _ = recv.stop(quinn::VarInt::from_u32(STREAM_REFUSED));
+            let e = RpcError::new(
+                Status::PayloadTooLarge,
+                format!("payload of {len} bytes exceeds {max}"),
+            );
+            return respond(&mut send, request_id, Err(e)).await;
+        }
+        Err(e) => {
+            return respond(
+                &mut send,
+                request_id,
+                Err(RpcError::new(Status::BadRequest, e.to_string())),
+            )
+            .await;
+        }
+    };
+    let mut body = vec![0u8; header.len as usize];
+    match tokio::time::timeout(timeout, recv.read_exact(&mut body)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(quinn::ReadExactError::FinishedEarly(n))) => {
+            let e = RpcError::new(
+                Status::BadRequest,
+                format!("truncated payload ({n} of {} bytes)", header.len),
+            );
+            return respond(&mut send, header.request_id, Err(e)).await;
+        }
+        Ok(Err(quinn::ReadExactError::ReadError(_))) => return,
+        Err(_) => {
+            let _ = recv.stop(quinn::VarInt::from_u32(STREAM_REFUSED));
+            let e = RpcError::new(Status::DeadlineExceeded, "request payload not received in time");
+            return respond(&mut send, header.request_id, Err(e)).await;
+        }
+    }
+    // Anything the client sends after the announced payload is ignored.
+    let _ = recv.stop(quinn::VarInt::from_u32(0));
+    let name = method::name(header.method).unwrap_or("unknown");
+    let result = handler::dispatch(&ctx, header.method, &body).await;
+    if let Err(e) = &result {
+        debug!(method = name, status = %e.status, message = %e.message, "rpc failed");
+    }
+    respond(&mut send, header.request_id, result).await;
+}
+
+async fn respond(send: &mut quinn::SendStream, request_id: u32, result: Result<Vec<u8>, RpcError>) {
+    let (status, body) = match result {
+        Ok(body) => (Status::Ok, body),
+        Err(e) => {
+            let err = v1::Error {
+                code: u32::from(e.status.as_u8()),
+                message: e.message,
+                retry_after_ms: e.retry_after_ms,
+            };
+            (e.status, err.encode_to_vec())
+        }
+    };
+    let bytes = match frame::encode_response(status, request_id, &body) {
+        Ok(b) => b,
+        Err(_) => {
+            let err =
+                v1::Error { code: 10, message: "response too large".into(), retry_after_ms: 0 };
+            match frame::encode_response(Status::Internal, request_id, &err.encode_to_vec()) {
+                Ok(b) => b,
+                Err(_) => return,
+            }
+        }
+    };
+    if send.write_all(&bytes).await.is_ok() {
+        let _ = send.finish();
+    }
+}
+
+async fn sweep_loop(shared: Arc<Shared>) {
+    let l = &shared.config.limits;
+    let mut tick = tokio::time::interval(Duration::from_secs(l.sweep_interval_secs));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let session_idle_ms = l.session_idle_days.saturating_mul(86_400_000);
+    loop {
+        tick.tick().await;
+        match shared.store.sweep(crate::store::now_ms(), session_idle_ms).await {
+            Ok(r) if r != Default::default() => info!(
+                messages = r.messages,
+                dedup = r.dedup,
+                blobs = r.blobs,
+                sessions = r.sessions,
+                "expired records removed"
+            ),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "sweep failed"),
+        }
+    }
+}

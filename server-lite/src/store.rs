@@ -1,0 +1,310 @@
+//! The server's only persistent state: one redb file.
+//!
+//! Reads open a redb read transaction directly (MVCC, never blocked by the writer). Every write
+//! goes through one writer thread that takes all jobs queued since its last commit and applies
+//! them in a single transaction: concurrent enqueues share one fsync (group commit), and a
+//! caller is answered only after the commit that holds its write is durable.
+//!
+//! Invariant: a write job returns `Err` only for storage faults, and an `Err` aborts the whole
+//! batch, so a job never leaves a partial write behind. Outcomes a client caused (name taken,
+//! queue full, ...) are `Ok` values.
+
+mod accounts;
+mod blobs;
+pub(crate) mod codec;
+mod delivery;
+mod keys;
+pub mod records;
+mod sweep;
+pub(crate) mod tables;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use redb::{ConcurrencyMode, Database, ReadableDatabase, ReadableTable, WriteTransaction};
+use tokio::sync::{mpsc, oneshot};
+
+pub use accounts::{LoginRecord, RegisterOutcome, ResumeOutcome, SessionInfo};
+pub use blobs::{BlobChunk, BlobLimits, UploadOutcome, hex};
+pub use delivery::{EnqueueItem, EnqueueOutcome, QueueLimits, StoredEnvelope, queue_key};
+pub use keys::KeyPackagePop;
+pub use records::Invite;
+pub use sweep::SweepReport;
+use tables::*;
+
+/// The on-disk schema this build writes. Opening a newer file is refused; older ones migrate.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Jobs the writer folds into one transaction at most.
+const MAX_BATCH: usize = 512;
+
+/// A storage failure. Client-caused outcomes are not errors (see the module docs).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// redb reported an error.
+    #[error("database error: {0}")]
+    Db(#[from] redb::Error),
+    /// Another server (or an older redb) holds the database file.
+    #[error("the database is in use by another process")]
+    Locked,
+    /// A stored value did not decode.
+    #[error("corrupt record: {0}")]
+    Corrupt(&'static str),
+    /// The file was written by a newer qpq-server-lite.
+    #[error("database schema {found} is newer than this build's {supported}; upgrade the server")]
+    TooNew {
+        /// Version in the file.
+        found: u32,
+        /// Version this build writes.
+        supported: u32,
+    },
+    /// The write was in a batch whose commit failed.
+    #[error("write batch aborted: {0}")]
+    Aborted(String),
+    /// The writer thread is gone (shutting down).
+    #[error("database writer stopped")]
+    WriterGone,
+    /// Blob file I/O failed.
+    #[error("blob storage: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                Self::Db(e.into())
+            }
+        }
+    )*};
+}
+from_redb!(redb::StorageError, redb::TableError, redb::TransactionError, redb::CommitError);
+
+impl From<redb::DatabaseError> for StoreError {
+    fn from(e: redb::DatabaseError) -> Self {
+        match e {
+            redb::DatabaseError::DatabaseAlreadyOpen
+            | redb::DatabaseError::LockProtocolMismatch => Self::Locked,
+            e => Self::Db(e.into()),
+        }
+    }
+}
+
+/// Handle to the database and its writer thread. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<Database>,
+    writer: mpsc::Sender<Box<dyn WriteJob>>,
+    blob_dir: Arc<Path>,
+    blob_lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Store {
+    /// Opens (creating if needed) `path`, migrates it to [`SCHEMA_VERSION`], creates every table
+    /// and starts the writer thread. Blobs live in `blob_dir`.
+    ///
+    /// The file is opened in redb's multi-writer mode, so `qpq-server-lite invite ...` can
+    /// change it while the server runs.
+    pub fn open(path: &Path, blob_dir: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
+        let db = Database::builder()
+            .set_cache_size(cache_bytes)
+            .set_concurrency_mode(ConcurrencyMode::MultiWriter)
+            .create(path)?;
+        migrate(&db)?;
+        std::fs::create_dir_all(blob_dir)?;
+        let db = Arc::new(db);
+        let (tx, rx) = mpsc::channel::<Box<dyn WriteJob>>(4096);
+        let writer_db = db.clone();
+        std::thread::Builder::new()
+            .name("qpq-db-writer".into())
+            .spawn(move || run_writer(&writer_db, rx))?;
+        Ok(Self { db, writer: tx, blob_dir: blob_dir.into(), blob_lock: Arc::default() })
+    }
+
+    /// Runs `f` inside the next group commit and returns its result once that commit is durable.
+    pub(crate) async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&WriteTransaction) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job = TypedJob { f: Some(f), out: None, reply: tx };
+        self.writer.send(Box::new(job)).await.map_err(|_| StoreError::WriterGone)?;
+        rx.await.map_err(|_| StoreError::WriterGone)?
+    }
+
+    /// A read transaction on the latest committed state.
+    pub(crate) fn read(&self) -> Result<redb::ReadTransaction, StoreError> {
+        Ok(self.db.begin_read()?)
+    }
+
+    /// Reads a META value.
+    pub(crate) fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let t = self.read()?.open_table(META)?;
+        Ok(t.get(key)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Returns the META value at `key`, storing `make()` first if there is none. Two racing
+    /// callers (or processes) end up with the same stored value.
+    pub async fn meta_or_insert(
+        &self,
+        key: &'static str,
+        make: impl FnOnce() -> Vec<u8> + Send + 'static,
+    ) -> Result<Vec<u8>, StoreError> {
+        if let Some(v) = self.meta(key)? {
+            return Ok(v);
+        }
+        self.write(move |txn| {
+            let mut t = txn.open_table(META)?;
+            if let Some(v) = t.get(key)? {
+                return Ok(v.value().to_vec());
+            }
+            let v = make();
+            t.insert(key, v.as_slice())?;
+            Ok(v)
+        })
+        .await
+    }
+
+    /// The directory holding blob contents.
+    pub(crate) fn blob_dir(&self) -> &Path {
+        &self.blob_dir
+    }
+
+    /// Serialises blob uploads, so two chunks of one blob never interleave.
+    fn blob_lock(&self) -> &tokio::sync::Mutex<()> {
+        &self.blob_lock
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn migrate(db: &Database) -> Result<(), StoreError> {
+    let txn = db.begin_write()?;
+    {
+        let mut meta = txn.open_table(META)?;
+        let found = match meta.get("schema_version")? {
+            Some(v) => {
+                let b: [u8; 4] = v.value().try_into().map_err(|_| StoreError::Corrupt("schema"))?;
+                Some(u32::from_be_bytes(b))
+            }
+            None => None,
+        };
+        match found {
+            Some(v) if v > SCHEMA_VERSION => {
+                return Err(StoreError::TooNew { found: v, supported: SCHEMA_VERSION });
+            }
+            Some(v) if v == SCHEMA_VERSION => {}
+            // A fresh file, or an older schema: migrations from `v` to SCHEMA_VERSION go here,
+            // one step per version, inside this same transaction.
+            _ => {
+                meta.insert("schema_version", SCHEMA_VERSION.to_be_bytes().as_slice())?;
+            }
+        }
+    }
+    txn.open_table(USERS)?;
+    txn.open_table(IDENTITIES)?;
+    txn.open_table(SESSIONS)?;
+    txn.open_multimap_table(USER_SESSIONS)?;
+    txn.open_table(KEY_PACKAGES)?;
+    txn.open_table(KEY_PACKAGE_NEXT)?;
+    txn.open_table(HYBRID_KEYS)?;
+    txn.open_table(QUEUES)?;
+    txn.open_table(QUEUE_NEXT)?;
+    txn.open_table(USAGE)?;
+    txn.open_table(DEDUP)?;
+    txn.open_table(EXPIRY)?;
+    txn.open_table(BLOBS)?;
+    txn.open_table(INVITES)?;
+    txn.open_table(DEVICES)?;
+    txn.commit()?;
+    Ok(())
+}
+
+trait WriteJob: Send {
+    /// Applies the job; `false` means a storage fault that must abort the batch.
+    fn run(&mut self, txn: &WriteTransaction) -> bool;
+    /// Delivers the job's result once the batch's fate is known.
+    fn finish(self: Box<Self>, commit: Result<(), String>);
+}
+
+struct TypedJob<T, F> {
+    f: Option<F>,
+    out: Option<Result<T, StoreError>>,
+    reply: oneshot::Sender<Result<T, StoreError>>,
+}
+
+impl<T, F> WriteJob for TypedJob<T, F>
+where
+    T: Send,
+    F: FnOnce(&WriteTransaction) -> Result<T, StoreError> + Send,
+{
+    fn run(&mut self, txn: &WriteTransaction) -> bool {
+        let Some(f) = self.f.take() else { return true };
+        let out = f(txn);
+        let ok = out.is_ok();
+        self.out = Some(out);
+        ok
+    }
+
+    fn finish(self: Box<Self>, commit: Result<(), String>) {
+        let result = match (commit, self.out) {
+            (Ok(()), Some(out)) => out,
+            (Err(e), Some(Err(own))) => Err(StoreError::Aborted(format!("{own}; {e}"))),
+            (Err(e), _) => Err(StoreError::Aborted(e)),
+            (Ok(()), None) => Err(StoreError::Aborted("job did not run".into())),
+        };
+        // The caller may have gone away (connection closed); its write stands regardless.
+        let _ = self.reply.send(result);
+    }
+}
+
+fn run_writer(db: &Database, mut rx: mpsc::Receiver<Box<dyn WriteJob>>) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        let commit = apply(db, &mut jobs);
+        if let Err(e) = &commit {
+            tracing::error!(error = %e, jobs = jobs.len(), "write batch failed");
+        }
+        for job in jobs {
+            job.finish(commit.clone());
+        }
+    }
+    tracing::debug!("database writer stopped");
+}
+
+fn apply(db: &Database, jobs: &mut [Box<dyn WriteJob>]) -> Result<(), String> {
+    let txn = db.begin_write().map_err(|e| e.to_string())?;
+    for job in jobs.iter_mut() {
+        if !job.run(&txn) {
+            let _ = txn.abort();
+            return Err("a write in the batch failed".into());
+        }
+    }
+    txn.commit().map_err(|e| e.to_string())
+}
+
+/// Reads and decodes the usage counters of `identity`.
+pub(crate) fn usage_of(
+    t: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    identity: &[u8],
+) -> Result<records::Usage, StoreError> {
+    match t.get(identity)? {
+        Some(v) => records::Usage::decode(v.value()),
+        None => Ok(records::Usage::default()),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,51 @@
+//! redb table definitions. Every table is created when the database is opened.
+//!
+//! Keys that name a user are the 32-byte Ed25519 identity key. A queue key is
+//! `identity (32) || channel_id (0 or 16)`.
+
+use redb::{MultimapTableDefinition, TableDefinition};
+
+/// `"schema_version"` -> u32 BE; `"opaque_setup"` -> serialized OPAQUE `ServerSetup`.
+pub(crate) const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
+/// username -> [`super::records::User`].
+pub(crate) const USERS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("users");
+/// identity key -> username.
+pub(crate) const IDENTITIES: TableDefinition<'_, &[u8], &str> = TableDefinition::new("identities");
+/// SHA-256(session token) -> [`super::records::Session`].
+pub(crate) const SESSIONS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("sessions");
+/// identity key -> SHA-256(session token), for revoking all of a user's sessions.
+pub(crate) const USER_SESSIONS: MultimapTableDefinition<'_, &[u8], &[u8]> =
+    MultimapTableDefinition::new("user_sessions");
+/// (identity, n) -> KeyPackage bytes; FIFO by n.
+pub(crate) const KEY_PACKAGES: TableDefinition<'_, (&[u8], u64), &[u8]> =
+    TableDefinition::new("key_packages");
+/// identity -> next n for [`KEY_PACKAGES`].
+pub(crate) const KEY_PACKAGE_NEXT: TableDefinition<'_, &[u8], u64> =
+    TableDefinition::new("key_package_next");
+/// identity -> hybrid public key (X25519 || ML-KEM-768 encapsulation key).
+pub(crate) const HYBRID_KEYS: TableDefinition<'_, &[u8], &[u8]> =
+    TableDefinition::new("hybrid_keys");
+/// (queue key, seq) -> [`super::records::Queued`].
+pub(crate) const QUEUES: TableDefinition<'_, (&[u8], u64), &[u8]> = TableDefinition::new("queues");
+/// queue key -> next seq (u64).
+pub(crate) const QUEUE_NEXT: TableDefinition<'_, &[u8], u64> = TableDefinition::new("queue_next");
+/// identity -> [`super::records::Usage`] (queued messages and bytes, blob bytes).
+pub(crate) const USAGE: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("usage");
+/// queue key || message_id -> seq, for idempotent enqueue.
+pub(crate) const DEDUP: TableDefinition<'_, &[u8], u64> = TableDefinition::new("dedup");
+/// (expires_at_ms, kind byte || reference) -> (); the TTL sweep walks it in time order.
+pub(crate) const EXPIRY: TableDefinition<'_, (u64, &[u8]), ()> = TableDefinition::new("expiry");
+/// blob id (SHA-256 of content) -> [`super::records::Blob`].
+pub(crate) const BLOBS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("blobs");
+/// invite code -> [`super::records::Invite`].
+pub(crate) const INVITES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("invites");
+/// (identity, device id) -> [`super::records::Device`].
+pub(crate) const DEVICES: TableDefinition<'_, (&[u8], &[u8]), &[u8]> =
+    TableDefinition::new("devices");
+
+/// [`EXPIRY`] kind: a queued message; reference is queue key || seq (u64 BE).
+pub(crate) const EXPIRE_MESSAGE: u8 = 0;
+/// [`EXPIRY`] kind: a dedup record; reference is the [`DEDUP`] key.
+pub(crate) const EXPIRE_DEDUP: u8 = 1;
+/// [`EXPIRY`] kind: a blob; reference is the blob id.
+pub(crate) const EXPIRE_BLOB: u8 = 2;
