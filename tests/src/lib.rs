@@ -1,1 +1,456 @@
+//! A headless qpq protocol client and a harness that runs the real `qpq-server-lite` binary,
+//! for end-to-end tests. Everything talks to 127.0.0.1 only.
+#![allow(clippy::unwrap_used)]
 
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use qpq_proto::frame::{self, RESPONSE_HEADER_LEN, ResponseHeader};
+use qpq_proto::{MAX_PAYLOAD, Message, Status, method, v1};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use sha2::{Digest, Sha256};
+use tokio::sync::{Mutex, mpsc};
+
+/// Path of a workspace binary next to the running test executable (`target/<profile>/`).
+pub fn workspace_bin(name: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(format!("QPQ_BIN_{}", name.replace('-', "_").to_uppercase()))
+    {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap();
+    let dir = if dir.ends_with("deps") { dir.parent().unwrap() } else { dir };
+    let bin = dir.join(name);
+    assert!(
+        bin.exists(),
+        "{} not built; run `cargo build --workspace --bins` first",
+        bin.display()
+    );
+    bin
+}
+
+/// A running `qpq-server-lite` process on 127.0.0.1 with its own data directory.
+pub struct ServerProcess {
+    child: Child,
+    /// The bound address.
+    pub addr: SocketAddr,
+    /// SHA-256 of its certificate, hex.
+    pub fingerprint: String,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    /// Everything it logged to stderr, collected in the background.
+    pub stderr: Arc<std::sync::Mutex<String>>,
+}
+
+impl ServerProcess {
+    /// Starts a server with open registration in `data_dir`, plus `extra` arguments.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::start_on(data_dir, "127.0.0.1:0", extra)
+    }
+
+    /// Like [`Self::start`] on a given address (to restart on the same port).
+    pub fn start_on(data_dir: &Path, listen: &str, extra: &[&str]) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(workspace_bin("qpq-server-lite"));
+        cmd.arg("--data-dir").arg(data_dir).args(["--listen", listen]);
+        if !extra.iter().any(|a| *a == "--registration") {
+            cmd.args(["--registration", "open"]);
+        }
+        cmd.args(extra).args(["--log", "debug"]);
+        cmd.env_remove("QPQ_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().context("spawning qpq-server-lite")?;
+        let stderr = Arc::new(std::sync::Mutex::new(String::new()));
+        let err_pipe = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err_pipe).lines().map_while(Result::ok) {
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut addr = None;
+        let mut fingerprint = None;
+        while addr.is_none() || fingerprint.is_none() {
+            let Some(line) = lines.next() else {
+                let _ = child.wait();
+                bail!("server exited before listening:\n{}", stderr.lock().unwrap());
+            };
+            let line = line?;
+            if let Some(a) = line.strip_prefix("listening on ") {
+                addr = Some(a.parse::<SocketAddr>()?);
+            } else if let Some(f) = line.strip_prefix("fingerprint sha256:") {
+                fingerprint = Some(f.to_string());
+            }
+        }
+        std::thread::spawn(move || for _ in lines {});
+        Ok(Self {
+            child,
+            addr: addr.unwrap(),
+            fingerprint: fingerprint.unwrap(),
+            data_dir: data_dir.to_path_buf(),
+            stderr,
+        })
+    }
+
+    /// Sends SIGKILL and reaps the process.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status()?;
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("server did not exit within {timeout:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// A new connected client.
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        Client::connect(self.addr, &self.fingerprint).await
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A failed call.
+#[derive(Debug)]
+pub enum CallError {
+    /// The server answered with a non-Ok status.
+    Status(Status, v1::Error),
+    /// The transport or framing failed.
+    Transport(String),
+}
+
+impl CallError {
+    /// The status, if the server answered.
+    pub fn status(&self) -> Option<Status> {
+        match self {
+            Self::Status(s, _) => Some(*s),
+            Self::Transport(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Status(s, e) => write!(f, "{s}: {}", e.message),
+            Self::Transport(t) => write!(f, "transport: {t}"),
+        }
+    }
+}
+
+impl std::error::Error for CallError {}
+
+/// A push received from the server.
+#[derive(Debug, Clone)]
+pub struct Push {
+    /// Event id.
+    pub event: u16,
+    /// Protobuf payload.
+    pub payload: Vec<u8>,
+}
+
+/// A headless protocol client: one QUIC connection, one stream per call.
+pub struct Client {
+    _endpoint: quinn::Endpoint,
+    /// The connection.
+    pub conn: quinn::Connection,
+    next_id: AtomicU32,
+    pushes: Mutex<mpsc::UnboundedReceiver<Push>>,
+}
+
+impl Client {
+    /// Connects to `addr`, pinning the certificate with SHA-256 `fingerprint`.
+    pub async fn connect(addr: SocketAddr, fingerprint: &str) -> anyhow::Result<Self> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = Arc::new(PinnedCert {
+            fingerprint: fingerprint.to_string(),
+            provider: provider.clone(),
+        });
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![qpq_proto::ALPN.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        let mut transport = quinn::TransportConfig::default();
+        transport.keep_alive_interval(Some(Duration::from_secs(5)));
+        config.transport_config(Arc::new(transport));
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+        endpoint.set_default_client_config(config);
+        let conn = endpoint.connect(addr, "localhost")?.await.context("QUIC handshake")?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let c = conn.clone();
+        tokio::spawn(async move {
+            while let Ok(mut s) = c.accept_uni().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let Ok(bytes) = s.read_to_end(MAX_PAYLOAD as usize + 6).await else { return };
+                    if let Ok((h, p)) = frame::decode_push(&bytes) {
+                        let _ = tx.send(Push { event: h.event, payload: p.to_vec() });
+                    }
+                });
+            }
+        });
+        Ok(Self { _endpoint: endpoint, conn, next_id: AtomicU32::new(1), pushes: Mutex::new(rx) })
+    }
+
+    /// Calls `method` with `req` and decodes the response.
+    pub async fn call<Req: Message, Resp: Message + Default>(
+        &self,
+        method_id: u16,
+        req: &Req,
+    ) -> Result<Resp, CallError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let bytes = frame::encode_request(method_id, id, &req.encode_to_vec())
+            .map_err(|e| CallError::Transport(e.to_string()))?;
+        let (header, body) =
+            self.raw(&bytes).await.map_err(|e| CallError::Transport(e.to_string()))?;
+        if header.request_id != id {
+            return Err(CallError::Transport(format!(
+                "response id {} for request {id}",
+                header.request_id
+            )));
+        }
+        if header.status != Status::Ok {
+            let err = v1::Error::decode(body.as_slice())
+                .map_err(|e| CallError::Transport(e.to_string()))?;
+            return Err(CallError::Status(header.status, err));
+        }
+        Resp::decode(body.as_slice()).map_err(|e| CallError::Transport(e.to_string()))
+    }
+
+    /// Sends raw bytes on a new stream, finishes it, and reads one response frame.
+    pub async fn raw(&self, bytes: &[u8]) -> anyhow::Result<(ResponseHeader, Vec<u8>)> {
+        let (mut send, mut recv) = self.conn.open_bi().await?;
+        send.write_all(bytes).await?;
+        send.finish()?;
+        read_response(&mut recv).await
+    }
+
+    /// Registers `username` with `password` and `identity`.
+    pub async fn register(
+        &self,
+        username: &str,
+        password: &str,
+        identity: &[u8; 32],
+        invite: &str,
+    ) -> Result<(), CallError> {
+        let start = qpq_core::opaque::register_start(password.as_bytes()).unwrap();
+        let resp: v1::OpaqueRegisterStartResponse = self
+            .call(
+                method::OPAQUE_REGISTER_START,
+                &v1::OpaqueRegisterStartRequest {
+                    username: username.into(),
+                    request: start.request.clone(),
+                    invite_code: invite.into(),
+                },
+            )
+            .await?;
+        let upload = qpq_core::opaque::register_finish(start, password.as_bytes(), &resp.response)
+            .map_err(|e| CallError::Transport(e.to_string()))?;
+        let _: v1::OpaqueRegisterFinishResponse = self
+            .call(
+                method::OPAQUE_REGISTER_FINISH,
+                &v1::OpaqueRegisterFinishRequest {
+                    username: username.into(),
+                    upload,
+                    identity_key: identity.to_vec(),
+                    invite_code: invite.into(),
+                },
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Logs in; returns the session token. A wrong password fails on the client side
+    /// (`Transport("login failed ...")`) before LoginFinish is sent, as OPAQUE intends.
+    pub async fn login(
+        &self,
+        username: &str,
+        password: &str,
+        identity: &[u8; 32],
+    ) -> Result<Vec<u8>, CallError> {
+        let start = qpq_core::opaque::login_start(password.as_bytes()).unwrap();
+        let resp: v1::OpaqueLoginStartResponse = self
+            .call(
+                method::OPAQUE_LOGIN_START,
+                &v1::OpaqueLoginStartRequest {
+                    username: username.into(),
+                    request: start.request.clone(),
+                },
+            )
+            .await?;
+        let finish = qpq_core::opaque::login_finish(start, password.as_bytes(), &resp.response)
+            .map_err(|e| CallError::Transport(e.to_string()))?;
+        let done: v1::OpaqueLoginFinishResponse = self
+            .call(
+                method::OPAQUE_LOGIN_FINISH,
+                &v1::OpaqueLoginFinishRequest {
+                    username: username.into(),
+                    finalization: finish.finalization,
+                    identity_key: identity.to_vec(),
+                    device_id: Vec::new(),
+                },
+            )
+            .await?;
+        Ok(done.session_token)
+    }
+
+    /// Binds this connection to an existing session.
+    pub async fn resume(&self, token: &[u8]) -> Result<v1::ResumeResponse, CallError> {
+        self.call(method::RESUME, &v1::ResumeRequest { session_token: token.to_vec() }).await
+    }
+
+    /// Enqueues `payload` for `recipient` with an idempotency key.
+    pub async fn enqueue(
+        &self,
+        recipient: &[u8; 32],
+        payload: &[u8],
+        message_id: [u8; 16],
+    ) -> Result<v1::EnqueueResponse, CallError> {
+        self.call(
+            method::ENQUEUE,
+            &v1::EnqueueRequest {
+                recipient_key: recipient.to_vec(),
+                payload: payload.to_vec(),
+                channel_id: Vec::new(),
+                ttl_secs: 0,
+                message_id: message_id.to_vec(),
+            },
+        )
+        .await
+    }
+
+    /// Fetches from the caller's default queue.
+    pub async fn fetch(&self, limit: u32) -> Result<Vec<v1::Envelope>, CallError> {
+        let r: v1::FetchResponse =
+            self.call(method::FETCH, &v1::FetchRequest { limit, ..Default::default() }).await?;
+        Ok(r.payloads)
+    }
+
+    /// Acks the caller's default queue up to `seq`.
+    pub async fn ack(&self, seq: u64) -> Result<u64, CallError> {
+        let r: v1::AckResponse = self
+            .call(method::ACK, &v1::AckRequest { seq_up_to: seq, ..Default::default() })
+            .await?;
+        Ok(r.removed)
+    }
+
+    /// The next push, waiting at most `timeout`.
+    pub async fn next_push(&self, timeout: Duration) -> Option<Push> {
+        let mut rx = self.pushes.lock().await;
+        tokio::time::timeout(timeout, rx.recv()).await.ok().flatten()
+    }
+}
+
+/// Reads one response frame from `recv`.
+pub async fn read_response(
+    recv: &mut quinn::RecvStream,
+) -> anyhow::Result<(ResponseHeader, Vec<u8>)> {
+    let mut head = [0u8; RESPONSE_HEADER_LEN];
+    recv.read_exact(&mut head).await?;
+    let header = ResponseHeader::decode(&head)?;
+    let mut body = vec![0u8; header.len as usize];
+    recv.read_exact(&mut body).await?;
+    Ok((header, body))
+}
+
+/// A fresh random identity key (the server only checks its length).
+pub fn identity() -> [u8; 32] {
+    rand::random()
+}
+
+/// A fresh random message id.
+pub fn message_id() -> [u8; 16] {
+    rand::random()
+}
+
+/// Accepts exactly the certificate whose SHA-256 is the pin; checks handshake signatures.
+#[derive(Debug)]
+struct PinnedCert {
+    fingerprint: String,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCert {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let seen: String =
+            Sha256::digest(end_entity.as_ref()).iter().map(|b| format!("{b:02x}")).collect();
+        if seen == self.fingerprint {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(format!(
+                "certificate fingerprint {seen} is not the pinned one"
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("TLS 1.2 is not used".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
