@@ -60,7 +60,7 @@ impl ServerProcess {
     pub fn start_on(data_dir: &Path, listen: &str, extra: &[&str]) -> anyhow::Result<Self> {
         let mut cmd = Command::new(workspace_bin("qpq-server-lite"));
         cmd.arg("--data-dir").arg(data_dir).args(["--listen", listen]);
-        if !extra.iter().any(|a| *a == "--registration") {
+        if !extra.contains(&"--registration") {
             cmd.args(["--registration", "open"]);
         }
         cmd.args(extra).args(["--log", "debug"]);

@@ -113,11 +113,7 @@ fn expire_in(
                     report.messages += 1;
                 }
             }
-            EXPIRE_DEDUP => {
-                if txn.open_table(DEDUP)?.remove(rest)?.is_some() {
-                    report.dedup += 1;
-                }
-            }
+            EXPIRE_DEDUP if txn.open_table(DEDUP)?.remove(rest)?.is_some() => report.dedup += 1,
             EXPIRE_BLOB => {
                 let meta = txn.open_table(BLOBS)?.get(rest)?.map(|v| Blob::decode(v.value()));
                 if let Some(b) = meta.transpose()? {
