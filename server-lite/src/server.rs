@@ -351,9 +351,8 @@ async fn serve_stream(ctx: Arc<Conn>, mut send: quinn::SendStream, mut recv: qui
             .await;
         }
     };
-    let mut body = vec![0u8; header.len as usize];
-    match tokio::time::timeout(timeout, recv.read_exact(&mut body)).await {
-        Ok(Ok(())) => {}
+    let body = match tokio::time::timeout(timeout, read_body(&mut recv, header.len as usize)).await {
+        Ok(Ok(body)) => body,
         Ok(Err(quinn::ReadExactError::FinishedEarly(n))) => {
             let e = RpcError::new(
                 Status::BadRequest,
@@ -367,7 +366,7 @@ async fn serve_stream(ctx: Arc<Conn>, mut send: quinn::SendStream, mut recv: qui
             let e = RpcError::new(Status::DeadlineExceeded, "request payload not received in time");
             return respond(&mut send, header.request_id, Err(e)).await;
         }
-    }
+    };
     // Anything the client sends after the announced payload is ignored.
     let _ = recv.stop(quinn::VarInt::from_u32(0));
     let name = method::name(header.method).unwrap_or("unknown");
@@ -376,6 +375,19 @@ async fn serve_stream(ctx: Arc<Conn>, mut send: quinn::SendStream, mut recv: qui
         debug!(method = name, status = %e.status, message = %e.message, "rpc failed");
     }
     respond(&mut send, header.request_id, result).await;
+}
+
+/// Reads exactly `len` payload bytes. The buffer grows as data arrives, so a header that
+/// announces 4 MiB and then stalls costs nothing but the timeout.
+async fn read_body(recv: &mut quinn::RecvStream, len: usize) -> Result<Vec<u8>, quinn::ReadExactError> {
+    let mut body = Vec::with_capacity(len.min(64 * 1024));
+    while body.len() < len {
+        match recv.read_chunk(len - body.len(), true).await? {
+            Some(chunk) => body.extend_from_slice(&chunk.bytes),
+            None => return Err(quinn::ReadExactError::FinishedEarly(body.len())),
+        }
+    }
+    Ok(body)
 }
 
 async fn respond(send: &mut quinn::SendStream, request_id: u32, result: Result<Vec<u8>, RpcError>) {
