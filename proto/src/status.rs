@@ -20,11 +20,13 @@ pub enum Status {
     RateLimited = 5,
     /// The frame or a field in it exceeds a limit.
     PayloadTooLarge = 6,
-    /// The request conflicts with existing state (name taken, offset mismatch, ...).
+    /// The request conflicts with existing state (name or key taken, KeyPackage stock full, blob
+    /// uploaded by someone else).
     Conflict = 7,
-    /// The server gave up waiting (slow request, drain timeout).
+    /// The client did not send its request in time.
     DeadlineExceeded = 8,
-    /// The server cannot take the request now (shutting down, quota, full).
+    /// The server cannot take the request now (shutting down, recipient queue full); see
+    /// `retry_after_ms`.
     Unavailable = 9,
     /// A server-side failure that is not the caller's fault.
     Internal = 10,

@@ -81,6 +81,9 @@ pub struct Limits {
     pub max_queue_bytes: u64,
     /// Recipients in one `BatchEnqueue`. Default 1000.
     pub max_batch_recipients: u32,
+    /// Payload bytes times recipients in one `BatchEnqueue` (one write transaction).
+    /// Default 16 MiB.
+    pub max_batch_bytes: u64,
     /// Message lifetime when the sender gives none, seconds. Default 14 days.
     pub default_ttl_secs: u64,
     /// Longest message lifetime a sender may ask for, seconds. Default 30 days.
@@ -149,6 +152,7 @@ impl Default for Limits {
             max_queue_messages: 10_000,
             max_queue_bytes: 64 << 20,
             max_batch_recipients: 1000,
+            max_batch_bytes: 16 << 20,
             default_ttl_secs: 14 * 86_400,
             max_ttl_secs: 30 * 86_400,
             dedup_window_secs: 7 * 86_400,
@@ -274,16 +278,19 @@ impl Config {
 
 /// `QPQ_LIMITS_MAX_CONNECTIONS` -> `limits.max_connections`; `QPQ_DATA_DIR` -> `data_dir`.
 /// `QPQ_CONFIG` (the file itself) is not a key.
+/// Other `QPQ_*` variables (the client's `QPQ_SERVER`, say) are not the server's and are
+/// ignored; an unknown `QPQ_LIMITS_*` is an error, since it can only be a typo.
 fn env_key(name: &str) -> Option<String> {
     let rest = name.strip_prefix("QPQ_")?.to_ascii_lowercase();
-    if rest == "config" || rest.is_empty() {
-        return None;
+    if let Some(limit) = rest.strip_prefix("limits_") {
+        return Some(format!("limits.{limit}"));
     }
-    Some(match rest.strip_prefix("limits_") {
-        Some(limit) => format!("limits.{limit}"),
-        None => rest,
-    })
+    TOP_LEVEL_KEYS.contains(&rest.as_str()).then_some(rest)
 }
+
+/// The top-level options, as named in the TOML file.
+const TOP_LEVEL_KEYS: &[&str] =
+    &["listen", "data_dir", "db_file", "tls_cert", "tls_key", "registration", "log"];
 
 fn set(table: &mut toml::Table, key: &str, raw: &str, origin: &str) -> Result<(), ConfigError> {
     let invalid = |message: String| ConfigError::Invalid { origin: origin.into(), message };
@@ -357,6 +364,8 @@ mod tests {
 
     #[test]
     fn unknown_and_bad_values_are_clear_errors() {
+        let c = Config::load(None, env(&[("QPQ_SERVER", "x:1"), ("QPQ_BIN_Q", "/b")]), &vec![]);
+        assert!(c.is_ok(), "variables that are not server options are ignored");
         let e = Config::load(None, env(&[("QPQ_LIMITS_NO_SUCH", "1")]), &vec![]).unwrap_err();
         assert!(e.to_string().contains("no_such"), "{e}");
         let e = Config::load(None, env(&[("QPQ_REGISTRATION", "maybe")]), &vec![]).unwrap_err();

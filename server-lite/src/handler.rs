@@ -50,7 +50,11 @@ impl From<StoreError> for RpcError {
     fn from(e: StoreError) -> Self {
         tracing::error!(error = %e, "storage failure");
         match e {
-            StoreError::WriterGone => Self::new(Status::Unavailable, "server is shutting down"),
+            StoreError::WriterGone => Self::retry(
+                Status::Unavailable,
+                "server is shutting down",
+                std::time::Duration::from_secs(1),
+            ),
             _ => Self::new(Status::Internal, "storage error"),
         }
     }
@@ -80,6 +84,8 @@ pub struct Conn {
     ip: IpAddr,
     push: mpsc::Sender<PushFrame>,
     bound: Mutex<Option<Bound>>,
+    /// When this connection last refreshed its session's idle clock, ms.
+    touched_ms: std::sync::atomic::AtomicU64,
     pending_login: Mutex<Option<(String, ServerLogin<Suite>)>>,
 }
 
@@ -99,6 +105,7 @@ impl Conn {
             ip,
             push,
             bound: Mutex::new(None),
+            touched_ms: std::sync::atomic::AtomicU64::new(0),
             pending_login: Mutex::new(None),
         }
     }
@@ -112,6 +119,7 @@ impl Conn {
 
     /// Binds the connection to `b` and registers it for pushes.
     fn bind(&self, b: Bound) {
+        self.touched_ms.store(crate::store::now_ms(), std::sync::atomic::Ordering::Relaxed);
         let previous = lock(&self.bound).replace(b.clone());
         if let Some(prev) = previous {
             self.shared.hub.unregister(&prev.identity, self.id);
@@ -136,6 +144,27 @@ impl Conn {
 
 /// Runs one RPC.
 pub async fn dispatch(ctx: &Conn, method_id: u16, body: &[u8]) -> RpcResult {
+    let result = call(ctx, method_id, body).await;
+    keep_session_alive(ctx).await;
+    result
+}
+
+/// A connection in use keeps its session from idling out: its idle clock is refreshed at most
+/// hourly, so an active client costs one small write an hour, not one per call.
+async fn keep_session_alive(ctx: &Conn) {
+    use std::sync::atomic::Ordering;
+    let Some(session) = lock(&ctx.bound).as_ref().map(|b| b.session) else { return };
+    let now = crate::store::now_ms();
+    if now.saturating_sub(ctx.touched_ms.load(Ordering::Relaxed)) < 3_600_000 {
+        return;
+    }
+    ctx.touched_ms.store(now, Ordering::Relaxed);
+    if let Err(e) = ctx.shared.store.touch_session(session, now).await {
+        tracing::warn!(error = %e, "could not refresh session");
+    }
+}
+
+async fn call(ctx: &Conn, method_id: u16, body: &[u8]) -> RpcResult {
     use method::*;
     match method_id {
         OPAQUE_REGISTER_START => auth::register_start(ctx, decode(body)?).await,

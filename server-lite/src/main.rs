@@ -73,7 +73,11 @@ async fn run(config: Config, command: Command) -> anyhow::Result<()> {
             let invite = Invite {
                 code: new_invite_code(),
                 created_ms: now,
-                expires_ms: if expires_days == 0 { 0 } else { now + expires_days * 86_400_000 },
+                expires_ms: if expires_days == 0 {
+                    0
+                } else {
+                    now.saturating_add(expires_days.saturating_mul(86_400_000))
+                },
                 uses_left: uses,
             };
             if !store.create_invite(invite.clone()).await? {
@@ -154,7 +158,7 @@ fn open_store(config: &Config) -> anyhow::Result<Store> {
         .with_context(|| format!("opening {}", config.db_path().display()))
 }
 
-/// `qpq-` and 16 characters from an alphabet without look-alikes (80 bits).
+/// `qpq-` and 16 characters from a 31-letter alphabet without look-alikes (about 79 bits).
 fn new_invite_code() -> String {
     const ALPHABET: &[u8] = b"abcdefghjkmnpqrstuvwxyz23456789";
     let mut rng = rand::rngs::OsRng;

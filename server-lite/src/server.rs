@@ -129,7 +129,7 @@ impl Server {
     }
 
     /// Serves until `shutdown` resolves, then stops accepting, lets in-flight RPCs finish within
-    /// the drain timeout, closes every connection and flushes the database.
+    /// the drain timeout, closes every connection. Every acknowledged write is already committed.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let Self { shared, endpoint, .. } = self;
         let sweeper = tokio::spawn(sweep_loop(shared.clone()));
@@ -351,7 +351,8 @@ async fn serve_stream(ctx: Arc<Conn>, mut send: quinn::SendStream, mut recv: qui
             .await;
         }
     };
-    let body = match tokio::time::timeout(timeout, read_body(&mut recv, header.len as usize)).await {
+    let body = match tokio::time::timeout(timeout, read_body(&mut recv, header.len as usize)).await
+    {
         Ok(Ok(body)) => body,
         Ok(Err(quinn::ReadExactError::FinishedEarly(n))) => {
             let e = RpcError::new(
@@ -379,7 +380,10 @@ async fn serve_stream(ctx: Arc<Conn>, mut send: quinn::SendStream, mut recv: qui
 
 /// Reads exactly `len` payload bytes. The buffer grows as data arrives, so a header that
 /// announces 4 MiB and then stalls costs nothing but the timeout.
-async fn read_body(recv: &mut quinn::RecvStream, len: usize) -> Result<Vec<u8>, quinn::ReadExactError> {
+async fn read_body(
+    recv: &mut quinn::RecvStream,
+    len: usize,
+) -> Result<Vec<u8>, quinn::ReadExactError> {
     let mut body = Vec::with_capacity(len.min(64 * 1024));
     while body.len() < len {
         match recv.read_chunk(len - body.len(), true).await? {

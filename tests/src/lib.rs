@@ -21,7 +21,8 @@ use tokio::sync::{Mutex, mpsc};
 
 /// Path of a workspace binary next to the running test executable (`target/<profile>/`).
 pub fn workspace_bin(name: &str) -> PathBuf {
-    if let Some(p) = std::env::var_os(format!("QPQ_BIN_{}", name.replace('-', "_").to_uppercase()))
+    if let Some(p) =
+        std::env::var_os(format!("QPQTEST_BIN_{}", name.replace('-', "_").to_uppercase()))
     {
         return PathBuf::from(p);
     }

@@ -70,6 +70,10 @@ pub(super) async fn revoke_device(ctx: &Conn, req: v1::RevokeDeviceRequest) -> R
         Some(ctx.id),
         "device revoked",
     );
+    if me.device_id == req.device_id {
+        // The caller revoked the device it is using: its session is gone, so is its login.
+        ctx.unbind();
+    }
     ok(v1::RevokeDeviceResponse { success: true })
 }
 

@@ -36,11 +36,12 @@ pub(super) async fn enqueue(ctx: &Conn, req: v1::EnqueueRequest) -> RpcResult {
         Arc::new(req.payload),
         req.ttl_secs,
     )?;
-    let outcomes = ctx.shared.store.enqueue(vec![item.clone()], limits(ctx), now_ms()).await?;
+    let now = now_ms();
+    let outcomes = ctx.shared.store.enqueue(vec![item.clone()], limits(ctx), now).await?;
     match outcomes.first() {
         Some(EnqueueOutcome::Stored { seq, duplicate }) => {
             if !duplicate {
-                announce(ctx, &item, *seq);
+                announce(ctx, &item, *seq, now);
             }
             ok(v1::EnqueueResponse { seq: *seq, delivery_proof: Vec::new(), duplicate: *duplicate })
         }
@@ -72,18 +73,27 @@ pub(super) async fn batch_enqueue(ctx: &Conn, req: v1::BatchEnqueueRequest) -> R
         }
         recipients.push(r);
     }
+    let batch_bytes = req.payload.len().saturating_mul(recipients.len()) as u64;
+    let max_bytes = ctx.shared.config.limits.max_batch_bytes;
+    if batch_bytes > max_bytes {
+        return Err(RpcError::new(
+            Status::PayloadTooLarge,
+            format!("payload x recipients is {batch_bytes} bytes, more than {max_bytes}"),
+        ));
+    }
     let payload = Arc::new(req.payload);
     let items = recipients
         .iter()
         .map(|r| item(ctx, *r, &req.channel_id, &req.message_id, payload.clone(), req.ttl_secs))
         .collect::<Result<Vec<_>, _>>()?;
-    let outcomes = ctx.shared.store.enqueue(items.clone(), limits(ctx), now_ms()).await?;
+    let now = now_ms();
+    let outcomes = ctx.shared.store.enqueue(items.clone(), limits(ctx), now).await?;
     let mut resp = v1::BatchEnqueueResponse::default();
     for (item, outcome) in items.iter().zip(&outcomes) {
         match outcome {
             EnqueueOutcome::Stored { seq, duplicate } => {
                 if !duplicate {
-                    announce(ctx, item, *seq);
+                    announce(ctx, item, *seq, now);
                 }
                 resp.seqs.push(*seq);
                 resp.duplicates.push(*duplicate);
@@ -159,6 +169,11 @@ pub(super) async fn relay(ctx: &Conn, req: v1::RelayEphemeralRequest) -> RpcResu
     if req.recipient_keys.len() > max {
         return Err(RpcError::new(Status::PayloadTooLarge, format!("more than {max} recipients")));
     }
+    let recipients = req
+        .recipient_keys
+        .iter()
+        .map(|k| key32("recipient_keys[]", k))
+        .collect::<Result<Vec<_>, _>>()?;
     let msg = v1::TypingIndicator {
         sender_key: me.identity.to_vec(),
         channel_id: req.channel_id,
@@ -166,9 +181,8 @@ pub(super) async fn relay(ctx: &Conn, req: v1::RelayEphemeralRequest) -> RpcResu
     };
     let frame = push_frame(method::PUSH_TYPING, &msg)?;
     let mut delivered = 0u32;
-    for k in &req.recipient_keys {
-        let r = key32("recipient_keys[]", k)?;
-        delivered += ctx.shared.hub.push(&r, &frame, Some(ctx.id)) as u32;
+    for r in &recipients {
+        delivered += ctx.shared.hub.push(r, &frame, Some(ctx.id)) as u32;
     }
     ok(v1::RelayEphemeralResponse { delivered })
 }
@@ -215,7 +229,7 @@ fn limits(ctx: &Conn) -> QueueLimits {
 }
 
 /// Wakes long polls and pushes `NewMessage` to the recipient's connections.
-fn announce(ctx: &Conn, item: &EnqueueItem, seq: u64) {
+fn announce(ctx: &Conn, item: &EnqueueItem, seq: u64, enqueued_ms: u64) {
     ctx.shared.hub.notify(&item.recipient);
     let inline = item.payload.len() <= PUSH_INLINE_MAX;
     let msg = v1::NewMessage {
@@ -224,7 +238,7 @@ fn announce(ctx: &Conn, item: &EnqueueItem, seq: u64) {
             seq,
             data: if inline { item.payload.to_vec() } else { Vec::new() },
             message_id: item.message_id.clone(),
-            enqueued_at_ms: now_ms(),
+            enqueued_at_ms: enqueued_ms,
         }),
     };
     if let Ok(frame) = push_frame(method::PUSH_NEW_MESSAGE, &msg) {

@@ -94,16 +94,17 @@ impl Store {
                 if total_size > limits.max_blob_bytes {
                     return Ok(UploadOutcome::TooLarge);
                 }
+                let expires = now_ms.saturating_add(limits.incomplete_ttl_ms);
                 let m = Blob {
                     owner,
                     total_size,
                     received: 0,
                     complete: false,
                     created_ms: now_ms,
+                    expires_ms: expires,
                     media_type,
                 };
                 let created = m.clone();
-                let expires = now_ms.saturating_add(limits.incomplete_ttl_ms);
                 let ok = self
                     .write(move |txn| {
                         let mut usage = txn.open_table(USAGE)?;
@@ -170,7 +171,7 @@ impl Store {
         .await
         .map_err(|_| StoreError::Corrupt("blob writer task"))??;
         if done && !verified {
-            self.discard_blob(blob_id, owner, total_size).await?;
+            self.discard_blob(blob_id, owner, total_size, meta.expires_ms).await?;
             return Ok(UploadOutcome::HashMismatch);
         }
         if done {
@@ -180,19 +181,33 @@ impl Store {
                 let _ = dir.sync_all();
             }
         }
-        let old_expiry = meta.created_ms.saturating_add(limits.incomplete_ttl_ms);
-        let new_expiry = meta.created_ms.saturating_add(limits.ttl_ms);
-        let updated = Blob { received: end, complete: done, ..meta };
-        self.write(move |txn| {
-            txn.open_table(BLOBS)?.insert(blob_id.as_slice(), updated.encode().as_slice())?;
-            if done {
-                let mut exp = txn.open_table(EXPIRY)?;
-                exp.remove((old_expiry, blob_ref(&blob_id).as_slice()))?;
-                exp.insert((new_expiry, blob_ref(&blob_id).as_slice()), ())?;
-            }
-            Ok(())
-        })
-        .await?;
+        let old_expiry = meta.expires_ms;
+        let new_expiry =
+            if done { meta.created_ms.saturating_add(limits.ttl_ms) } else { old_expiry };
+        let created_ms = meta.created_ms;
+        let updated = Blob { received: end, complete: done, expires_ms: new_expiry, ..meta };
+        let still_there = self
+            .write(move |txn| {
+                let mut blobs = txn.open_table(BLOBS)?;
+                // The sweep may have expired this upload while the chunk was being written.
+                let current =
+                    blobs.get(blob_id.as_slice())?.map(|v| Blob::decode(v.value())).transpose()?;
+                if current.is_none_or(|c| c.created_ms != created_ms) {
+                    return Ok(false);
+                }
+                blobs.insert(blob_id.as_slice(), updated.encode().as_slice())?;
+                if done {
+                    let mut exp = txn.open_table(EXPIRY)?;
+                    exp.remove((old_expiry, blob_ref(&blob_id).as_slice()))?;
+                    exp.insert((new_expiry, blob_ref(&blob_id).as_slice()), ())?;
+                }
+                Ok(true)
+            })
+            .await?;
+        if !still_there {
+            self.remove_blob_files(&blob_id);
+            return Ok(UploadOutcome::OffsetMismatch { expected: 0 });
+        }
         Ok(if done {
             UploadOutcome::Complete
         } else {
@@ -234,9 +249,11 @@ impl Store {
         blob_id: [u8; 32],
         owner: [u8; 32],
         size: u64,
+        expires_ms: u64,
     ) -> Result<(), StoreError> {
         self.write(move |txn| {
             remove_blob_in(txn, &blob_id, &owner, size)?;
+            txn.open_table(EXPIRY)?.remove((expires_ms, blob_ref(&blob_id).as_slice()))?;
             Ok(())
         })
         .await?;

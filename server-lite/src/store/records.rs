@@ -112,6 +112,8 @@ pub(crate) struct Blob {
     pub received: u64,
     pub complete: bool,
     pub created_ms: u64,
+    /// When the sweep removes it: a day after creation while incomplete, the blob TTL after.
+    pub expires_ms: u64,
     pub media_type: String,
 }
 
@@ -123,6 +125,7 @@ impl Blob {
             .u64(self.received)
             .u8(u8::from(self.complete))
             .u64(self.created_ms)
+            .u64(self.expires_ms)
             .bytes(self.media_type.as_bytes())
             .done()
     }
@@ -134,6 +137,7 @@ impl Blob {
             received: d.u64()?,
             complete: d.u8()? != 0,
             created_ms: d.u64()?,
+            expires_ms: d.u64()?,
             media_type: d.string()?,
         })
     }

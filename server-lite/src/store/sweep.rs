@@ -116,7 +116,9 @@ fn expire_in(
             EXPIRE_DEDUP if txn.open_table(DEDUP)?.remove(rest)?.is_some() => report.dedup += 1,
             EXPIRE_BLOB => {
                 let meta = txn.open_table(BLOBS)?.get(rest)?.map(|v| Blob::decode(v.value()));
-                if let Some(b) = meta.transpose()? {
+                // Only the entry that matches the blob's current expiry removes it: a stale
+                // entry must not take a later upload of the same content with it.
+                if let Some(b) = meta.transpose()?.filter(|b| b.expires_ms == *at) {
                     remove_blob_in(txn, rest, &b.owner, b.total_size)?;
                     files.push(rest.to_vec());
                     report.blobs += 1;

@@ -1,5 +1,7 @@
 use std::sync::Arc;
 
+use sha2::Digest;
+
 use super::*;
 use crate::store::accounts::SessionInfo;
 
@@ -203,4 +205,37 @@ async fn delete_account_removes_only_that_user() {
     // No expiry entry of bob's is left for the sweep to trip over.
     let r = store.sweep(20_000, u64::MAX).await.unwrap();
     assert_eq!(r.messages, 1, "only alice's message expires");
+}
+
+#[tokio::test]
+async fn a_discarded_upload_leaves_no_expiry_that_could_hit_a_later_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let alice = user(&store, "alice", 1).await;
+    let limits = BlobLimits {
+        max_blob_bytes: 100,
+        quota_bytes: 1000,
+        ttl_ms: 1_000_000,
+        incomplete_ttl_ms: 1_000,
+    };
+    let content = b"hello".to_vec();
+    let id: [u8; 32] = sha2::Sha256::digest(&content).into();
+    let up = |bytes: Vec<u8>, now| {
+        let store = store.clone();
+        async move {
+            store
+                .upload_blob_chunk(alice, id, 5, 0, bytes, String::new(), limits, now)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(up(b"HELLO".to_vec(), 10).await, UploadOutcome::HashMismatch);
+    assert_eq!(up(content.clone(), 500).await, UploadOutcome::Complete);
+    // The first attempt's one-day expiry (at 1010) has passed; the good blob must stay.
+    let r = store.sweep(2_000, u64::MAX).await.unwrap();
+    assert_eq!(r.blobs, 0);
+    assert_eq!(store.download_blob(id, 0, 10).await.unwrap().unwrap().chunk, content);
+    let r = store.sweep(1_000_500, u64::MAX).await.unwrap();
+    assert_eq!(r.blobs, 1);
+    assert!(store.download_blob(id, 0, 10).await.unwrap().is_none());
 }
