@@ -13,6 +13,7 @@ const FILES: &[&str] = &[
     "qpq/v1/health.proto",
     "qpq/v1/account.proto",
     "qpq/v1/push.proto",
+    "qpq/v1/content.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -1,9 +1,18 @@
-//! qpq-core: the cryptography a qpq client needs, with no networking and no clock.
+//! qpq-core: the cryptography and local state a qpq client needs, with no networking.
 //!
-//! Today it holds the OPAQUE cipher suite shared by client and server ([`opaque::Suite`]) and
-//! the client halves of registration and login. The server depends on this crate only for the
-//! suite type; it never runs the client's key-stretching function.
+//! - [`opaque`]: the OPAQUE cipher suite shared with the server and the client's halves of
+//!   registration and login. The server builds this crate without default features and uses
+//!   only the suite type.
+//! - With feature `mls`: [`vault`], the encrypted per-account store, and the MLS layer on top.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 #![warn(missing_docs)]
 
+#[cfg(feature = "mls")]
+pub mod content;
+#[cfg(feature = "mls")]
+pub mod identity;
+#[cfg(feature = "mls")]
+pub mod mls;
 pub mod opaque;
+#[cfg(feature = "mls")]
+pub mod vault;
