@@ -7,6 +7,8 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 #![warn(missing_docs)]
 
+#[cfg(feature = "client")]
+pub mod client;
 #[cfg(feature = "mls")]
 pub mod content;
 #[cfg(feature = "mls")]

@@ -3,10 +3,11 @@
 //! - A two-party X-Wing group whose state survives closing and reopening both vaults.
 //! - `Vault::atomic` around MLS operations: an `Err` leaves the stored MLS state untouched.
 //! - The MLS passive-client known-answer tests (mlswg/mls-implementations, in
-//!   `/work/shared/vectors/mls`) run through the vault-backed provider.
+//!   `../shared/vectors/mls` beside the repository) run through the vault-backed provider.
 //! - The list semantics of the storage trait (proposal queue, own leaf nodes, epoch key pairs).
 //!
 //! Run with `cargo test -p qpq-core --features mls --test mls_storage`.
+#![cfg(feature = "mls")]
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -359,7 +360,7 @@ fn an_error_inside_atomic_rolls_back_the_mls_writes() {
 // (c) Passive-client KATs through the vault-backed provider
 // --------------------------------------------------------------------------------------------
 
-const VECTORS: &str = "/work/shared/vectors/mls";
+const VECTORS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/vectors/mls");
 
 /// One passive-client test vector (mlswg/mls-implementations `test-vectors.md`). Binary values
 /// are hex; MLS structures are TLS-encoded.

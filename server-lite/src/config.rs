@@ -96,7 +96,7 @@ pub struct Limits {
     pub key_package_low_water: u32,
     /// Largest KeyPackage, bytes. Default 64 KiB.
     pub max_key_package_bytes: u32,
-    /// MLS ciphersuites accepted in uploaded KeyPackages. Default `[0xF001]`
+    /// MLS ciphersuites accepted in uploaded KeyPackages. Default `[0x004F]`
     /// (MLS_128_MLKEM768X25519_AES128GCM_SHA256_Ed25519).
     pub key_package_ciphersuites: Vec<u16>,
     /// Largest blob, bytes. Default 50 MB.
@@ -159,7 +159,7 @@ impl Default for Limits {
             max_key_packages: 100,
             key_package_low_water: 5,
             max_key_package_bytes: 64 << 10,
-            key_package_ciphersuites: vec![0xF001],
+            key_package_ciphersuites: vec![0x004F],
             max_blob_bytes: 50_000_000,
             blob_quota_bytes: 200_000_000,
             blob_ttl_secs: 30 * 86_400,

@@ -30,6 +30,22 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
         }
     }
 
+    /// Whether `key` has a token left, without taking it.
+    pub fn allowed(&self, key: &K, now: Instant) -> Result<(), Duration> {
+        let map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get(key) {
+            Some(b) => {
+                let tokens = refill(b, now, self.burst, self.per_sec);
+                if tokens >= 1.0 {
+                    Ok(())
+                } else {
+                    Err(Duration::from_secs_f64((1.0 - tokens) / self.per_sec))
+                }
+            }
+            None => Ok(()),
+        }
+    }
+
     /// Takes one token for `key`, or says how long until one is available.
     pub fn check(&self, key: &K, now: Instant) -> Result<(), Duration> {
         let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
@@ -72,6 +88,9 @@ mod tests {
         let wait = r.check(&"a", t0).unwrap_err();
         assert!(wait <= Duration::from_secs(1) && wait > Duration::ZERO);
         r.check(&"b", t0).unwrap();
+        assert!(r.allowed(&"a", t0).is_err());
+        assert!(r.allowed(&"b", t0).is_ok(), "allowed() takes no token");
+        assert!(r.allowed(&"b", t0).is_ok());
         r.check(&"a", t0 + Duration::from_secs(1)).unwrap();
         assert!(r.check(&"a", t0 + Duration::from_secs(1)).is_err());
     }

@@ -241,8 +241,8 @@ async fn ttl_expiry_and_sweep() {
 }
 
 fn key_package(tag: u8) -> Vec<u8> {
-    // An MLS 1.0 KeyPackage header with ciphersuite 0xF001; the server reads only that far.
-    let mut kp = vec![0, 1, 0xF0, 0x01];
+    // An MLS 1.0 KeyPackage header with ciphersuite 0x004F (X-Wing); the server reads only that far.
+    let mut kp = vec![0, 1, 0x00, 0x4F];
     kp.extend_from_slice(&[tag; 100]);
     kp
 }

@@ -1,11 +1,8 @@
-//! `qpq`, the terminal client. The client engine and the terminal UI are not built yet; this
-//! binary only says so, so that nobody mistakes it for a working client.
+//! `qpq`: the terminal client. With a subcommand it runs one scriptable action; without one
+//! it will open the terminal UI.
 
-fn main() {
-    eprintln!(
-        "qpq {}: the terminal client is not built yet. \
-         Run `./target/debug/qpq-demo` for a server walk-through.",
-        env!("CARGO_PKG_VERSION")
-    );
-    std::process::exit(2);
+mod cli;
+
+fn main() -> std::process::ExitCode {
+    cli::main()
 }

@@ -134,7 +134,26 @@ pub(super) async fn login_finish(ctx: &Conn, req: v1::OpaqueLoginFinishRequest) 
 }
 
 pub(super) async fn resume(ctx: &Conn, req: v1::ResumeRequest) -> RpcResult {
-    limit_ip(ctx)?;
+    // A valid token costs nothing against the address's auth budget (every reconnect resumes,
+    // and a household shares one address); each failed attempt does, so guessing is bounded.
+    ctx.shared.auth_per_ip.allowed(&ctx.ip, Instant::now()).map_err(|after| {
+        RpcError::retry(
+            Status::RateLimited,
+            "too many failed authentication attempts from this address",
+            after,
+        )
+    })?;
+    let result = resume_checked(ctx, req).await;
+    if result
+        .as_ref()
+        .is_err_and(|e| e.status == Status::Unauthorized || e.status == Status::BadRequest)
+    {
+        let _ = ctx.shared.auth_per_ip.check(&ctx.ip, Instant::now());
+    }
+    result
+}
+
+async fn resume_checked(ctx: &Conn, req: v1::ResumeRequest) -> RpcResult {
     let token = key32("session_token", &req.session_token)?;
     let hash: [u8; 32] = Sha256::digest(token).into();
     let now = now_ms();

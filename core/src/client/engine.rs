@@ -1,0 +1,1540 @@
+//! [`Client`]: account, connection, messaging, groups and transfers.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use qpq_proto::{Status, method, v1};
+use rand::{Rng, RngCore};
+use tokio::sync::{broadcast, mpsc};
+
+use super::files::{self, FileCryptoError};
+use super::history::{ConvKind, Conversation, HistoryEntry, StoredFile, conv_prefix, message_key};
+use super::net::{Connection, NetError, Push};
+use crate::content::{Body, Content, ContentError, FileOffer};
+use crate::identity::{Identity, hex, safety_number};
+use crate::mls::{GroupError, Incoming, Kind, Mls, Outgoing};
+use crate::opaque;
+use crate::vault::{KdfParams, Space, Vault, VaultError};
+
+/// KeyPackages the client keeps on the server.
+const KEY_PACKAGE_TARGET: u32 = 10;
+/// Blob chunk size for uploads and downloads (well below the frame cap).
+const CHUNK: usize = 1 << 20;
+/// Reconnect attempts before an operation gives up.
+const RECONNECT_ATTEMPTS: u32 = 5;
+
+/// A failed client operation.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The network or the server said no.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// The local store failed (or the passphrase is wrong).
+    #[error(transparent)]
+    Vault(#[from] VaultError),
+    /// MLS refused.
+    #[error(transparent)]
+    Group(#[from] GroupError),
+    /// A message did not decode.
+    #[error(transparent)]
+    Content(#[from] ContentError),
+    /// File encryption or I/O failed.
+    #[error(transparent)]
+    File(#[from] FileCryptoError),
+    /// OPAQUE failed (wrong password, or not the server we registered with).
+    #[error(transparent)]
+    Opaque(#[from] opaque::OpaqueClientError),
+    /// The session expired: log in with the password again.
+    #[error("not logged in (session expired or revoked): run `qpq login`")]
+    NeedLogin,
+    /// No such user on the server.
+    #[error("no user named {0:?}")]
+    UnknownUser(String),
+    /// No conversation matches.
+    #[error("no conversation {0:?}")]
+    UnknownConversation(String),
+    /// The user has no KeyPackage left on the server.
+    #[error("{0} has no KeyPackages left on the server; they need to come online")]
+    NoKeyPackage(String),
+    /// Something local is inconsistent.
+    #[error("{0}")]
+    Invalid(String),
+    /// Local file I/O.
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Connection state, as events report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnState {
+    /// Connected and authenticated.
+    Online,
+    /// Trying to reconnect.
+    Reconnecting,
+    /// Not connected.
+    Offline,
+}
+
+/// A file transfer's progress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transfer {
+    /// File name.
+    pub name: String,
+    /// Bytes done.
+    pub done: u64,
+    /// Bytes in all.
+    pub total: u64,
+    /// Upload (true) or download.
+    pub upload: bool,
+}
+
+/// What the engine tells its UI.
+#[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // short-lived, and boxing would cost an allocation per message
+#[non_exhaustive]
+pub enum Event {
+    /// A new history entry (message, file offer, system line).
+    Message {
+        /// Conversation id.
+        conv: Vec<u8>,
+        /// The entry.
+        entry: HistoryEntry,
+    },
+    /// An existing entry changed (edit, delete, reaction, receipt).
+    Updated {
+        /// Conversation id.
+        conv: Vec<u8>,
+        /// The entry's message id.
+        message_id: [u8; 16],
+    },
+    /// Someone started or stopped typing.
+    Typing {
+        /// Conversation id.
+        conv: Vec<u8>,
+        /// Who.
+        who: [u8; 32],
+        /// Started (true) or stopped.
+        active: bool,
+    },
+    /// We joined, a conversation was renamed, or membership changed.
+    Conversation {
+        /// Conversation id.
+        conv: Vec<u8>,
+    },
+    /// Transfer progress.
+    Transfer(Transfer),
+    /// Connection state changed.
+    Connection(ConnState),
+    /// A message was rejected (tampered, unauthorized commit, undecryptable).
+    Rejected {
+        /// Why.
+        reason: String,
+    },
+    /// Gap in a queue's seq numbers: messages expired on the server before we fetched them.
+    Gap {
+        /// Last seq seen.
+        after: u64,
+        /// Next seq received.
+        next: u64,
+    },
+}
+
+/// Group details for an info view.
+#[derive(Debug, Clone)]
+pub struct GroupInfo {
+    /// The conversation.
+    pub conversation: Conversation,
+    /// Members: identity, username (if known), admin.
+    pub members: Vec<([u8; 32], String, bool)>,
+    /// MLS epoch.
+    pub epoch: u64,
+    /// Verification code (same for every member in this epoch).
+    pub verification_code: String,
+}
+
+/// Everything `register` needs.
+#[derive(Debug, Clone)]
+pub struct RegisterOptions {
+    /// The account's store file (created).
+    pub store: PathBuf,
+    /// Passphrase for the store.
+    pub passphrase: String,
+    /// Server address.
+    pub server: SocketAddr,
+    /// Pinned server certificate fingerprint; `None` trusts the first one seen and pins it.
+    pub pin: Option<String>,
+    /// Username.
+    pub username: String,
+    /// Password (never leaves this process: OPAQUE).
+    pub password: String,
+    /// Invite code, if the server needs one.
+    pub invite: String,
+    /// KDF parameters for the store.
+    pub kdf: KdfParams,
+}
+
+/// One account's client engine.
+pub struct Client {
+    vault: Arc<Vault>,
+    mls: Mls,
+    username: String,
+    server: SocketAddr,
+    pin: Option<String>,
+    conn: Option<Connection>,
+    push_tx: mpsc::Sender<Push>,
+    push_rx: mpsc::Receiver<Push>,
+    events: broadcast::Sender<Event>,
+    names: HashMap<[u8; 32], String>,
+    last_seq: u64,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, ClientError> {
+    serde_json::to_vec(v).map_err(|e| ClientError::Invalid(e.to_string()))
+}
+
+fn unjson<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, ClientError> {
+    serde_json::from_slice(b).map_err(|e| ClientError::Invalid(format!("stored record: {e}")))
+}
+
+fn key32(b: &[u8]) -> Result<[u8; 32], ClientError> {
+    b.try_into().map_err(|_| ClientError::Invalid("identity key is not 32 bytes".into()))
+}
+
+impl Client {
+    /// Creates the store, registers with OPAQUE, logs in and uploads KeyPackages.
+    pub async fn register(o: RegisterOptions) -> Result<Self, ClientError> {
+        if let Some(dir) = o.store.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let vault = Arc::new(Vault::create(&o.store, o.passphrase.as_bytes(), o.kdf)?);
+        let identity = Identity::generate();
+        vault.put(Space::Account, b"seed", identity.seed().as_slice())?;
+        vault.put(Space::Account, b"username", o.username.as_bytes())?;
+        vault.put(Space::Account, b"server", o.server.to_string().as_bytes())?;
+        let mut client =
+            Self::assemble(vault, identity, o.username.clone(), o.server, o.pin.clone());
+        let mut registered = false;
+        let result = async {
+            client.dial().await?;
+            let conn = client.connection()?;
+            let start = opaque::register_start(o.password.as_bytes())?;
+            let resp: v1::OpaqueRegisterStartResponse = conn
+                .call(
+                    method::OPAQUE_REGISTER_START,
+                    &v1::OpaqueRegisterStartRequest {
+                        username: o.username.clone(),
+                        request: start.request.clone(),
+                        invite_code: o.invite.clone(),
+                    },
+                    Duration::ZERO,
+                )
+                .await?;
+            let upload = opaque::register_finish(start, o.password.as_bytes(), &resp.response)?;
+            let _: v1::OpaqueRegisterFinishResponse = conn
+                .call(
+                    method::OPAQUE_REGISTER_FINISH,
+                    &v1::OpaqueRegisterFinishRequest {
+                        username: o.username.clone(),
+                        upload,
+                        identity_key: client.identity_key().to_vec(),
+                        invite_code: o.invite.clone(),
+                    },
+                    Duration::ZERO,
+                )
+                .await?;
+            registered = true;
+            client.login(&o.password).await
+        }
+        .await;
+        match result {
+            Ok(()) => Ok(client),
+            // The account exists on the server: keep the store (its identity key is the
+            // account's), so `qpq login` can finish the job later.
+            Err(e) if registered => Err(e),
+            Err(e) => {
+                // Nothing was created on the server: leave no store that claims an account.
+                drop(client);
+                let _ = std::fs::remove_file(&o.store);
+                Err(e)
+            }
+        }
+    }
+
+    /// Unlocks an existing store. No network.
+    pub fn open(store: &Path, passphrase: &str) -> Result<Self, ClientError> {
+        let vault = Arc::new(Vault::open(store, passphrase.as_bytes())?);
+        let seed = vault
+            .get(Space::Account, b"seed")?
+            .ok_or(ClientError::Invalid("store has no identity".into()))?;
+        let seed: [u8; 32] =
+            seed.as_slice().try_into().map_err(|_| ClientError::Invalid("bad identity".into()))?;
+        let username =
+            String::from_utf8_lossy(&vault.get(Space::Account, b"username")?.unwrap_or_default())
+                .into_owned();
+        let server =
+            String::from_utf8_lossy(&vault.get(Space::Account, b"server")?.unwrap_or_default())
+                .parse()
+                .map_err(|_| ClientError::Invalid("store has no server address".into()))?;
+        let pin =
+            vault.get(Space::Account, b"pin")?.map(|p| String::from_utf8_lossy(&p).into_owned());
+        let mut c = Self::assemble(vault, Identity::from_seed(&seed), username, server, pin);
+        c.last_seq = c.state_u64(b"last_seq")?;
+        Ok(c)
+    }
+
+    fn assemble(
+        vault: Arc<Vault>,
+        identity: Identity,
+        username: String,
+        server: SocketAddr,
+        pin: Option<String>,
+    ) -> Self {
+        let (push_tx, push_rx) = mpsc::channel(256);
+        let (events, _) = broadcast::channel(1024);
+        Self {
+            mls: Mls::new(vault.clone(), identity),
+            vault,
+            username,
+            server,
+            pin,
+            conn: None,
+            push_tx,
+            push_rx,
+            events,
+            names: HashMap::new(),
+            last_seq: 0,
+        }
+    }
+
+    /// Our username.
+    pub fn username(&self) -> &str {
+        &self.username
+    }
+
+    /// Our identity key.
+    pub fn identity_key(&self) -> [u8; 32] {
+        self.mls.identity_key()
+    }
+
+    /// The server address.
+    pub fn server(&self) -> SocketAddr {
+        self.server
+    }
+
+    /// The pinned certificate fingerprint.
+    pub fn pinned_fingerprint(&self) -> Option<&str> {
+        self.pin.as_deref()
+    }
+
+    /// Event stream.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// Whether a live connection exists.
+    pub fn is_online(&self) -> bool {
+        self.conn.as_ref().is_some_and(|c| !c.is_closed())
+    }
+
+    fn emit(&self, e: Event) {
+        let _ = self.events.send(e);
+    }
+
+    fn connection(&self) -> Result<&Connection, ClientError> {
+        self.conn.as_ref().ok_or(ClientError::Net(NetError::Connection("not connected".into())))
+    }
+
+    /// Opens the QUIC connection (pinning the certificate on first use). No login.
+    async fn dial(&mut self) -> Result<(), ClientError> {
+        if let Some(old) = self.conn.take() {
+            old.close().await;
+        }
+        let conn = Connection::connect(
+            self.server,
+            "localhost",
+            self.pin.as_deref(),
+            self.push_tx.clone(),
+        )
+        .await?;
+        if self.pin.is_none() {
+            self.vault.put(Space::Account, b"pin", conn.fingerprint.as_bytes())?;
+            self.pin = Some(conn.fingerprint.clone());
+        }
+        self.conn = Some(conn);
+        Ok(())
+    }
+
+    /// Closes the connection cleanly.
+    pub async fn disconnect(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            conn.close().await;
+        }
+        self.emit(Event::Connection(ConnState::Offline));
+    }
+
+    /// Connects and resumes the stored session. [`ClientError::NeedLogin`] if there is none
+    /// or it expired.
+    pub async fn connect(&mut self) -> Result<(), ClientError> {
+        self.dial().await?;
+        let token = self.vault.get(Space::Account, b"token")?.ok_or(ClientError::NeedLogin)?;
+        let r = self
+            .connection()?
+            .call::<_, v1::ResumeResponse>(
+                method::RESUME,
+                &v1::ResumeRequest { session_token: token.to_vec() },
+                Duration::ZERO,
+            )
+            .await;
+        match r {
+            Ok(_) => {
+                self.emit(Event::Connection(ConnState::Online));
+                Ok(())
+            }
+            Err(e) if e.status() == Some(Status::Unauthorized) => {
+                self.vault.delete(Space::Account, b"token")?;
+                Err(ClientError::NeedLogin)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Logs in with the password (OPAQUE) and stores the session token.
+    pub async fn login(&mut self, password: &str) -> Result<(), ClientError> {
+        if !self.is_online() {
+            self.dial().await?;
+        }
+        let conn = self.connection()?;
+        let start = opaque::login_start(password.as_bytes())?;
+        let resp: v1::OpaqueLoginStartResponse = conn
+            .call(
+                method::OPAQUE_LOGIN_START,
+                &v1::OpaqueLoginStartRequest {
+                    username: self.username.clone(),
+                    request: start.request.clone(),
+                },
+                Duration::ZERO,
+            )
+            .await?;
+        let finish = opaque::login_finish(start, password.as_bytes(), &resp.response)?;
+        let done: v1::OpaqueLoginFinishResponse = conn
+            .call(
+                method::OPAQUE_LOGIN_FINISH,
+                &v1::OpaqueLoginFinishRequest {
+                    username: self.username.clone(),
+                    finalization: finish.finalization,
+                    identity_key: self.identity_key().to_vec(),
+                    device_id: Vec::new(),
+                },
+                Duration::ZERO,
+            )
+            .await?;
+        self.vault.put(Space::Account, b"token", &done.session_token)?;
+        self.emit(Event::Connection(ConnState::Online));
+        self.ensure_key_packages().await?;
+        Ok(())
+    }
+
+    /// Reconnects with exponential backoff and jitter if the connection is gone.
+    pub async fn ensure_connected(&mut self) -> Result<(), ClientError> {
+        if self.is_online() {
+            return Ok(());
+        }
+        self.conn = None;
+        self.emit(Event::Connection(ConnState::Reconnecting));
+        let mut delay = Duration::from_millis(200);
+        let mut last = None;
+        for _ in 0..RECONNECT_ATTEMPTS {
+            match self.connect().await {
+                Ok(()) => {
+                    self.flush_outbox().await?;
+                    return Ok(());
+                }
+                Err(ClientError::NeedLogin) => return Err(ClientError::NeedLogin),
+                Err(ClientError::Net(NetError::CertificateChanged { expected, presented })) => {
+                    return Err(NetError::CertificateChanged { expected, presented }.into());
+                }
+                Err(e) => last = Some(e),
+            }
+            let jitter = rand::rngs::OsRng.gen_range(0..=delay.as_millis() as u64 / 2);
+            tokio::time::sleep(delay + Duration::from_millis(jitter)).await;
+            delay = (delay * 2).min(Duration::from_secs(10));
+        }
+        self.emit(Event::Connection(ConnState::Offline));
+        Err(last.unwrap_or(ClientError::Net(NetError::Connection("unreachable".into()))))
+    }
+
+    /// Calls `method`, reconnecting once if the connection was lost.
+    async fn call<Req: prost::Message, Resp: prost::Message + Default>(
+        &mut self,
+        method_id: u16,
+        req: &Req,
+    ) -> Result<Resp, ClientError> {
+        self.ensure_connected().await?;
+        match self.connection()?.call(method_id, req, Duration::ZERO).await {
+            Err(NetError::Connection(_)) => {
+                self.conn = None;
+                self.ensure_connected().await?;
+                Ok(self.connection()?.call(method_id, req, Duration::ZERO).await?)
+            }
+            Err(e) if e.status() == Some(Status::Unauthorized) => Err(ClientError::NeedLogin),
+            other => Ok(other?),
+        }
+    }
+
+    /// Tops the KeyPackage stock up to the target; returns how many were uploaded.
+    pub async fn ensure_key_packages(&mut self) -> Result<u32, ClientError> {
+        let stock: v1::KeyPackageStockResponse =
+            self.call(method::KEY_PACKAGE_STOCK, &v1::KeyPackageStockRequest {}).await?;
+        let mut uploaded = 0;
+        for _ in stock.stock..KEY_PACKAGE_TARGET {
+            let package = self.mls.key_package()?;
+            let _: v1::UploadKeyPackageResponse = self
+                .call(
+                    method::UPLOAD_KEY_PACKAGE,
+                    &v1::UploadKeyPackageRequest { identity_key: Vec::new(), package },
+                )
+                .await?;
+            uploaded += 1;
+        }
+        Ok(uploaded)
+    }
+
+    /// The identity key of `username`.
+    pub async fn resolve(&mut self, username: &str) -> Result<[u8; 32], ClientError> {
+        if let Some((id, _)) = self.names.iter().find(|(_, n)| *n == username) {
+            return Ok(*id);
+        }
+        let r = self
+            .call::<_, v1::ResolveUserResponse>(
+                method::RESOLVE_USER,
+                &v1::ResolveUserRequest { username: username.into() },
+            )
+            .await;
+        match r {
+            Ok(r) => {
+                let id = key32(&r.identity_key)?;
+                self.remember_name(id, username)?;
+                Ok(id)
+            }
+            Err(ClientError::Net(e)) if e.status() == Some(Status::NotFound) => {
+                Err(ClientError::UnknownUser(username.into()))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The username of an identity (cached; asks the server once).
+    pub async fn name_of(&mut self, id: &[u8; 32]) -> String {
+        if *id == self.identity_key() {
+            return self.username.clone();
+        }
+        if let Some(n) = self.names.get(id) {
+            return n.clone();
+        }
+        if let Ok(Some(n)) = self.vault.get(Space::State, &[b"name/".as_slice(), id].concat()) {
+            let n = String::from_utf8_lossy(&n).into_owned();
+            self.names.insert(*id, n.clone());
+            return n;
+        }
+        let r = self
+            .call::<_, v1::ResolveIdentityResponse>(
+                method::RESOLVE_IDENTITY,
+                &v1::ResolveIdentityRequest { identity_key: id.to_vec() },
+            )
+            .await;
+        match r {
+            Ok(r) => {
+                let _ = self.remember_name(*id, &r.username);
+                r.username
+            }
+            Err(_) => hex(&id[..6]),
+        }
+    }
+
+    /// The cached username of an identity, without asking the server.
+    pub fn cached_name(&self, id: &[u8]) -> Option<String> {
+        let id: [u8; 32] = id.try_into().ok()?;
+        if id == self.identity_key() {
+            return Some(self.username.clone());
+        }
+        self.names.get(&id).cloned().or_else(|| {
+            self.vault
+                .get(Space::State, &[b"name/".as_slice(), &id].concat())
+                .ok()
+                .flatten()
+                .map(|n| String::from_utf8_lossy(&n).into_owned())
+        })
+    }
+
+    fn remember_name(&mut self, id: [u8; 32], name: &str) -> Result<(), ClientError> {
+        self.names.insert(id, name.to_string());
+        self.vault.put(Space::State, &[b"name/".as_slice(), &id].concat(), name.as_bytes())?;
+        Ok(())
+    }
+
+    // ----- conversations -------------------------------------------------------------
+
+    /// Every conversation, most recent first.
+    pub fn conversations(&self) -> Result<Vec<Conversation>, ClientError> {
+        let mut out: Vec<Conversation> = self
+            .vault
+            .scan(Space::Conversations, b"")?
+            .iter()
+            .map(|(_, v)| unjson(v))
+            .collect::<Result<_, _>>()?;
+        out.sort_by_key(|c| std::cmp::Reverse(c.last_activity_ms));
+        Ok(out)
+    }
+
+    /// A conversation by id.
+    pub fn conversation(&self, id: &[u8]) -> Result<Option<Conversation>, ClientError> {
+        self.vault.get(Space::Conversations, id)?.map(|v| unjson(&v)).transpose()
+    }
+
+    /// Finds a conversation by group name, DM peer name or hex id prefix.
+    pub fn find_conversation(&self, name: &str) -> Result<Conversation, ClientError> {
+        let all = self.conversations()?;
+        let name = name.trim_start_matches(['@', '#']);
+        all.iter()
+            .find(|c| c.name == name)
+            .or_else(|| all.iter().find(|c| hex(&c.id).starts_with(name) && name.len() >= 4))
+            .cloned()
+            .ok_or_else(|| ClientError::UnknownConversation(name.into()))
+    }
+
+    fn save_conversation(&self, c: &Conversation) -> Result<(), ClientError> {
+        self.vault.put(Space::Conversations, &c.id, &json(c)?)?;
+        Ok(())
+    }
+
+    /// The last `limit` history entries of a conversation, oldest first.
+    pub fn history(&self, conv: &[u8], limit: usize) -> Result<Vec<HistoryEntry>, ClientError> {
+        let all = self.vault.scan(Space::Messages, &conv_prefix(conv))?;
+        let skip = all.len().saturating_sub(limit);
+        all[skip..].iter().map(|(_, v)| unjson(v)).collect()
+    }
+
+    /// Marks a conversation read; returns the last message id, for a read receipt.
+    pub fn mark_read(&self, conv: &[u8]) -> Result<Option<[u8; 16]>, ClientError> {
+        if let Some(mut c) = self.conversation(conv)? {
+            c.unread = 0;
+            c.mentions = 0;
+            self.save_conversation(&c)?;
+        }
+        Ok(self.history(conv, 1)?.last().filter(|e| !e.system).map(|e| e.message_id))
+    }
+
+    fn append(
+        &self,
+        conv: &[u8],
+        make: impl FnOnce(u64) -> HistoryEntry,
+        from_peer: bool,
+    ) -> Result<HistoryEntry, ClientError> {
+        let mut c =
+            self.conversation(conv)?.ok_or_else(|| ClientError::UnknownConversation(hex(conv)))?;
+        let seq = c.next_seq;
+        let entry = make(seq);
+        c.next_seq += 1;
+        c.last_activity_ms = now_ms();
+        if from_peer && !entry.system {
+            c.unread += 1;
+            if entry.text.contains(&format!("@{}", self.username)) {
+                c.mentions += 1;
+            }
+        }
+        self.vault.put(Space::Messages, &message_key(conv, seq), &json(&entry)?)?;
+        if !entry.system {
+            let mut index = conv.to_vec();
+            index.extend_from_slice(&seq.to_be_bytes());
+            self.vault.put(
+                Space::State,
+                &[b"mid/".as_slice(), &entry.message_id].concat(),
+                &index,
+            )?;
+        }
+        self.save_conversation(&c)?;
+        Ok(entry)
+    }
+
+    fn update_entry(
+        &self,
+        message_id: &[u8; 16],
+        f: impl FnOnce(&mut HistoryEntry),
+    ) -> Result<Option<Vec<u8>>, ClientError> {
+        let Some(index) =
+            self.vault.get(Space::State, &[b"mid/".as_slice(), message_id].concat())?
+        else {
+            return Ok(None);
+        };
+        if index.len() < 8 {
+            return Ok(None);
+        }
+        let (conv, seq) = index.split_at(index.len() - 8);
+        let seq =
+            u64::from_be_bytes(seq.try_into().map_err(|_| ClientError::Invalid("index".into()))?);
+        let key = message_key(conv, seq);
+        let Some(v) = self.vault.get(Space::Messages, &key)? else { return Ok(None) };
+        let mut e: HistoryEntry = unjson(&v)?;
+        f(&mut e);
+        self.vault.put(Space::Messages, &key, &json(&e)?)?;
+        Ok(Some(conv.to_vec()))
+    }
+
+    fn new_conversation(
+        &self,
+        id: Vec<u8>,
+        kind: ConvKind,
+        name: String,
+        peer: Option<[u8; 32]>,
+    ) -> Result<Conversation, ClientError> {
+        let c = Conversation {
+            id,
+            kind,
+            name,
+            topic: String::new(),
+            peer: peer.map(|p| p.to_vec()),
+            last_activity_ms: now_ms(),
+            unread: 0,
+            mentions: 0,
+            next_seq: 0,
+        };
+        self.save_conversation(&c)?;
+        Ok(c)
+    }
+
+    /// The DM with `username`, created (and the peer invited) if there is none.
+    pub async fn dm(&mut self, username: &str) -> Result<Vec<u8>, ClientError> {
+        let peer = self.resolve(username).await?;
+        if peer == self.identity_key() {
+            return Err(ClientError::Invalid("that is you".into()));
+        }
+        if let Some(c) = self
+            .conversations()?
+            .into_iter()
+            .find(|c| c.kind == ConvKind::Dm && c.peer.as_deref() == Some(peer.as_slice()))
+        {
+            return Ok(c.id);
+        }
+        let kp = self.fetch_key_package(&peer, username).await?;
+        let id = self.mls.create(Kind::Dm)?;
+        self.new_conversation(id.clone(), ConvKind::Dm, username.to_string(), Some(peer))?;
+        let out = self.mls.add(&id, &[kp])?;
+        self.deliver_commit(&id, out).await?;
+        Ok(id)
+    }
+
+    /// Creates a group named `name` with us as admin.
+    pub async fn create_group(&mut self, name: &str) -> Result<Vec<u8>, ClientError> {
+        if self.conversations()?.iter().any(|c| c.name == name) {
+            return Err(ClientError::Invalid(format!("a conversation named {name:?} exists")));
+        }
+        let id = self.mls.create(Kind::Group)?;
+        self.new_conversation(id.clone(), ConvKind::Group, name.to_string(), None)?;
+        Ok(id)
+    }
+
+    /// Adds users to a group (admins only); they get a Welcome, everyone else the commit.
+    pub async fn add_members(
+        &mut self,
+        conv: &[u8],
+        usernames: &[String],
+    ) -> Result<(), ClientError> {
+        let mut kps = Vec::new();
+        for u in usernames {
+            let id = self.resolve(u).await?;
+            kps.push(self.fetch_key_package(&id, u).await?);
+        }
+        let out = self.mls.add(conv, &kps)?;
+        self.deliver_commit(conv, out).await?;
+        // Tell the newcomers the group's name and topic.
+        if let Some(c) = self.conversation(conv)?
+            && c.kind == ConvKind::Group
+        {
+            self.send(conv, Body::Meta { name: c.name.clone(), topic: c.topic.clone() }).await?;
+        }
+        self.log_system(conv, format!("{} added {}", self.username, usernames.join(", ")))?;
+        Ok(())
+    }
+
+    /// Removes a user (admins only).
+    pub async fn remove_member(&mut self, conv: &[u8], username: &str) -> Result<(), ClientError> {
+        let id = self.resolve(username).await?;
+        let out = self.mls.remove(conv, &[id])?;
+        self.deliver_commit(conv, out).await?;
+        self.log_system(conv, format!("{} removed {username}", self.username))?;
+        Ok(())
+    }
+
+    /// Makes a member an admin or not (admins only).
+    pub async fn set_admin(
+        &mut self,
+        conv: &[u8],
+        username: &str,
+        admin: bool,
+    ) -> Result<(), ClientError> {
+        let id = self.resolve(username).await?;
+        let members = self.mls.members(conv)?;
+        if !members.iter().any(|m| m.identity == id) {
+            return Err(GroupError::NotMember.into());
+        }
+        let mut admins: Vec<[u8; 32]> =
+            members.iter().filter(|m| m.admin).map(|m| m.identity).collect();
+        admins.retain(|a| *a != id);
+        if admin {
+            admins.push(id);
+        }
+        let out = self.mls.set_admins(conv, admins)?;
+        self.deliver_commit(conv, out).await?;
+        let verb = if admin { "promoted" } else { "demoted" };
+        self.log_system(conv, format!("{} {verb} {username}", self.username))?;
+        Ok(())
+    }
+
+    /// Rotates our keys in a conversation.
+    pub async fn rotate_keys(&mut self, conv: &[u8]) -> Result<(), ClientError> {
+        let out = self.mls.self_update(conv)?;
+        self.deliver_commit(conv, out).await
+    }
+
+    /// Renames a group and sets its topic (sent to all members).
+    pub async fn rename(
+        &mut self,
+        conv: &[u8],
+        name: &str,
+        topic: Option<&str>,
+    ) -> Result<(), ClientError> {
+        let mut c =
+            self.conversation(conv)?.ok_or_else(|| ClientError::UnknownConversation(hex(conv)))?;
+        if c.kind != ConvKind::Group {
+            return Err(ClientError::Invalid("only groups have names".into()));
+        }
+        if !self.mls.members(conv)?.iter().any(|m| m.identity == self.identity_key() && m.admin) {
+            return Err(GroupError::NotAdmin.into());
+        }
+        c.name = name.to_string();
+        if let Some(t) = topic {
+            c.topic = t.to_string();
+        }
+        self.save_conversation(&c)?;
+        self.send(conv, Body::Meta { name: c.name, topic: c.topic }).await?;
+        Ok(())
+    }
+
+    /// Leaves a conversation: proposes our removal to the others and forgets it locally.
+    pub async fn leave(&mut self, conv: &[u8]) -> Result<(), ClientError> {
+        let (proposal, to) = self.mls.leave(conv)?;
+        if !to.is_empty() {
+            self.batch_enqueue(&to, proposal, random_id()).await?;
+        }
+        self.mls.forget(conv)?;
+        self.vault.delete(Space::Conversations, conv)?;
+        self.vault.delete_prefix(Space::Messages, &conv_prefix(conv))?;
+        Ok(())
+    }
+
+    /// Members, epoch and verification code of a conversation.
+    pub async fn group_info(&mut self, conv: &[u8]) -> Result<GroupInfo, ClientError> {
+        let conversation =
+            self.conversation(conv)?.ok_or_else(|| ClientError::UnknownConversation(hex(conv)))?;
+        let mut members = Vec::new();
+        for m in self.mls.members(conv)? {
+            let name = self.name_of(&m.identity).await;
+            members.push((m.identity, name, m.admin));
+        }
+        Ok(GroupInfo {
+            conversation,
+            members,
+            epoch: self.mls.epoch(conv)?,
+            verification_code: self.mls.verification_code(conv)?,
+        })
+    }
+
+    /// The safety number shared with `username`.
+    pub async fn safety_number(&mut self, username: &str) -> Result<String, ClientError> {
+        let peer = self.resolve(username).await?;
+        Ok(safety_number(&self.identity_key(), &peer))
+    }
+
+    async fn fetch_key_package(
+        &mut self,
+        id: &[u8; 32],
+        username: &str,
+    ) -> Result<Vec<u8>, ClientError> {
+        let r: v1::FetchKeyPackageResponse = self
+            .call(
+                method::FETCH_KEY_PACKAGE,
+                &v1::FetchKeyPackageRequest { identity_key: id.to_vec() },
+            )
+            .await?;
+        if r.package.is_empty() {
+            return Err(ClientError::NoKeyPackage(username.into()));
+        }
+        Ok(r.package)
+    }
+
+    /// Sends a commit to the current members and the Welcome to new ones; merges the commit
+    /// only once the server took it, and drops it if the server refused.
+    async fn deliver_commit(&mut self, conv: &[u8], out: Outgoing) -> Result<(), ClientError> {
+        if !out.commit_to.is_empty()
+            && let Err(e) =
+                self.batch_enqueue(&out.commit_to, out.commit.clone(), random_id()).await
+        {
+            self.mls.abandon(conv)?;
+            return Err(e);
+        }
+        self.mls.confirm(conv)?;
+        if let (Some(welcome), false) = (out.welcome, out.welcome_to.is_empty()) {
+            self.batch_enqueue(&out.welcome_to, welcome, random_id()).await?;
+        }
+        self.emit(Event::Conversation { conv: conv.to_vec() });
+        Ok(())
+    }
+
+    fn log_system(&self, conv: &[u8], text: String) -> Result<(), ClientError> {
+        let entry = self.append(conv, |seq| HistoryEntry::system(seq, text, now_ms()), false)?;
+        self.emit(Event::Message { conv: conv.to_vec(), entry });
+        Ok(())
+    }
+
+    async fn batch_enqueue(
+        &mut self,
+        to: &[[u8; 32]],
+        payload: Vec<u8>,
+        message_id: [u8; 16],
+    ) -> Result<(), ClientError> {
+        let req = v1::BatchEnqueueRequest {
+            recipient_keys: to.iter().map(|k| k.to_vec()).collect(),
+            payload,
+            channel_id: Vec::new(),
+            ttl_secs: 0,
+            message_id: message_id.to_vec(),
+        };
+        let _: v1::BatchEnqueueResponse = self.call(method::BATCH_ENQUEUE, &req).await?;
+        Ok(())
+    }
+
+    // ----- sending ---------------------------------------------------------------------
+
+    /// Encrypts `body` for a conversation, records it (history and outbox, atomically with
+    /// the MLS state), then tries to deliver it. Returns the message id. Offline, the message
+    /// stays in the outbox and goes out on the next connect.
+    pub async fn send(&mut self, conv: &[u8], body: Body) -> Result<[u8; 16], ClientError> {
+        let content = Content::new(body, now_ms());
+        let bytes = content.encode()?;
+        let me = self.identity_key();
+        let entry = self.vault.atomic(|| -> Result<Option<HistoryEntry>, ClientError> {
+            if let Body::Meta { name, topic } = &content.body
+                && let Some(mut c) = self.conversation(conv)?
+            {
+                c.name = name.clone();
+                c.topic = topic.clone();
+                self.save_conversation(&c)?;
+            }
+            let (ciphertext, to) = self.mls.encrypt(conv, &bytes)?;
+            let entry = match HistoryEntry::from_content(0, &me, &content, now_ms()) {
+                Some(_) => Some(self.append(
+                    conv,
+                    |seq| {
+                        let mut e = HistoryEntry::from_content(seq, &me, &content, now_ms())
+                            .unwrap_or_else(|| HistoryEntry::system(seq, String::new(), 0));
+                        e.pending = true;
+                        e
+                    },
+                    false,
+                )?),
+                None => None,
+            };
+            self.apply_own(conv, &content)?;
+            if !to.is_empty() {
+                let next = self.state_u64(b"outbox_next")?;
+                self.vault.put(Space::State, b"outbox_next", &(next + 1).to_be_bytes())?;
+                let item = OutboxItem {
+                    conv: conv.to_vec(),
+                    to: to.iter().map(|t| t.to_vec()).collect(),
+                    payload: ciphertext,
+                    message_id: content.message_id,
+                };
+                self.vault.put(Space::Outbox, &next.to_be_bytes(), &json(&item)?)?;
+            }
+            Ok(entry)
+        })?;
+        if let Some(entry) = entry {
+            self.emit(Event::Message { conv: conv.to_vec(), entry });
+        }
+        match self.flush_outbox().await {
+            Ok(_) | Err(ClientError::Net(_)) => {}
+            Err(e) => return Err(e),
+        }
+        Ok(content.message_id)
+    }
+
+    /// Sends a text message.
+    pub async fn send_text(&mut self, conv: &[u8], text: &str) -> Result<[u8; 16], ClientError> {
+        self.send(conv, Body::Text { body: text.to_string(), reply_to: None }).await
+    }
+
+    /// Tells the conversation's connected members that we are typing (not stored anywhere).
+    pub async fn send_typing(&mut self, conv: &[u8], active: bool) -> Result<(), ClientError> {
+        let content = Content::new(Body::Typing { active }, now_ms()).encode()?;
+        let (ciphertext, to) =
+            self.vault.atomic(|| self.mls.encrypt(conv, &content).map_err(ClientError::from))?;
+        let req = v1::RelayEphemeralRequest {
+            recipient_keys: to.iter().map(|k| k.to_vec()).collect(),
+            payload: ciphertext,
+            channel_id: Vec::new(),
+        };
+        let _: v1::RelayEphemeralResponse = self.call(method::RELAY_EPHEMERAL, &req).await?;
+        Ok(())
+    }
+
+    /// Messages waiting in the outbox.
+    pub fn outbox_len(&self) -> Result<usize, ClientError> {
+        Ok(self.vault.scan(Space::Outbox, b"")?.len())
+    }
+
+    /// Delivers queued messages in order; stops at the first network failure.
+    pub async fn flush_outbox(&mut self) -> Result<usize, ClientError> {
+        let mut sent = 0;
+        for (key, value) in self.vault.scan(Space::Outbox, b"")? {
+            let item: OutboxItem = unjson(&value)?;
+            let to: Vec<[u8; 32]> =
+                item.to.iter().filter_map(|t| t.as_slice().try_into().ok()).collect();
+            if self.conn.as_ref().is_none_or(|c| c.is_closed()) {
+                return Err(ClientError::Net(NetError::Connection("offline".into())));
+            }
+            let req = v1::BatchEnqueueRequest {
+                recipient_keys: to.iter().map(|k| k.to_vec()).collect(),
+                payload: item.payload.clone(),
+                channel_id: Vec::new(),
+                ttl_secs: 0,
+                message_id: item.message_id.to_vec(),
+            };
+            let r: Result<v1::BatchEnqueueResponse, NetError> =
+                self.connection()?.call(method::BATCH_ENQUEUE, &req, Duration::ZERO).await;
+            match r {
+                Ok(_) => {}
+                Err(e) if e.is_transient() => return Err(e.into()),
+                Err(e) => {
+                    // A permanent refusal (e.g. too large): drop it rather than block the queue.
+                    self.emit(Event::Rejected { reason: format!("message not delivered: {e}") });
+                }
+            }
+            self.vault.delete(Space::Outbox, &key)?;
+            self.update_entry(&item.message_id, |e| e.pending = false)?;
+            self.emit(Event::Updated { conv: item.conv.clone(), message_id: item.message_id });
+            sent += 1;
+        }
+        Ok(sent)
+    }
+
+    /// Applies our own edits, deletes and reactions to local history.
+    fn apply_own(&self, _conv: &[u8], content: &Content) -> Result<(), ClientError> {
+        let me = self.identity_key();
+        self.apply_effect(&me, content)?;
+        Ok(())
+    }
+
+    /// Applies a non-text body from `sender` to history; returns the changed conversation.
+    fn apply_effect(
+        &self,
+        sender: &[u8; 32],
+        content: &Content,
+    ) -> Result<Option<Vec<u8>>, ClientError> {
+        Ok(match &content.body {
+            Body::Edit { target, body } => self.update_entry(target, |e| {
+                if e.sender == sender {
+                    e.text = body.clone();
+                    e.edited = true;
+                }
+            })?,
+            Body::Delete { target } => self.update_entry(target, |e| {
+                if e.sender == sender {
+                    e.text.clear();
+                    e.file = None;
+                    e.deleted = true;
+                }
+            })?,
+            Body::Reaction { target, emoji, remove } => self.update_entry(target, |e| {
+                e.reactions.retain(|(em, who)| !(em == emoji && who == sender));
+                if !remove {
+                    e.reactions.push((emoji.clone(), sender.to_vec()));
+                }
+            })?,
+            Body::Receipt { up_to } => self.update_entry(up_to, |e| {
+                if !e.read_by.iter().any(|w| w == sender) {
+                    e.read_by.push(sender.to_vec());
+                }
+            })?,
+            _ => None,
+        })
+    }
+
+    // ----- receiving -------------------------------------------------------------------
+
+    /// Fetches, processes and acknowledges everything queued; returns how many messages.
+    pub async fn sync(&mut self) -> Result<usize, ClientError> {
+        let mut total = 0;
+        loop {
+            let r: v1::FetchResponse = self
+                .call(method::FETCH, &v1::FetchRequest { limit: 100, ..Default::default() })
+                .await?;
+            if r.payloads.is_empty() {
+                break;
+            }
+            total += r.payloads.len();
+            self.process_envelopes(r.payloads).await?;
+        }
+        self.drain_pushes().await?;
+        Ok(total)
+    }
+
+    /// Waits up to `timeout` for something to arrive (push or long poll), then syncs.
+    pub async fn wait(&mut self, timeout: Duration) -> Result<usize, ClientError> {
+        self.ensure_connected().await?;
+        let n = self.sync().await?;
+        if n > 0 {
+            return Ok(n);
+        }
+        tokio::select! {
+            push = self.push_rx.recv() => {
+                if let Some(p) = push {
+                    self.handle_push(p).await?;
+                }
+            }
+            r = async {
+                let conn = self.conn.as_ref()?;
+                conn.call::<_, v1::FetchWaitResponse>(
+                    method::FETCH_WAIT,
+                    &v1::FetchWaitRequest { timeout_ms: timeout.as_millis() as u64, limit: 100, ..Default::default() },
+                    timeout,
+                ).await.ok()
+            } => {
+                if let Some(r) = r {
+                    self.process_envelopes(r.payloads).await?;
+                }
+            }
+        }
+        Ok(self.sync().await? + 1)
+    }
+
+    async fn drain_pushes(&mut self) -> Result<(), ClientError> {
+        while let Ok(p) = self.push_rx.try_recv() {
+            self.handle_push(p).await?;
+        }
+        Ok(())
+    }
+
+    async fn handle_push(&mut self, p: Push) -> Result<(), ClientError> {
+        use prost::Message as _;
+        match p.event {
+            method::PUSH_NEW_MESSAGE => {
+                // The queue is the source of truth; fetch so ordering and acks stay exact.
+                self.sync_once().await?;
+            }
+            method::PUSH_TYPING => {
+                let Ok(t) = v1::TypingIndicator::decode(p.payload.as_slice()) else {
+                    return Ok(());
+                };
+                let result =
+                    self.vault.atomic(|| self.mls.process(&t.payload).map_err(ClientError::from));
+                if let Ok(Incoming::Application { group_id, sender, plaintext }) = result
+                    && let Ok(Content { body: Body::Typing { active }, .. }) =
+                        Content::decode(&plaintext)
+                {
+                    self.emit(Event::Typing { conv: group_id, who: sender, active });
+                }
+            }
+            method::PUSH_KEY_PACKAGES_LOW => {
+                self.ensure_key_packages().await?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    async fn sync_once(&mut self) -> Result<(), ClientError> {
+        let r: v1::FetchResponse = self
+            .call(method::FETCH, &v1::FetchRequest { limit: 100, ..Default::default() })
+            .await?;
+        self.process_envelopes(r.payloads).await
+    }
+
+    async fn process_envelopes(&mut self, envs: Vec<v1::Envelope>) -> Result<(), ClientError> {
+        let Some(last) = envs.last().map(|e| e.seq) else { return Ok(()) };
+        let mut names_needed = Vec::new();
+        for env in envs {
+            if env.seq <= self.last_seq {
+                continue; // already stored; the ack was lost
+            }
+            if self.last_seq > 0 && env.seq > self.last_seq + 1 {
+                self.emit(Event::Gap { after: self.last_seq, next: env.seq });
+            }
+            let seq = env.seq;
+            let result = self.vault.atomic(|| -> Result<Vec<Event>, ClientError> {
+                let events = self.process_one(&env.data)?;
+                self.vault.put(Space::State, b"last_seq", &seq.to_be_bytes())?;
+                Ok(events)
+            });
+            match result {
+                Ok(events) => {
+                    for e in events {
+                        if let Event::Message { entry, .. } = &e
+                            && let Ok(id) = <[u8; 32]>::try_from(entry.sender.as_slice())
+                        {
+                            names_needed.push(id);
+                        }
+                        self.emit(e);
+                    }
+                }
+                Err(e) => {
+                    self.vault.put(Space::State, b"last_seq", &seq.to_be_bytes())?;
+                    self.emit(Event::Rejected { reason: e.to_string() });
+                }
+            }
+            self.last_seq = seq;
+        }
+        // Acknowledge only now: everything up to `last` is stored (or was rejected for good).
+        let _: v1::AckResponse = self
+            .call(method::ACK, &v1::AckRequest { seq_up_to: last, ..Default::default() })
+            .await?;
+        for id in names_needed {
+            self.name_of(&id).await;
+        }
+        self.name_dms().await
+    }
+
+    /// Names DMs joined before the peer's username was known.
+    async fn name_dms(&mut self) -> Result<(), ClientError> {
+        for mut c in self.conversations()? {
+            let Some(peer) = c.peer.as_ref().and_then(|p| <[u8; 32]>::try_from(p.as_slice()).ok())
+            else {
+                continue;
+            };
+            if c.kind == ConvKind::Dm && c.name == hex(&peer[..6]) {
+                let name = self.name_of(&peer).await;
+                if name != c.name {
+                    c.name = name;
+                    self.save_conversation(&c)?;
+                    self.emit(Event::Conversation { conv: c.id.clone() });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn process_one(&self, data: &[u8]) -> Result<Vec<Event>, ClientError> {
+        let mut events = Vec::new();
+        match self.mls.process(data)? {
+            Incoming::Joined { group_id, kind, members } => {
+                let me = self.identity_key();
+                let peer = members.iter().map(|m| m.identity).find(|id| *id != me);
+                let (kind, name) = match kind {
+                    Kind::Dm => (
+                        ConvKind::Dm,
+                        peer.and_then(|p| self.cached_name(&p))
+                            .unwrap_or_else(|| peer.map(|p| hex(&p[..6])).unwrap_or_default()),
+                    ),
+                    _ => (
+                        ConvKind::Group,
+                        format!("group-{}", hex(&group_id[..4.min(group_id.len())])),
+                    ),
+                };
+                self.new_conversation(
+                    group_id.clone(),
+                    kind,
+                    name,
+                    if kind == ConvKind::Dm { peer } else { None },
+                )?;
+                events.push(Event::Conversation { conv: group_id });
+            }
+            Incoming::Application { group_id, sender, plaintext } => {
+                let content = Content::decode(&plaintext)?;
+                match &content.body {
+                    Body::Text { .. } | Body::File(_) => {
+                        let entry = self.append(
+                            &group_id,
+                            |seq| {
+                                HistoryEntry::from_content(seq, &sender, &content, now_ms())
+                                    .unwrap_or_else(|| HistoryEntry::system(seq, String::new(), 0))
+                            },
+                            true,
+                        )?;
+                        events.push(Event::Message { conv: group_id, entry });
+                    }
+                    Body::Meta { name, topic } => {
+                        if let Some(mut c) = self.conversation(&group_id)? {
+                            c.name = name.clone();
+                            c.topic = topic.clone();
+                            self.save_conversation(&c)?;
+                        }
+                        events.push(Event::Conversation { conv: group_id });
+                    }
+                    Body::Typing { active } => {
+                        events.push(Event::Typing { conv: group_id, who: sender, active: *active })
+                    }
+                    _ => {
+                        if let Some(conv) = self.apply_effect(&sender, &content)? {
+                            events.push(Event::Updated {
+                                conv,
+                                message_id: target_of(&content.body),
+                            });
+                        }
+                    }
+                }
+            }
+            Incoming::Commit { group_id, committer, added, removed, removed_us, .. } => {
+                let who = |id: &[u8; 32]| self.cached_name(id).unwrap_or_else(|| hex(&id[..6]));
+                let mut lines = Vec::new();
+                if !added.is_empty() {
+                    lines.push(format!(
+                        "{} added {}",
+                        who(&committer),
+                        added.iter().map(who).collect::<Vec<_>>().join(", ")
+                    ));
+                }
+                if !removed.is_empty() {
+                    lines.push(format!(
+                        "{} removed {}",
+                        who(&committer),
+                        removed.iter().map(who).collect::<Vec<_>>().join(", ")
+                    ));
+                }
+                if removed_us && let Some(mut c) = self.conversation(&group_id)? {
+                    c.topic = "you were removed from this group".into();
+                    self.save_conversation(&c)?;
+                }
+                for line in lines {
+                    let entry = self.append(
+                        &group_id,
+                        |seq| HistoryEntry::system(seq, line, now_ms()),
+                        false,
+                    )?;
+                    events.push(Event::Message { conv: group_id.clone(), entry });
+                }
+                events.push(Event::Conversation { conv: group_id });
+            }
+            Incoming::Proposal { group_id, .. } => {
+                events.push(Event::Conversation { conv: group_id })
+            }
+        }
+        Ok(events)
+    }
+
+    fn state_u64(&self, key: &[u8]) -> Result<u64, ClientError> {
+        Ok(self
+            .vault
+            .get(Space::State, key)?
+            .and_then(|v| v.as_slice().try_into().ok())
+            .map_or(0, u64::from_be_bytes))
+    }
+
+    // ----- files -----------------------------------------------------------------------
+
+    /// Encrypts a file, uploads it in chunks (resuming after a dropped connection), and
+    /// offers it in the conversation.
+    pub async fn send_file(&mut self, conv: &[u8], path: &Path) -> Result<FileOffer, ClientError> {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "file".into());
+        let mut key = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut key);
+        let sealed_path = std::env::temp_dir().join(format!("qpq-upload-{}", hex(&random_id())));
+        let sealed = {
+            let input = std::io::BufReader::new(std::fs::File::open(path)?);
+            let output = std::io::BufWriter::new(std::fs::File::create(&sealed_path)?);
+            files::seal(&key, input, output)?
+        };
+        let upload =
+            self.upload_blob(&sealed_path, &sealed.blob_id, sealed.sealed_size, &name).await;
+        let _ = std::fs::remove_file(&sealed_path);
+        upload?;
+        let offer = FileOffer {
+            blob_id: sealed.blob_id,
+            size: sealed.plain_size,
+            ciphertext_size: sealed.sealed_size,
+            name,
+            media_type: media_type(path),
+            key,
+            sha256: sealed.plain_sha256,
+        };
+        self.send(conv, Body::File(offer.clone())).await?;
+        Ok(offer)
+    }
+
+    async fn upload_blob(
+        &mut self,
+        path: &Path,
+        blob_id: &[u8; 32],
+        total: u64,
+        name: &str,
+    ) -> Result<(), ClientError> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut file = std::fs::File::open(path)?;
+        let mut offset = 0u64;
+        let mut failures = 0;
+        loop {
+            file.seek(SeekFrom::Start(offset))?;
+            let mut chunk = vec![0u8; CHUNK.min((total - offset) as usize)];
+            file.read_exact(&mut chunk)?;
+            let req = v1::UploadBlobRequest {
+                blob_id: blob_id.to_vec(),
+                total_size: total,
+                offset,
+                chunk,
+                media_type: "application/octet-stream".into(),
+            };
+            match self.call::<_, v1::UploadBlobResponse>(method::UPLOAD_BLOB, &req).await {
+                Ok(r) if r.complete => {
+                    self.emit(Event::Transfer(Transfer {
+                        name: name.into(),
+                        done: total,
+                        total,
+                        upload: true,
+                    }));
+                    return Ok(());
+                }
+                Ok(r) => {
+                    offset = r.next_offset;
+                    failures = 0;
+                    self.emit(Event::Transfer(Transfer {
+                        name: name.into(),
+                        done: offset,
+                        total,
+                        upload: true,
+                    }));
+                }
+                Err(ClientError::Net(e)) if e.is_transient() && failures < RECONNECT_ATTEMPTS => {
+                    failures += 1;
+                    self.conn = None;
+                    // Ask where to resume (empty chunk at offset 0 answers with the server's offset).
+                    self.ensure_connected().await?;
+                    let probe = v1::UploadBlobRequest {
+                        blob_id: blob_id.to_vec(),
+                        total_size: total,
+                        offset: 0,
+                        chunk: Vec::new(),
+                        media_type: String::new(),
+                    };
+                    let r: v1::UploadBlobResponse = self.call(method::UPLOAD_BLOB, &probe).await?;
+                    if r.complete {
+                        return Ok(());
+                    }
+                    offset = r.next_offset;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Downloads, verifies and decrypts a file offer into `dir`; returns the file's path.
+    pub async fn download(
+        &mut self,
+        offer: &FileOffer,
+        dir: &Path,
+    ) -> Result<PathBuf, ClientError> {
+        use sha2::Digest;
+        use std::io::Write;
+        std::fs::create_dir_all(dir)?;
+        let safe_name = Path::new(&offer.name)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "download".into());
+        let dest = dir.join(&safe_name);
+        let part = dir.join(format!(".{safe_name}.qpq-part"));
+        let mut out = std::fs::File::create(&part)?;
+        let mut hash = sha2::Sha256::new();
+        let mut offset = 0u64;
+        while offset < offer.ciphertext_size {
+            let req = v1::DownloadBlobRequest {
+                blob_id: offer.blob_id.to_vec(),
+                offset,
+                max_len: CHUNK as u32,
+            };
+            let r: v1::DownloadBlobResponse = self.call(method::DOWNLOAD_BLOB, &req).await?;
+            if r.chunk.is_empty() {
+                return Err(ClientError::Invalid("server returned an empty chunk".into()));
+            }
+            hash.update(&r.chunk);
+            out.write_all(&r.chunk)?;
+            offset += r.chunk.len() as u64;
+            self.emit(Event::Transfer(Transfer {
+                name: offer.name.clone(),
+                done: offset,
+                total: offer.ciphertext_size,
+                upload: false,
+            }));
+        }
+        out.sync_all()?;
+        drop(out);
+        if <[u8; 32]>::from(hash.finalize()) != offer.blob_id {
+            let _ = std::fs::remove_file(&part);
+            return Err(FileCryptoError::Tampered.into());
+        }
+        let result = (|| -> Result<(), ClientError> {
+            let input = std::io::BufReader::new(std::fs::File::open(&part)?);
+            let output = std::io::BufWriter::new(std::fs::File::create(&dest)?);
+            files::open(&offer.key, &offer.sha256, input, output)?;
+            Ok(())
+        })();
+        let _ = std::fs::remove_file(&part);
+        if result.is_err() {
+            let _ = std::fs::remove_file(&dest);
+        }
+        result?;
+        Ok(dest)
+    }
+
+    /// The file offer of a history entry.
+    pub fn offer_of(entry: &HistoryEntry) -> Option<FileOffer> {
+        entry.file.as_ref().map(|f: &StoredFile| FileOffer::from(f))
+    }
+}
+
+fn target_of(body: &Body) -> [u8; 16] {
+    match body {
+        Body::Edit { target, .. } | Body::Delete { target } | Body::Reaction { target, .. } => {
+            *target
+        }
+        Body::Receipt { up_to } => *up_to,
+        _ => [0; 16],
+    }
+}
+
+fn random_id() -> [u8; 16] {
+    let mut id = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut id);
+    id
+}
+
+fn media_type(path: &Path) -> String {
+    let ext =
+        path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+    match ext.as_str() {
+        "txt" | "md" | "log" => "text/plain",
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "gif" => "image/gif",
+        "pdf" => "application/pdf",
+        "zip" => "application/zip",
+        _ => "application/octet-stream",
+    }
+    .to_string()
+}
+
+/// A message waiting for the server.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct OutboxItem {
+    conv: Vec<u8>,
+    to: Vec<Vec<u8>>,
+    payload: Vec<u8>,
+    message_id: [u8; 16],
+}

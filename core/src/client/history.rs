@@ -1,0 +1,182 @@
+//! Conversations and message history as stored in the vault.
+
+use serde::{Deserialize, Serialize};
+
+use crate::content::{Body, Content, FileOffer};
+
+/// DM or group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConvKind {
+    /// Two members.
+    Dm,
+    /// A group.
+    Group,
+}
+
+/// A conversation: one MLS group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Conversation {
+    /// MLS group id.
+    pub id: Vec<u8>,
+    /// DM or group.
+    pub kind: ConvKind,
+    /// Group name; for a DM, the peer's username.
+    pub name: String,
+    /// Group topic.
+    pub topic: String,
+    /// The peer's identity key in a DM.
+    pub peer: Option<Vec<u8>>,
+    /// Last message or change, ms.
+    pub last_activity_ms: u64,
+    /// Messages received since the user last read the conversation.
+    pub unread: u32,
+    /// Messages mentioning the user since they last read it.
+    pub mentions: u32,
+    /// Next local history sequence number.
+    pub next_seq: u64,
+}
+
+/// One message in a conversation's history, with what later messages did to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// Local sequence number (display order).
+    pub seq: u64,
+    /// The sender's message id.
+    pub message_id: [u8; 16],
+    /// Sender identity key.
+    pub sender: Vec<u8>,
+    /// Sender clock, ms.
+    pub sent_at_ms: u64,
+    /// Local arrival time, ms.
+    pub received_at_ms: u64,
+    /// Text, or a description for non-text entries.
+    pub text: String,
+    /// Message replied to.
+    pub reply_to: Option<[u8; 16]>,
+    /// A file offer.
+    pub file: Option<StoredFile>,
+    /// Edited at least once.
+    pub edited: bool,
+    /// Deleted by its sender.
+    pub deleted: bool,
+    /// (emoji, reactor identity) pairs.
+    pub reactions: Vec<(String, Vec<u8>)>,
+    /// Identities that sent a read receipt covering this message.
+    pub read_by: Vec<Vec<u8>>,
+    /// A system line (membership change) rather than a user message.
+    pub system: bool,
+    /// Our own message still waiting in the outbox.
+    pub pending: bool,
+}
+
+/// A file offer kept in history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredFile {
+    /// Blob id.
+    pub blob_id: [u8; 32],
+    /// Plaintext size.
+    pub size: u64,
+    /// Ciphertext size.
+    pub ciphertext_size: u64,
+    /// File name.
+    pub name: String,
+    /// Media type.
+    pub media_type: String,
+    /// Content key.
+    pub key: [u8; 32],
+    /// SHA-256 of the plaintext.
+    pub sha256: [u8; 32],
+}
+
+impl From<&FileOffer> for StoredFile {
+    fn from(f: &FileOffer) -> Self {
+        Self {
+            blob_id: f.blob_id,
+            size: f.size,
+            ciphertext_size: f.ciphertext_size,
+            name: f.name.clone(),
+            media_type: f.media_type.clone(),
+            key: f.key,
+            sha256: f.sha256,
+        }
+    }
+}
+
+impl From<&StoredFile> for FileOffer {
+    fn from(f: &StoredFile) -> Self {
+        Self {
+            blob_id: f.blob_id,
+            size: f.size,
+            ciphertext_size: f.ciphertext_size,
+            name: f.name.clone(),
+            media_type: f.media_type.clone(),
+            key: f.key,
+            sha256: f.sha256,
+        }
+    }
+}
+
+impl HistoryEntry {
+    /// A history entry for a text or file message; `None` for bodies that only change
+    /// other entries (edits, reactions, receipts, typing, metadata).
+    pub fn from_content(seq: u64, sender: &[u8], c: &Content, now_ms: u64) -> Option<Self> {
+        let (text, reply_to, file) = match &c.body {
+            Body::Text { body, reply_to } => (body.clone(), *reply_to, None),
+            Body::File(f) => {
+                (format!("[file] {} ({} bytes)", f.name, f.size), None, Some(StoredFile::from(f)))
+            }
+            _ => return None,
+        };
+        Some(Self {
+            seq,
+            message_id: c.message_id,
+            sender: sender.to_vec(),
+            sent_at_ms: c.sent_at_ms,
+            received_at_ms: now_ms,
+            text,
+            reply_to,
+            file,
+            edited: false,
+            deleted: false,
+            reactions: Vec::new(),
+            read_by: Vec::new(),
+            system: false,
+            pending: false,
+        })
+    }
+
+    /// A system line (member added, removed, ...).
+    pub fn system(seq: u64, text: String, now_ms: u64) -> Self {
+        Self {
+            seq,
+            message_id: [0; 16],
+            sender: Vec::new(),
+            sent_at_ms: now_ms,
+            received_at_ms: now_ms,
+            text,
+            reply_to: None,
+            file: None,
+            edited: false,
+            deleted: false,
+            reactions: Vec::new(),
+            read_by: Vec::new(),
+            system: true,
+            pending: false,
+        }
+    }
+}
+
+/// Vault key of a history entry: `len(group id) || group id || seq`.
+pub(crate) fn message_key(conv: &[u8], seq: u64) -> Vec<u8> {
+    let mut k = conv_prefix(conv);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// Vault key prefix of a conversation's history.
+pub(crate) fn conv_prefix(conv: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + conv.len() + 8);
+    k.push(conv.len() as u8);
+    k.extend_from_slice(conv);
+    k
+}

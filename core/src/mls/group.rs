@@ -1,0 +1,730 @@
+//! Groups and DMs on openmls with the X-Wing ciphersuite, and the admin roles every member
+//! enforces.
+//!
+//! Roles live in the MLS group context, in a qpq extension (type [`QPQ_GROUP_EXTENSION`])
+//! holding the conversation kind and the admins' identity keys. Because it is part of the
+//! group context, every member has the same view of it at every epoch, and changing it takes
+//! a commit. When a member processes a commit it checks the committer against the admins of
+//! the epoch the commit was made in: only an admin may add members, remove others, or change
+//! the extension. A non-admin's commit may only update its own keys or remove itself. A
+//! commit that breaks the rule is rejected and never merged.
+
+use std::sync::Arc;
+
+use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
+use openmls::prelude::*;
+use openmls_traits::OpenMlsProvider;
+
+use super::QpqProvider;
+use crate::identity::Identity;
+use crate::vault::Vault;
+
+/// The ciphersuite of every qpq group: X-Wing (X25519 + ML-KEM-768) HPKE, AES-128-GCM,
+/// SHA-256, Ed25519.
+pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_MLKEM768X25519_AES128GCM_SHA256_Ed25519;
+
+/// Group context extension holding the conversation kind and the admins.
+pub const QPQ_GROUP_EXTENSION: u16 = 0xF0A1;
+
+/// A failed MLS operation.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GroupError {
+    /// No group with this id is stored.
+    #[error("unknown group")]
+    UnknownGroup,
+    /// The caller is not an admin of the group.
+    #[error("only group admins can do this")]
+    NotAdmin,
+    /// A commit broke the admin rule; it was rejected.
+    #[error("rejected a commit from a non-admin that changes membership or roles")]
+    UnauthorizedCommit,
+    /// The identity is not a member.
+    #[error("not a member of this group")]
+    NotMember,
+    /// A KeyPackage from the server was invalid or of another ciphersuite.
+    #[error("invalid KeyPackage: {0}")]
+    BadKeyPackage(String),
+    /// A message could not be parsed or processed (tampered, wrong epoch, not for us).
+    #[error("rejected MLS message: {0}")]
+    Rejected(String),
+    /// openmls or the storage failed.
+    #[error("MLS error: {0}")]
+    Mls(String),
+}
+
+impl From<crate::vault::VaultError> for GroupError {
+    fn from(e: crate::vault::VaultError) -> Self {
+        Self::Mls(e.to_string())
+    }
+}
+
+fn mls<E: std::fmt::Display>(e: E) -> GroupError {
+    GroupError::Mls(e.to_string())
+}
+
+/// What kind of conversation a group is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A two-member conversation.
+    Dm,
+    /// A group.
+    Group,
+}
+
+/// The qpq group extension's content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupPolicy {
+    /// DM or group.
+    pub kind: Kind,
+    /// Identity keys of the admins.
+    pub admins: Vec<[u8; 32]>,
+}
+
+impl GroupPolicy {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = vec![match self.kind {
+            Kind::Dm => 1,
+            Kind::Group => 0,
+        }];
+        for a in &self.admins {
+            out.extend_from_slice(a);
+        }
+        out
+    }
+
+    fn decode(b: &[u8]) -> Option<Self> {
+        let (kind, rest) = b.split_first()?;
+        if rest.len() % 32 != 0 {
+            return None;
+        }
+        let kind = match kind {
+            1 => Kind::Dm,
+            0 => Kind::Group,
+            _ => return None,
+        };
+        let admins = rest.chunks(32).filter_map(|c| c.try_into().ok()).collect();
+        Some(Self { kind, admins })
+    }
+
+    /// Whether `who` may change membership and roles: any member of a DM, the admins of a
+    /// group.
+    pub fn is_admin(&self, who: &[u8; 32]) -> bool {
+        self.kind == Kind::Dm || self.admins.contains(who)
+    }
+
+    fn of(group: &MlsGroup) -> Option<Self> {
+        group.extensions().unknown(QPQ_GROUP_EXTENSION).and_then(|u| Self::decode(&u.0))
+    }
+
+    fn extensions(&self) -> Result<Extensions<GroupContext>, GroupError> {
+        // Every member must understand the qpq extension, so the group requires it.
+        let required = RequiredCapabilitiesExtension::new(
+            &[ExtensionType::Unknown(QPQ_GROUP_EXTENSION)],
+            &[],
+            &[],
+        );
+        Extensions::from_vec(vec![
+            Extension::RequiredCapabilities(required),
+            Extension::Unknown(QPQ_GROUP_EXTENSION, UnknownExtension(self.encode())),
+        ])
+        .map_err(mls)
+    }
+}
+
+/// A group member as the application sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberInfo {
+    /// Identity key.
+    pub identity: [u8; 32],
+    /// Whether the member is an admin.
+    pub admin: bool,
+}
+
+/// Messages to send after a membership operation.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// The commit, for every member other than the committer (as before the commit).
+    pub commit: Vec<u8>,
+    /// Who gets the commit.
+    pub commit_to: Vec<[u8; 32]>,
+    /// The Welcome, if members were added.
+    pub welcome: Option<Vec<u8>>,
+    /// Who gets the Welcome.
+    pub welcome_to: Vec<[u8; 32]>,
+}
+
+/// What processing one incoming MLS message produced.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Incoming {
+    /// We joined a group from a Welcome.
+    Joined {
+        /// The group.
+        group_id: Vec<u8>,
+        /// DM or group.
+        kind: Kind,
+        /// Who added us (the committer is not in the Welcome; the first admin is a good guess).
+        members: Vec<MemberInfo>,
+    },
+    /// An application message.
+    Application {
+        /// The group.
+        group_id: Vec<u8>,
+        /// Sender identity key.
+        sender: [u8; 32],
+        /// The decrypted bytes (an encoded `Content`).
+        plaintext: Vec<u8>,
+    },
+    /// A commit was merged.
+    Commit {
+        /// The group.
+        group_id: Vec<u8>,
+        /// Who committed.
+        committer: [u8; 32],
+        /// Identities added.
+        added: Vec<[u8; 32]>,
+        /// Identities removed.
+        removed: Vec<[u8; 32]>,
+        /// Whether the admin list or kind changed.
+        policy_changed: bool,
+        /// Whether this member was removed (the group is gone locally).
+        removed_us: bool,
+    },
+    /// A proposal was stored for a later commit (e.g. a member leaving).
+    Proposal {
+        /// The group.
+        group_id: Vec<u8>,
+        /// Who proposed.
+        sender: [u8; 32],
+    },
+}
+
+/// The MLS side of one device: its identity, provider and groups.
+pub struct Mls {
+    provider: QpqProvider,
+    identity: Identity,
+    credential: CredentialWithKey,
+}
+
+impl Mls {
+    /// MLS state for `identity`, stored in `vault`.
+    pub fn new(vault: Arc<Vault>, identity: Identity) -> Self {
+        let credential = CredentialWithKey {
+            credential: BasicCredential::new(identity.public_key().to_vec()).into(),
+            signature_key: identity.public_key().to_vec().into(),
+        };
+        Self { provider: QpqProvider::new(vault), identity, credential }
+    }
+
+    /// Our identity key.
+    pub fn identity_key(&self) -> [u8; 32] {
+        self.identity.public_key()
+    }
+
+    /// The identity.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// A fresh single-use KeyPackage, its private keys kept in the store; returns the
+    /// serialized `MLSMessage` for upload.
+    pub fn key_package(&self) -> Result<Vec<u8>, GroupError> {
+        self.atomic(|| {
+            let bundle = KeyPackage::builder()
+                .leaf_node_capabilities(capabilities())
+                .build(CIPHERSUITE, &self.provider, &self.identity, self.credential.clone())
+                .map_err(mls)?;
+            MlsMessageOut::from(bundle.key_package().clone()).tls_serialize_detached().map_err(mls)
+        })
+    }
+
+    /// Creates a group (or DM) with us as its only member and admin.
+    pub fn create(&self, kind: Kind) -> Result<Vec<u8>, GroupError> {
+        self.atomic(|| {
+            let policy = GroupPolicy { kind, admins: vec![self.identity_key()] };
+            let config = MlsGroupCreateConfig::builder()
+                .ciphersuite(CIPHERSUITE)
+                .use_ratchet_tree_extension(true)
+                .capabilities(capabilities())
+                .with_group_context_extensions(policy.extensions()?)
+                .build();
+            let group =
+                MlsGroup::new(&self.provider, &self.identity, &config, self.credential.clone())
+                    .map_err(mls)?;
+            Ok(group.group_id().as_slice().to_vec())
+        })
+    }
+
+    /// Adds the owners of `key_packages` (serialized `MLSMessage`s as the server returns them).
+    /// Admins only. In a DM, both members become admins.
+    pub fn add(&self, group_id: &[u8], key_packages: &[Vec<u8>]) -> Result<Outgoing, GroupError> {
+        self.atomic(|| {
+            let mut group = self.load(group_id)?;
+            self.require_admin(&group)?;
+            let mut kps = Vec::with_capacity(key_packages.len());
+            for bytes in key_packages {
+                let msg = MlsMessageIn::tls_deserialize_exact(bytes.as_slice())
+                    .map_err(|e| GroupError::BadKeyPackage(e.to_string()))?;
+                let kp = match msg.extract() {
+                    MlsMessageBodyIn::KeyPackage(kp) => kp
+                        .validate(self.provider.crypto(), ProtocolVersion::Mls10)
+                        .map_err(|e| GroupError::BadKeyPackage(e.to_string()))?,
+                    _ => return Err(GroupError::BadKeyPackage("not a KeyPackage".into())),
+                };
+                if kp.ciphersuite() != CIPHERSUITE {
+                    return Err(GroupError::BadKeyPackage("wrong ciphersuite".into()));
+                }
+                kps.push(kp);
+            }
+            let commit_to = self.others(&group);
+            let welcome_to: Vec<[u8; 32]> =
+                kps.iter().filter_map(|kp| identity_of(kp.leaf_node().credential())).collect();
+            let (commit, welcome, _) =
+                group.add_members(&self.provider, &self.identity, &kps).map_err(mls)?;
+            Ok(Outgoing {
+                commit: commit.tls_serialize_detached().map_err(mls)?,
+                commit_to,
+                welcome: Some(welcome.tls_serialize_detached().map_err(mls)?),
+                welcome_to,
+            })
+        })
+    }
+
+    /// Removes members by identity key. Admins only.
+    pub fn remove(&self, group_id: &[u8], who: &[[u8; 32]]) -> Result<Outgoing, GroupError> {
+        self.atomic(|| {
+            let mut group = self.load(group_id)?;
+            self.require_admin(&group)?;
+            let mut leaves = Vec::new();
+            for id in who {
+                let leaf = group
+                    .members()
+                    .find(|m| identity_of(&m.credential).as_ref() == Some(id))
+                    .ok_or(GroupError::NotMember)?;
+                leaves.push(leaf.index);
+            }
+            let commit_to = self.others(&group);
+            let (commit, _, _) =
+                group.remove_members(&self.provider, &self.identity, &leaves).map_err(mls)?;
+            Ok(Outgoing {
+                commit: commit.tls_serialize_detached().map_err(mls)?,
+                commit_to,
+                welcome: None,
+                welcome_to: Vec::new(),
+            })
+        })
+    }
+
+    /// Sets the admin list (promote/demote). Admins only; the list may not be empty.
+    pub fn set_admins(
+        &self,
+        group_id: &[u8],
+        admins: Vec<[u8; 32]>,
+    ) -> Result<Outgoing, GroupError> {
+        self.atomic(|| {
+            let mut group = self.load(group_id)?;
+            self.require_admin(&group)?;
+            if admins.is_empty() {
+                return Err(GroupError::Rejected("a group needs at least one admin".into()));
+            }
+            let kind = GroupPolicy::of(&group).map_or(Kind::Group, |p| p.kind);
+            let policy = GroupPolicy { kind, admins };
+            let commit_to = self.others(&group);
+            let (commit, _, _) = group
+                .update_group_context_extensions(
+                    &self.provider,
+                    policy.extensions()?,
+                    &self.identity,
+                )
+                .map_err(mls)?;
+            Ok(Outgoing {
+                commit: commit.tls_serialize_detached().map_err(mls)?,
+                commit_to,
+                welcome: None,
+                welcome_to: Vec::new(),
+            })
+        })
+    }
+
+    /// Rotates our leaf keys (post-compromise security). Any member may.
+    pub fn self_update(&self, group_id: &[u8]) -> Result<Outgoing, GroupError> {
+        self.atomic(|| {
+            let mut group = self.load(group_id)?;
+            let commit_to = self.others(&group);
+            let bundle = group
+                .self_update(&self.provider, &self.identity, LeafNodeParameters::default())
+                .map_err(mls)?;
+            Ok(Outgoing {
+                commit: bundle.commit().tls_serialize_detached().map_err(mls)?,
+                commit_to,
+                welcome: None,
+                welcome_to: Vec::new(),
+            })
+        })
+    }
+
+    /// A proposal to remove ourselves, for an admin to commit. The caller forgets the group
+    /// locally after sending it.
+    pub fn leave(&self, group_id: &[u8]) -> Result<(Vec<u8>, Vec<[u8; 32]>), GroupError> {
+        self.atomic(|| {
+            let mut group = self.load(group_id)?;
+            let to = self.others(&group);
+            let msg = group.leave_group(&self.provider, &self.identity).map_err(mls)?;
+            Ok((msg.tls_serialize_detached().map_err(mls)?, to))
+        })
+    }
+
+    /// Merges our own pending commit once the server has accepted it.
+    pub fn confirm(&self, group_id: &[u8]) -> Result<(), GroupError> {
+        self.atomic(|| {
+            let mut group = self.load(group_id)?;
+            group.merge_pending_commit(&self.provider).map_err(mls)
+        })
+    }
+
+    /// Drops our own pending commit (the server refused it).
+    pub fn abandon(&self, group_id: &[u8]) -> Result<(), GroupError> {
+        self.atomic(|| {
+            let mut group = self.load(group_id)?;
+            group.clear_pending_commit(self.provider.storage()).map_err(mls)
+        })
+    }
+
+    /// Deletes a group's local state.
+    pub fn forget(&self, group_id: &[u8]) -> Result<(), GroupError> {
+        self.atomic(|| {
+            let mut group = self.load(group_id)?;
+            group.delete(self.provider.storage()).map_err(mls)
+        })
+    }
+
+    /// Encrypts an application message; returns the `MLSMessage` and its recipients.
+    pub fn encrypt(
+        &self,
+        group_id: &[u8],
+        plaintext: &[u8],
+    ) -> Result<(Vec<u8>, Vec<[u8; 32]>), GroupError> {
+        self.atomic(|| {
+            let mut group = self.load(group_id)?;
+            let to = self.others(&group);
+            let msg =
+                group.create_message(&self.provider, &self.identity, plaintext).map_err(mls)?;
+            Ok((msg.tls_serialize_detached().map_err(mls)?, to))
+        })
+    }
+
+    /// Processes one incoming `MLSMessage` (Welcome, commit, proposal or application).
+    pub fn process(&self, bytes: &[u8]) -> Result<Incoming, GroupError> {
+        self.atomic(|| {
+            let msg = MlsMessageIn::tls_deserialize_exact(bytes)
+                .map_err(|e| GroupError::Rejected(format!("not an MLS message: {e}")))?;
+            match msg.extract() {
+                MlsMessageBodyIn::Welcome(welcome) => self.join(welcome),
+                MlsMessageBodyIn::PrivateMessage(m) => self.process_protocol(m.into()),
+                MlsMessageBodyIn::PublicMessage(m) => self.process_protocol(m.into()),
+                _ => Err(GroupError::Rejected("unexpected MLS message type".into())),
+            }
+        })
+    }
+
+    /// Members of a group with their roles.
+    pub fn members(&self, group_id: &[u8]) -> Result<Vec<MemberInfo>, GroupError> {
+        let group = self.load(group_id)?;
+        let policy = GroupPolicy::of(&group);
+        Ok(group
+            .members()
+            .filter_map(|m| identity_of(&m.credential))
+            .map(|identity| MemberInfo {
+                identity,
+                admin: policy.as_ref().is_some_and(|p| p.is_admin(&identity)),
+            })
+            .collect())
+    }
+
+    /// DM or group.
+    pub fn kind(&self, group_id: &[u8]) -> Result<Kind, GroupError> {
+        Ok(GroupPolicy::of(&self.load(group_id)?).map_or(Kind::Group, |p| p.kind))
+    }
+
+    /// The group's epoch.
+    pub fn epoch(&self, group_id: &[u8]) -> Result<u64, GroupError> {
+        Ok(self.load(group_id)?.epoch().as_u64())
+    }
+
+    /// A short code all members see identically in the same epoch: compare it out of band to
+    /// detect a split view of the group. Five groups of four hex digits from the epoch
+    /// authenticator.
+    pub fn verification_code(&self, group_id: &[u8]) -> Result<String, GroupError> {
+        let group = self.load(group_id)?;
+        let auth = group.epoch_authenticator().as_slice();
+        let digest = <sha2::Sha256 as sha2::Digest>::digest(auth);
+        Ok(digest[..10]
+            .chunks(2)
+            .map(|c| format!("{:02x}{:02x}", c[0], c[1]))
+            .collect::<Vec<_>>()
+            .join("-"))
+    }
+
+    fn join(&self, welcome: Welcome) -> Result<Incoming, GroupError> {
+        let config = MlsGroupJoinConfig::builder().use_ratchet_tree_extension(true).build();
+        let staged = StagedWelcome::new_from_welcome(&self.provider, &config, welcome, None)
+            .map_err(|e| GroupError::Rejected(format!("welcome: {e}")))?;
+        let group = staged.into_group(&self.provider).map_err(mls)?;
+        let group_id = group.group_id().as_slice().to_vec();
+        let kind = GroupPolicy::of(&group).map_or(Kind::Group, |p| p.kind);
+        let members = self.members(&group_id)?;
+        Ok(Incoming::Joined { group_id, kind, members })
+    }
+
+    fn process_protocol(&self, msg: ProtocolMessage) -> Result<Incoming, GroupError> {
+        let group_id = msg.group_id().as_slice().to_vec();
+        let mut group = self.load(&group_id)?;
+        let processed = group
+            .process_message(&self.provider, msg)
+            .map_err(|e| GroupError::Rejected(e.to_string()))?;
+        let sender = identity_of(processed.credential()).ok_or(GroupError::NotMember)?;
+        match processed.into_content() {
+            ProcessedMessageContent::ApplicationMessage(app) => {
+                Ok(Incoming::Application { group_id, sender, plaintext: app.into_bytes() })
+            }
+            ProcessedMessageContent::ProposalMessage(p) => {
+                group.store_pending_proposal(self.provider.storage(), *p).map_err(mls)?;
+                Ok(Incoming::Proposal { group_id, sender })
+            }
+            ProcessedMessageContent::StagedCommitMessage(staged) => {
+                let before = GroupPolicy::of(&group);
+                let removed: Vec<[u8; 32]> = staged
+                    .remove_proposals()
+                    .filter_map(|r| {
+                        group.member(r.remove_proposal().removed()).and_then(identity_of)
+                    })
+                    .collect();
+                let added: Vec<[u8; 32]> = staged
+                    .add_proposals()
+                    .filter_map(|a| {
+                        identity_of(a.add_proposal().key_package().leaf_node().credential())
+                    })
+                    .collect();
+                let self_removals_only = staged.remove_proposals().all(|r| match r.sender() {
+                    Sender::Member(idx) => *idx == r.remove_proposal().removed(),
+                    _ => false,
+                });
+                let policy_changed = GroupPolicy::decode(
+                    &staged
+                        .group_context()
+                        .extensions()
+                        .unknown(QPQ_GROUP_EXTENSION)
+                        .map(|u| u.0.clone())
+                        .unwrap_or_default(),
+                ) != before;
+                let privileged = !added.is_empty() || policy_changed || !self_removals_only;
+                if privileged && !before.as_ref().is_some_and(|p| p.is_admin(&sender)) {
+                    // Not merged: the commit never takes effect here.
+                    return Err(GroupError::UnauthorizedCommit);
+                }
+                let removed_us = staged.self_removed();
+                group.merge_staged_commit(&self.provider, *staged).map_err(mls)?;
+                if removed_us {
+                    let _ = group.delete(self.provider.storage());
+                }
+                Ok(Incoming::Commit {
+                    group_id,
+                    committer: sender,
+                    added,
+                    removed,
+                    policy_changed,
+                    removed_us,
+                })
+            }
+            _ => Err(GroupError::Rejected("external proposals are not used".into())),
+        }
+    }
+
+    /// Runs `f` in one vault transaction: an MLS operation's dozen storage writes land
+    /// together or not at all (groups are always reloaded from storage, so a rollback leaves
+    /// no stale in-memory state behind).
+    fn atomic<T>(&self, f: impl FnOnce() -> Result<T, GroupError>) -> Result<T, GroupError> {
+        self.provider.vault().atomic(f)
+    }
+
+    fn load(&self, group_id: &[u8]) -> Result<MlsGroup, GroupError> {
+        MlsGroup::load(self.provider.storage(), &GroupId::from_slice(group_id))
+            .map_err(mls)?
+            .ok_or(GroupError::UnknownGroup)
+    }
+
+    fn require_admin(&self, group: &MlsGroup) -> Result<(), GroupError> {
+        match GroupPolicy::of(group) {
+            Some(p) if p.is_admin(&self.identity_key()) => Ok(()),
+            _ => Err(GroupError::NotAdmin),
+        }
+    }
+
+    fn others(&self, group: &MlsGroup) -> Vec<[u8; 32]> {
+        let me = self.identity_key();
+        group.members().filter_map(|m| identity_of(&m.credential)).filter(|id| *id != me).collect()
+    }
+
+    /// The provider (storage and crypto), for callers that batch vault writes.
+    pub fn provider(&self) -> &QpqProvider {
+        &self.provider
+    }
+}
+
+/// Leaf capabilities: our ciphersuite and the qpq group extension.
+fn capabilities() -> Capabilities {
+    Capabilities::new(
+        None,
+        Some(&[CIPHERSUITE]),
+        Some(&[ExtensionType::Unknown(QPQ_GROUP_EXTENSION)]),
+        None,
+        None,
+    )
+}
+
+/// The identity key inside a basic credential.
+fn identity_of(credential: &Credential) -> Option<[u8; 32]> {
+    BasicCredential::try_from(credential.clone()).ok()?.identity().try_into().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vault::KdfParams;
+
+    const FAST: KdfParams = KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 };
+
+    fn member(dir: &std::path::Path, name: &str) -> Mls {
+        let vault = Vault::create(&dir.join(name), b"p", FAST).unwrap();
+        Mls::new(Arc::new(vault), Identity::generate())
+    }
+
+    /// alice (admin) with bob and carol in a group; returns the group id.
+    fn trio(alice: &Mls, bob: &Mls, carol: &Mls) -> Vec<u8> {
+        let gid = alice.create(Kind::Group).unwrap();
+        let out =
+            alice.add(&gid, &[bob.key_package().unwrap(), carol.key_package().unwrap()]).unwrap();
+        assert!(out.commit_to.is_empty(), "alice was alone");
+        assert_eq!(out.welcome_to.len(), 2);
+        alice.confirm(&gid).unwrap();
+        let welcome = out.welcome.unwrap();
+        for m in [bob, carol] {
+            assert!(matches!(
+                m.process(&welcome).unwrap(),
+                Incoming::Joined { kind: Kind::Group, .. }
+            ));
+        }
+        gid
+    }
+
+    #[test]
+    fn a_non_admin_commit_that_adds_a_member_is_rejected_by_everyone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (alice, bob, carol, dave) = (
+            member(dir.path(), "a"),
+            member(dir.path(), "b"),
+            member(dir.path(), "c"),
+            member(dir.path(), "d"),
+        );
+        let gid = trio(&alice, &bob, &carol);
+        assert!(matches!(bob.add(&gid, &[dave.key_package().unwrap()]), Err(GroupError::NotAdmin)));
+
+        // Bob bypasses his own client's check and commits an Add with raw openmls.
+        let dave_kp =
+            match MlsMessageIn::tls_deserialize_exact(dave.key_package().unwrap().as_slice())
+                .unwrap()
+                .extract()
+            {
+                MlsMessageBodyIn::KeyPackage(kp) => {
+                    kp.validate(bob.provider.crypto(), ProtocolVersion::Mls10).unwrap()
+                }
+                _ => unreachable!(),
+            };
+        let mut bobs = bob.load(&gid).unwrap();
+        let (forged, _, _) = bobs.add_members(&bob.provider, &bob.identity, &[dave_kp]).unwrap();
+        let forged = forged.tls_serialize_detached().unwrap();
+        let epoch = alice.epoch(&gid).unwrap();
+        for m in [&alice, &carol] {
+            assert!(matches!(m.process(&forged), Err(GroupError::UnauthorizedCommit)));
+            assert_eq!(m.epoch(&gid).unwrap(), epoch, "not merged");
+            assert_eq!(m.members(&gid).unwrap().len(), 3);
+        }
+        // The group still works for the honest members.
+        let (ct, to) = alice.encrypt(&gid, b"still here").unwrap();
+        assert_eq!(to.len(), 2);
+        match carol.process(&ct).unwrap() {
+            Incoming::Application { plaintext, sender, .. } => {
+                assert_eq!(plaintext, b"still here");
+                assert_eq!(sender, alice.identity_key());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn roles_removal_and_self_update() {
+        let dir = tempfile::tempdir().unwrap();
+        let (alice, bob, carol) =
+            (member(dir.path(), "a"), member(dir.path(), "b"), member(dir.path(), "c"));
+        let gid = trio(&alice, &bob, &carol);
+
+        // Anyone may rotate their own keys.
+        let out = carol.self_update(&gid).unwrap();
+        assert_eq!(out.commit_to.len(), 2);
+        carol.confirm(&gid).unwrap();
+        for m in [&alice, &bob] {
+            assert!(matches!(
+                m.process(&out.commit).unwrap(),
+                Incoming::Commit { policy_changed: false, .. }
+            ));
+        }
+
+        // Alice promotes bob; then bob may remove carol.
+        let out = alice.set_admins(&gid, vec![alice.identity_key(), bob.identity_key()]).unwrap();
+        alice.confirm(&gid).unwrap();
+        for m in [&bob, &carol] {
+            assert!(matches!(
+                m.process(&out.commit).unwrap(),
+                Incoming::Commit { policy_changed: true, .. }
+            ));
+        }
+        assert!(
+            bob.members(&gid).unwrap().iter().any(|m| m.identity == bob.identity_key() && m.admin)
+        );
+        let out = bob.remove(&gid, &[carol.identity_key()]).unwrap();
+        bob.confirm(&gid).unwrap();
+        assert!(
+            matches!(alice.process(&out.commit).unwrap(), Incoming::Commit { ref removed, .. } if removed == &[carol.identity_key()])
+        );
+        assert!(matches!(
+            carol.process(&out.commit).unwrap(),
+            Incoming::Commit { removed_us: true, .. }
+        ));
+        // Carol cannot read what follows.
+        let (ct, to) = alice.encrypt(&gid, b"after carol").unwrap();
+        assert_eq!(to, vec![bob.identity_key()]);
+        assert!(carol.process(&ct).is_err());
+        assert!(matches!(bob.process(&ct).unwrap(), Incoming::Application { .. }));
+        // Everyone left in the group sees the same verification code.
+        assert_eq!(alice.verification_code(&gid).unwrap(), bob.verification_code(&gid).unwrap());
+        // An admin cannot demote everyone.
+        assert!(alice.set_admins(&gid, Vec::new()).is_err());
+    }
+
+    #[test]
+    fn garbage_and_tampered_messages_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let (alice, bob, carol) =
+            (member(dir.path(), "a"), member(dir.path(), "b"), member(dir.path(), "c"));
+        let gid = trio(&alice, &bob, &carol);
+        assert!(bob.process(b"not mls").is_err());
+        assert!(bob.process(&[]).is_err());
+        let (mut ct, _) = alice.encrypt(&gid, b"secret").unwrap();
+        let last = ct.len() - 1;
+        ct[last] ^= 0x40;
+        assert!(matches!(bob.process(&ct), Err(GroupError::Rejected(_))));
+        let (ct, _) = alice.encrypt(&gid, b"next").unwrap();
+        assert!(matches!(bob.process(&ct).unwrap(), Incoming::Application { .. }));
+    }
+}

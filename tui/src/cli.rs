@@ -1,0 +1,444 @@
+//! Scriptable subcommands.
+//!
+//! Secrets come from the environment when set (`QPQ_PASSPHRASE` for the local store,
+//! `QPQ_PASSWORD` for the account), otherwise from a prompt on the terminal with echo off.
+
+use std::io::{IsTerminal, Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use qpq_core::client::{Client, ClientError, Event, RegisterOptions};
+use qpq_core::identity::hex;
+use qpq_core::vault::KdfParams;
+
+#[derive(Parser)]
+#[command(name = "qpq", version, about = "End-to-end encrypted group messaging for the terminal")]
+struct Cli {
+    /// Directory holding this account's encrypted store.
+    #[arg(long, env = "QPQ_HOME", global = true)]
+    home: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create an account on a server (and the local encrypted store).
+    Register {
+        /// Server address.
+        #[arg(long, env = "QPQ_SERVER", default_value = "127.0.0.1:5001")]
+        server: SocketAddr,
+        /// Username.
+        #[arg(long, short)]
+        username: String,
+        /// Invite code, if the server needs one.
+        #[arg(long, default_value = "")]
+        invite: String,
+        /// Expected server certificate fingerprint (sha256:...). Without it, the first one seen
+        /// is pinned.
+        #[arg(long)]
+        pin: Option<String>,
+    },
+    /// Log in again with the password (after a session expired).
+    Login,
+    /// Show this account.
+    Whoami,
+    /// Send a direct message.
+    Dm {
+        /// Recipient.
+        user: String,
+        /// Text.
+        text: Vec<String>,
+    },
+    /// Group administration.
+    #[command(subcommand)]
+    Group(GroupCommand),
+    /// Send to a conversation (text from the arguments, or stdin with `-`).
+    Send {
+        /// Conversation: group name or DM peer.
+        conversation: String,
+        /// Text, or `-` to read stdin.
+        text: Vec<String>,
+    },
+    /// Fetch new messages.
+    Sync,
+    /// Print a conversation's history; with --follow keep printing new messages.
+    Tail {
+        /// Conversation.
+        conversation: String,
+        /// Lines of history.
+        #[arg(long, short = 'n', default_value_t = 20)]
+        lines: usize,
+        /// Keep following.
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Conversations with unread messages.
+    Unread {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send a file.
+    SendFile {
+        /// Conversation.
+        conversation: String,
+        /// File.
+        path: PathBuf,
+    },
+    /// Download a file offered in a conversation (the latest, or one by name).
+    Download {
+        /// Conversation.
+        conversation: String,
+        /// File name (default: the latest file offer).
+        #[arg(long)]
+        name: Option<String>,
+        /// Directory to save to.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Show the safety number shared with a user.
+    Verify {
+        /// The other user.
+        user: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum GroupCommand {
+    /// Create a group.
+    Create { name: String },
+    /// Add members (admins only).
+    Add { group: String, users: Vec<String> },
+    /// Remove a member (admins only).
+    Remove { group: String, user: String },
+    /// Make a member an admin.
+    Promote { group: String, user: String },
+    /// Take admin rights away.
+    Demote { group: String, user: String },
+    /// Rename a group (and optionally set its topic).
+    Rename {
+        group: String,
+        name: String,
+        #[arg(long)]
+        topic: Option<String>,
+    },
+    /// Leave a group.
+    Leave { group: String },
+    /// Members, roles, epoch and verification code.
+    Info { group: String },
+    /// Rotate your keys in a group.
+    Rotate { group: String },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("qpq: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("qpq: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn home(cli_home: Option<PathBuf>) -> PathBuf {
+    cli_home.unwrap_or_else(|| {
+        let base = std::env::var_os("XDG_DATA_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+            .unwrap_or_else(|| PathBuf::from("."));
+        base.join("qpq")
+    })
+}
+
+fn store_path(home: &Path) -> PathBuf {
+    home.join("account.qpq")
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let home = home(cli.home);
+    let Some(command) = cli.command else {
+        bail!("the terminal UI is not built yet; see `qpq --help` for the subcommands");
+    };
+    if let Command::Register { server, username, invite, pin } = command {
+        let store = store_path(&home);
+        if store.exists() {
+            bail!("{} already holds an account; use another --home", home.display());
+        }
+        let passphrase = secret("QPQ_PASSPHRASE", "New passphrase for the local store: ")?;
+        let password = secret("QPQ_PASSWORD", &format!("Password for {username}: "))?;
+        let mut client = Client::register(RegisterOptions {
+            store,
+            passphrase,
+            server,
+            pin: pin.map(|p| p.trim_start_matches("sha256:").to_ascii_lowercase()),
+            username: username.clone(),
+            password,
+            invite,
+            kdf: KdfParams::default(),
+        })
+        .await?;
+        println!("registered {username} on {server}");
+        println!("identity {}", hex(&client.identity_key()));
+        if let Some(fp) = client.pinned_fingerprint() {
+            println!("server certificate pinned: sha256:{fp}");
+        }
+        client.disconnect().await;
+        return Ok(());
+    }
+    let store = store_path(&home);
+    if !store.exists() {
+        bail!("no account in {}; run `qpq register` first", home.display());
+    }
+    let passphrase = secret("QPQ_PASSPHRASE", "Passphrase: ")?;
+    let mut client = Client::open(&store, &passphrase)?;
+    if matches!(command, Command::Whoami) {
+        println!("username {}", client.username());
+        println!("identity {}", hex(&client.identity_key()));
+        println!("server {}", client.server());
+        if let Some(fp) = client.pinned_fingerprint() {
+            println!("pinned sha256:{fp}");
+        }
+        println!("outbox {}", client.outbox_len()?);
+        return Ok(());
+    }
+    if matches!(command, Command::Login) {
+        let password = secret("QPQ_PASSWORD", &format!("Password for {}: ", client.username()))?;
+        client.login(&password).await?;
+        println!("logged in as {}", client.username());
+        client.disconnect().await;
+        return Ok(());
+    }
+    match client.connect().await {
+        Ok(()) => {}
+        Err(ClientError::NeedLogin) => {
+            let password = secret(
+                "QPQ_PASSWORD",
+                &format!("Session expired. Password for {}: ", client.username()),
+            )?;
+            client.login(&password).await?;
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let result = act(&mut client, command).await;
+    client.disconnect().await;
+    result
+}
+
+async fn act(client: &mut Client, command: Command) -> anyhow::Result<()> {
+    client.flush_outbox().await?;
+    client.sync().await?;
+    match command {
+        Command::Dm { user, text } => {
+            let conv = client.dm(&user).await?;
+            client.send_text(&conv, &text.join(" ")).await?;
+        }
+        Command::Send { conversation, text } => {
+            let conv = client.find_conversation(&conversation)?.id;
+            let text = if text == ["-"] {
+                let mut s = String::new();
+                std::io::stdin().read_to_string(&mut s)?;
+                s.trim_end_matches('\n').to_string()
+            } else {
+                text.join(" ")
+            };
+            if text.is_empty() {
+                bail!("nothing to send");
+            }
+            client.send_text(&conv, &text).await?;
+        }
+        Command::Group(g) => group(client, g).await?,
+        Command::Sync => {
+            let unread: u32 = client.conversations()?.iter().map(|c| c.unread).sum();
+            println!("{unread} unread");
+        }
+        Command::Tail { conversation, lines, follow } => {
+            let conv = client.find_conversation(&conversation)?;
+            for e in client.history(&conv.id, lines)? {
+                print_entry(client, &e);
+            }
+            client.mark_read(&conv.id)?;
+            if follow {
+                let mut events = client.subscribe();
+                loop {
+                    client.wait(Duration::from_secs(25)).await?;
+                    while let Ok(ev) = events.try_recv() {
+                        if let Event::Message { conv: c, entry } = ev
+                            && c == conv.id
+                        {
+                            print_entry(client, &entry);
+                        }
+                    }
+                    std::io::stdout().flush()?;
+                }
+            }
+        }
+        Command::Unread { json } => {
+            let convs: Vec<_> =
+                client.conversations()?.into_iter().filter(|c| c.unread > 0).collect();
+            if json {
+                let list: Vec<serde_json::Value> = convs
+                    .iter()
+                    .map(|c| {
+                        serde_json::json!({
+                            "conversation": c.name,
+                            "id": hex(&c.id),
+                            "kind": if c.kind == qpq_core::client::ConvKind::Dm { "dm" } else { "group" },
+                            "unread": c.unread,
+                            "mentions": c.mentions,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(list));
+            } else {
+                for c in convs {
+                    println!("{:>4}  {}", c.unread, c.name);
+                }
+            }
+        }
+        Command::SendFile { conversation, path } => {
+            let conv = client.find_conversation(&conversation)?.id;
+            let offer = client.send_file(&conv, &path).await?;
+            println!("sent {} ({} bytes)", offer.name, offer.size);
+        }
+        Command::Download { conversation, name, dir } => {
+            let conv = client.find_conversation(&conversation)?.id;
+            let entry = client
+                .history(&conv, usize::MAX)?
+                .into_iter()
+                .rev()
+                .find(|e| {
+                    e.file.as_ref().is_some_and(|f| name.as_ref().is_none_or(|n| *n == f.name))
+                })
+                .context("no such file offer in this conversation")?;
+            let offer = Client::offer_of(&entry).context("no file")?;
+            let path = client.download(&offer, &dir).await?;
+            println!("saved {}", path.display());
+        }
+        Command::Verify { user } => {
+            let n = client.safety_number(&user).await?;
+            println!("safety number with {user}:\n{n}");
+            println!(
+                "Compare it with {user} in person or on a call; it matches only if no one is in between."
+            );
+        }
+        Command::Register { .. } | Command::Login | Command::Whoami => {}
+    }
+    Ok(())
+}
+
+async fn group(client: &mut Client, g: GroupCommand) -> anyhow::Result<()> {
+    match g {
+        GroupCommand::Create { name } => {
+            client.create_group(&name).await?;
+            println!("created {name}");
+        }
+        GroupCommand::Add { group, users } => {
+            let conv = client.find_conversation(&group)?.id;
+            client.add_members(&conv, &users).await?;
+        }
+        GroupCommand::Remove { group, user } => {
+            let conv = client.find_conversation(&group)?.id;
+            client.remove_member(&conv, &user).await?;
+        }
+        GroupCommand::Promote { group, user } => {
+            let conv = client.find_conversation(&group)?.id;
+            client.set_admin(&conv, &user, true).await?;
+        }
+        GroupCommand::Demote { group, user } => {
+            let conv = client.find_conversation(&group)?.id;
+            client.set_admin(&conv, &user, false).await?;
+        }
+        GroupCommand::Rename { group, name, topic } => {
+            let conv = client.find_conversation(&group)?.id;
+            client.rename(&conv, &name, topic.as_deref()).await?;
+        }
+        GroupCommand::Leave { group } => {
+            let conv = client.find_conversation(&group)?.id;
+            client.leave(&conv).await?;
+        }
+        GroupCommand::Rotate { group } => {
+            let conv = client.find_conversation(&group)?.id;
+            client.rotate_keys(&conv).await?;
+        }
+        GroupCommand::Info { group } => {
+            let conv = client.find_conversation(&group)?.id;
+            let info = client.group_info(&conv).await?;
+            println!("name {}", info.conversation.name);
+            if !info.conversation.topic.is_empty() {
+                println!("topic {}", info.conversation.topic);
+            }
+            println!("epoch {}", info.epoch);
+            println!("verification {}", info.verification_code);
+            for (id, name, admin) in info.members {
+                println!("member {name}{} {}", if admin { " (admin)" } else { "" }, hex(&id[..8]));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_entry(client: &Client, e: &qpq_core::client::HistoryEntry) {
+    if e.system {
+        println!("* {}", e.text);
+        return;
+    }
+    let who =
+        client.cached_name(&e.sender).unwrap_or_else(|| hex(&e.sender[..e.sender.len().min(6)]));
+    let mut line = format!("[{who}] {}", if e.deleted { "(deleted)" } else { &e.text });
+    if e.edited {
+        line.push_str(" (edited)");
+    }
+    if let Some(f) = &e.file {
+        line = format!("[{who}] file {} ({} bytes)", f.name, f.size);
+    }
+    println!("{line}");
+}
+
+/// A secret from `var`, or typed at the terminal without echo.
+fn secret(var: &str, prompt: &str) -> anyhow::Result<String> {
+    if let Ok(v) = std::env::var(var) {
+        return Ok(v);
+    }
+    if !std::io::stdin().is_terminal() {
+        bail!("{var} is not set and stdin is not a terminal");
+    }
+    eprint!("{prompt}");
+    std::io::stderr().flush()?;
+    crossterm::terminal::enable_raw_mode()?;
+    let mut s = String::new();
+    let result = loop {
+        match crossterm::event::read() {
+            Ok(crossterm::event::Event::Key(k)) => match k.code {
+                crossterm::event::KeyCode::Enter => break Ok(()),
+                crossterm::event::KeyCode::Char('c')
+                    if k.modifiers.contains(crossterm::event::KeyModifiers::CONTROL) =>
+                {
+                    break Err(anyhow::anyhow!("cancelled"));
+                }
+                crossterm::event::KeyCode::Char(c) => s.push(c),
+                crossterm::event::KeyCode::Backspace => {
+                    s.pop();
+                }
+                _ => {}
+            },
+            Ok(_) => {}
+            Err(e) => break Err(e.into()),
+        }
+    };
+    crossterm::terminal::disable_raw_mode()?;
+    eprintln!();
+    result.map(|()| s)
+}
