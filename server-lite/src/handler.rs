@@ -87,6 +87,18 @@ pub struct Conn {
     /// When this connection last refreshed its session's idle clock, ms.
     touched_ms: std::sync::atomic::AtomicU64,
     pending_login: Mutex<Option<(String, ServerLogin<Suite>)>>,
+    /// Slots for calls whose responses can be megabytes (Fetch, Peek, DownloadBlob, and a
+    /// FetchWait once it has data): a connection holds at most this many such responses at
+    /// once, however many streams it opens and however slowly it reads.
+    pub large_responses: Arc<tokio::sync::Semaphore>,
+}
+
+/// Large responses one connection may have in flight.
+pub const LARGE_RESPONSES_PER_CONNECTION: usize = 2;
+
+/// Whether a method's response can be megabytes.
+pub fn large_response(method_id: u16) -> bool {
+    matches!(method_id, method::FETCH | method::PEEK | method::DOWNLOAD_BLOB)
 }
 
 impl Conn {
@@ -107,6 +119,7 @@ impl Conn {
             bound: Mutex::new(None),
             touched_ms: std::sync::atomic::AtomicU64::new(0),
             pending_login: Mutex::new(None),
+            large_responses: Arc::new(tokio::sync::Semaphore::new(LARGE_RESPONSES_PER_CONNECTION)),
         }
     }
 
@@ -143,10 +156,22 @@ impl Conn {
 }
 
 /// Runs one RPC.
-pub async fn dispatch(ctx: &Conn, method_id: u16, body: &[u8]) -> RpcResult {
-    let result = call(ctx, method_id, body).await;
+pub async fn dispatch(
+    ctx: &Conn,
+    method_id: u16,
+    body: &[u8],
+) -> (RpcResult, Option<tokio::sync::OwnedSemaphorePermit>) {
+    let (result, slot) = if method_id == method::FETCH_WAIT {
+        // A long poll takes a large-response slot only once it has data to return.
+        match decode(body) {
+            Ok(req) => delivery::fetch_wait(ctx, req).await,
+            Err(e) => (Err(e), None),
+        }
+    } else {
+        (call(ctx, method_id, body).await, None)
+    };
     keep_session_alive(ctx).await;
-    result
+    (result, slot)
 }
 
 /// A connection in use keeps its session from idling out: its idle clock is refreshed at most
@@ -176,7 +201,6 @@ async fn call(ctx: &Conn, method_id: u16, body: &[u8]) -> RpcResult {
         ENQUEUE => delivery::enqueue(ctx, decode(body)?).await,
         BATCH_ENQUEUE => delivery::batch_enqueue(ctx, decode(body)?).await,
         FETCH => delivery::fetch(ctx, decode(body)?).await,
-        FETCH_WAIT => delivery::fetch_wait(ctx, decode(body)?).await,
         PEEK => delivery::peek(ctx, decode(body)?).await,
         ACK => delivery::ack(ctx, decode(body)?).await,
         RELAY_EPHEMERAL => delivery::relay(ctx, decode(body)?).await,

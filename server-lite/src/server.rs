@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use opaque_ke::ServerSetup;
 use qpq_core::opaque::Suite;
-use qpq_proto::frame::{FrameError, REQUEST_HEADER_LEN, RequestHeader};
-use qpq_proto::{Message, Status, frame, method, v1};
+use qpq_proto::frame::{FrameError, REQUEST_HEADER_LEN, RequestHeader, ResponseHeader};
+use qpq_proto::{Message, Status, method, v1};
 use tokio::sync::{Notify, mpsc};
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -56,6 +56,20 @@ pub struct Shared {
     next_conn_id: AtomicU64,
     inflight: AtomicUsize,
     idle: Notify,
+    draining: std::sync::atomic::AtomicBool,
+    drain_started: Notify,
+}
+
+impl Shared {
+    /// Whether shutdown has begun (new calls are refused, long polls end).
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Resolves when shutdown begins. Create it before checking [`Shared::is_draining`].
+    pub fn drain_started(&self) -> tokio::sync::futures::Notified<'_> {
+        self.drain_started.notified()
+    }
 }
 
 #[derive(Default)]
@@ -109,6 +123,8 @@ impl Server {
             next_conn_id: AtomicU64::new(1),
             inflight: AtomicUsize::new(0),
             idle: Notify::new(),
+            draining: std::sync::atomic::AtomicBool::new(false),
+            drain_started: Notify::new(),
         });
         Ok(Self { shared, endpoint, fingerprint, generated_cert })
     }
@@ -144,8 +160,10 @@ impl Server {
                 }
             }
         }
-        info!("shutdown: no longer accepting connections");
+        info!("shutdown: no longer accepting connections or calls");
         endpoint.set_server_config(None);
+        shared.draining.store(true, Ordering::Release);
+        shared.drain_started.notify_waiters();
         let drain = Duration::from_secs(shared.config.limits.drain_timeout_secs);
         let deadline = tokio::time::Instant::now() + drain;
         loop {
@@ -323,13 +341,13 @@ async fn serve_stream(ctx: Arc<Conn>, mut send: quinn::SendStream, mut recv: qui
                 Status::BadRequest,
                 format!("truncated request header ({n} of 10 bytes)"),
             );
-            return respond(&mut send, request_id, Err(e)).await;
+            return respond(&mut send, request_id, Err(e), timeout).await;
         }
         Ok(Err(quinn::ReadExactError::ReadError(_))) => return,
         Err(_) => {
             let _ = recv.stop(quinn::VarInt::from_u32(STREAM_REFUSED));
             let e = RpcError::new(Status::DeadlineExceeded, "request header not received in time");
-            return respond(&mut send, request_id, Err(e)).await;
+            return respond(&mut send, request_id, Err(e), timeout).await;
         }
     }
     let header = match RequestHeader::decode(&raw) {
@@ -340,13 +358,14 @@ async fn serve_stream(ctx: Arc<Conn>, mut send: quinn::SendStream, mut recv: qui
                 Status::PayloadTooLarge,
                 format!("payload of {len} bytes exceeds {max}"),
             );
-            return respond(&mut send, request_id, Err(e)).await;
+            return respond(&mut send, request_id, Err(e), timeout).await;
         }
         Err(e) => {
             return respond(
                 &mut send,
                 request_id,
                 Err(RpcError::new(Status::BadRequest, e.to_string())),
+                timeout,
             )
             .await;
         }
@@ -359,23 +378,38 @@ async fn serve_stream(ctx: Arc<Conn>, mut send: quinn::SendStream, mut recv: qui
                 Status::BadRequest,
                 format!("truncated payload ({n} of {} bytes)", header.len),
             );
-            return respond(&mut send, header.request_id, Err(e)).await;
+            return respond(&mut send, header.request_id, Err(e), timeout).await;
         }
         Ok(Err(quinn::ReadExactError::ReadError(_))) => return,
         Err(_) => {
             let _ = recv.stop(quinn::VarInt::from_u32(STREAM_REFUSED));
             let e = RpcError::new(Status::DeadlineExceeded, "request payload not received in time");
-            return respond(&mut send, header.request_id, Err(e)).await;
+            return respond(&mut send, header.request_id, Err(e), timeout).await;
         }
     };
     // Anything the client sends after the announced payload is ignored.
     let _ = recv.stop(quinn::VarInt::from_u32(0));
+    if ctx.shared.is_draining() {
+        let e =
+            RpcError::retry(Status::Unavailable, "server is shutting down", Duration::from_secs(1));
+        return respond(&mut send, header.request_id, Err(e), timeout).await;
+    }
     let name = method::name(header.method).unwrap_or("unknown");
-    let result = handler::dispatch(&ctx, header.method, &body).await;
+    // Held until the response is written (or the stream reset), so unread large responses
+    // cannot pile up: further large calls wait for a slot.
+    let _slot = if handler::large_response(header.method) {
+        match ctx.large_responses.clone().acquire_owned().await {
+            Ok(p) => Some(p),
+            Err(_) => return,
+        }
+    } else {
+        None
+    };
+    let (result, _wait_slot) = handler::dispatch(&ctx, header.method, &body).await;
     if let Err(e) = &result {
         debug!(method = name, status = %e.status, message = %e.message, "rpc failed");
     }
-    respond(&mut send, header.request_id, result).await;
+    respond(&mut send, header.request_id, result, timeout).await;
 }
 
 /// Reads exactly `len` payload bytes. The buffer grows as data arrives, so a header that
@@ -394,7 +428,15 @@ async fn read_body(
     Ok(body)
 }
 
-async fn respond(send: &mut quinn::SendStream, request_id: u32, result: Result<Vec<u8>, RpcError>) {
+/// Writes one response frame (header, then body: no second copy of a large body) and
+/// finishes the stream. A client that does not read its response within `timeout` gets the
+/// stream reset, which frees the buffers: a peer cannot pin server memory by never reading.
+async fn respond(
+    send: &mut quinn::SendStream,
+    request_id: u32,
+    result: Result<Vec<u8>, RpcError>,
+    timeout: Duration,
+) {
     let (status, body) = match result {
         Ok(body) => (Status::Ok, body),
         Err(e) => {
@@ -406,19 +448,28 @@ async fn respond(send: &mut quinn::SendStream, request_id: u32, result: Result<V
             (e.status, err.encode_to_vec())
         }
     };
-    let bytes = match frame::encode_response(status, request_id, &body) {
-        Ok(b) => b,
-        Err(_) => {
+    let (status, body) = match u32::try_from(body.len()) {
+        Ok(len) if len <= qpq_proto::MAX_PAYLOAD => (status, body),
+        _ => {
             let err =
                 v1::Error { code: 10, message: "response too large".into(), retry_after_ms: 0 };
-            match frame::encode_response(Status::Internal, request_id, &err.encode_to_vec()) {
-                Ok(b) => b,
-                Err(_) => return,
-            }
+            (Status::Internal, err.encode_to_vec())
         }
     };
-    if send.write_all(&bytes).await.is_ok() {
-        let _ = send.finish();
+    let header = ResponseHeader { status, request_id, len: body.len() as u32 }.encode();
+    let write = async {
+        send.write_all(&header).await?;
+        send.write_all(&body).await
+    };
+    match tokio::time::timeout(timeout, write).await {
+        Ok(Ok(())) => {
+            let _ = send.finish();
+        }
+        Ok(Err(_)) => {}
+        Err(_) => {
+            debug!("client did not read its response in time; resetting the stream");
+            let _ = send.reset(quinn::VarInt::from_u32(STREAM_REFUSED));
+        }
     }
 }
 

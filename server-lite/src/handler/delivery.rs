@@ -121,32 +121,61 @@ pub(super) async fn peek(ctx: &Conn, req: v1::PeekRequest) -> RpcResult {
     ok(v1::PeekResponse { payloads: envelopes(envs) })
 }
 
-pub(super) async fn fetch_wait(ctx: &Conn, req: v1::FetchWaitRequest) -> RpcResult {
-    let me = ctx.principal()?;
-    let qk = own_queue(&me, &req.recipient_key, &req.channel_id, &req.device_id)?;
+pub(super) async fn fetch_wait(
+    ctx: &Conn,
+    req: v1::FetchWaitRequest,
+) -> (RpcResult, Option<tokio::sync::OwnedSemaphorePermit>) {
+    let me = match ctx.principal() {
+        Ok(me) => me,
+        Err(e) => return (Err(e), None),
+    };
+    let qk = match own_queue(&me, &req.recipient_key, &req.channel_id, &req.device_id) {
+        Ok(qk) => qk,
+        Err(e) => return (Err(e), None),
+    };
     let limit = fetch_limit(req.limit);
     let wait = req.timeout_ms.min(ctx.shared.config.limits.fetch_wait_max_ms);
     let deadline = tokio::time::Instant::now() + Duration::from_millis(wait);
     let notify = ctx.shared.hub.waiter(&me.identity);
+    let mut slot = None;
     let result = loop {
         // Register for the wake-up before looking, so an enqueue between the look and the wait
         // is not missed.
         let woken = notify.notified();
         tokio::pin!(woken);
         woken.as_mut().enable();
-        let envs = match ctx.shared.store.fetch(&qk, limit, FETCH_BYTES, now_ms()) {
-            Ok(e) => e,
+        let drain = ctx.shared.drain_started();
+        tokio::pin!(drain);
+        drain.as_mut().enable();
+        // Look cheaply (one message at most); load the full batch only with a slot held.
+        let any = match ctx.shared.store.fetch(&qk, 1, 0, now_ms()) {
+            Ok(e) => !e.is_empty(),
             Err(e) => break Err(e.into()),
         };
-        if !envs.is_empty() || wait == 0 {
-            break ok(v1::FetchWaitResponse { payloads: envelopes(envs) });
+        if any {
+            match ctx.large_responses.clone().acquire_owned().await {
+                Ok(p) => slot = Some(p),
+                Err(_) => break Err(RpcError::new(Status::Unavailable, "connection closing")),
+            }
+            break match ctx.shared.store.fetch(&qk, limit, FETCH_BYTES, now_ms()) {
+                Ok(envs) => ok(v1::FetchWaitResponse { payloads: envelopes(envs) }),
+                Err(e) => Err(e.into()),
+            };
         }
-        if tokio::time::timeout_at(deadline, woken).await.is_err() {
+        if wait == 0 || ctx.shared.is_draining() {
             break ok(v1::FetchWaitResponse { payloads: Vec::new() });
+        }
+        tokio::select! {
+            () = &mut woken => {}
+            // Shutdown: answer now (empty) instead of holding the drain for the whole wait.
+            () = &mut drain => break ok(v1::FetchWaitResponse { payloads: Vec::new() }),
+            () = tokio::time::sleep_until(deadline) => {
+                break ok(v1::FetchWaitResponse { payloads: Vec::new() });
+            }
         }
     };
     ctx.shared.hub.release_waiter(&me.identity, notify);
-    result
+    (result, slot)
 }
 
 pub(super) async fn ack(ctx: &Conn, req: v1::AckRequest) -> RpcResult {
