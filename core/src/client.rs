@@ -12,5 +12,7 @@ pub mod files;
 mod history;
 pub mod net;
 
-pub use engine::{Client, ClientError, ConnState, Event, GroupInfo, RegisterOptions, Transfer};
+pub use engine::{
+    Client, ClientError, ConnState, Event, GroupInfo, ProgressHook, RegisterOptions, Transfer,
+};
 pub use history::{ConvKind, Conversation, HistoryEntry};

@@ -190,7 +190,12 @@ pub struct Client {
     events: broadcast::Sender<Event>,
     names: HashMap<[u8; 32], String>,
     last_seq: u64,
+    progress: Option<ProgressHook>,
+    idle_timeout: Duration,
 }
+
+/// Called after every uploaded or downloaded chunk with (bytes done, bytes in all).
+pub type ProgressHook = Box<dyn FnMut(u64, u64) + Send>;
 
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
@@ -311,7 +316,27 @@ impl Client {
             events,
             names: HashMap::new(),
             last_seq: 0,
+            progress: None,
+            idle_timeout: super::net::IDLE_TIMEOUT,
         }
+    }
+
+    /// How long a silent connection lives before it is declared dead (default 15 s).
+    pub fn set_idle_timeout(&mut self, t: Duration) {
+        self.idle_timeout = t.max(Duration::from_millis(300));
+    }
+
+    /// Sets a function called synchronously after each transferred chunk (the event stream
+    /// reports the same progress asynchronously).
+    pub fn set_progress_hook(&mut self, hook: Option<ProgressHook>) {
+        self.progress = hook;
+    }
+
+    fn progress(&mut self, t: Transfer) {
+        if let Some(hook) = self.progress.as_mut() {
+            hook(t.done, t.total);
+        }
+        self.emit(Event::Transfer(t));
     }
 
     /// Our username.
@@ -362,6 +387,7 @@ impl Client {
             "localhost",
             self.pin.as_deref(),
             self.push_tx.clone(),
+            self.idle_timeout,
         )
         .await?;
         if self.pin.is_none() {
@@ -479,7 +505,8 @@ impl Client {
     ) -> Result<Resp, ClientError> {
         self.ensure_connected().await?;
         match self.connection()?.call(method_id, req, Duration::ZERO).await {
-            Err(NetError::Connection(_)) => {
+            Err(NetError::Connection(_) | NetError::Timeout) => {
+                // The connection is dead (or silently gone): redial once and retry.
                 self.conn = None;
                 self.ensure_connected().await?;
                 Ok(self.connection()?.call(method_id, req, Duration::ZERO).await?)
@@ -1021,6 +1048,10 @@ impl Client {
                 self.connection()?.call(method::BATCH_ENQUEUE, &req, Duration::ZERO).await;
             match r {
                 Ok(_) => {}
+                Err(e @ (NetError::Connection(_) | NetError::Timeout)) => {
+                    self.conn = None;
+                    return Err(e.into());
+                }
                 Err(e) if e.is_transient() => return Err(e.into()),
                 Err(e) => {
                     // A permanent refusal (e.g. too large): drop it rather than block the queue.
@@ -1394,23 +1425,18 @@ impl Client {
             };
             match self.call::<_, v1::UploadBlobResponse>(method::UPLOAD_BLOB, &req).await {
                 Ok(r) if r.complete => {
-                    self.emit(Event::Transfer(Transfer {
-                        name: name.into(),
-                        done: total,
-                        total,
-                        upload: true,
-                    }));
+                    self.progress(Transfer { name: name.into(), done: total, total, upload: true });
                     return Ok(());
                 }
                 Ok(r) => {
                     offset = r.next_offset;
                     failures = 0;
-                    self.emit(Event::Transfer(Transfer {
+                    self.progress(Transfer {
                         name: name.into(),
                         done: offset,
                         total,
                         upload: true,
-                    }));
+                    });
                 }
                 Err(ClientError::Net(e)) if e.is_transient() && failures < RECONNECT_ATTEMPTS => {
                     failures += 1;
@@ -1466,12 +1492,12 @@ impl Client {
             hash.update(&r.chunk);
             out.write_all(&r.chunk)?;
             offset += r.chunk.len() as u64;
-            self.emit(Event::Transfer(Transfer {
+            self.progress(Transfer {
                 name: offer.name.clone(),
                 done: offset,
                 total: offer.ciphertext_size,
                 upload: false,
-            }));
+            });
         }
         out.sync_all()?;
         drop(out);

@@ -17,8 +17,9 @@ use crate::identity::hex;
 
 /// How long a single call may take before the client gives up (FetchWait adds its own wait).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
-/// Keep-alive interval; well under the server's idle timeout.
-const KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// Default idle timeout: a connection that hears nothing for this long (keep-alives go out
+/// every third of it) is declared dead, so a vanished server is noticed quickly.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A failed call or connection.
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +111,7 @@ impl Connection {
         server_name: &str,
         pin: Option<&str>,
         pushes: mpsc::Sender<Push>,
+        idle_timeout: Duration,
     ) -> Result<Self, NetError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let verifier = Arc::new(PinVerifier {
@@ -128,8 +130,8 @@ impl Connection {
             .map_err(|e| NetError::Connection(e.to_string()))?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         let mut transport = quinn::TransportConfig::default();
-        transport.keep_alive_interval(Some(KEEP_ALIVE));
-        transport.max_idle_timeout(quinn::IdleTimeout::try_from(Duration::from_secs(60)).ok());
+        transport.keep_alive_interval(Some(idle_timeout / 3));
+        transport.max_idle_timeout(quinn::IdleTimeout::try_from(idle_timeout).ok());
         config.transport_config(Arc::new(transport));
         let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
             .parse()

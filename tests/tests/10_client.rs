@@ -1,0 +1,309 @@
+//! The client engine end to end: three accounts, DMs and groups with MLS (X-Wing), roles,
+//! removal, offline delivery, restarts, the outbox, file transfer with a resumed upload,
+//! wrong passphrases, tampered ciphertext, and no plaintext on the server's disk.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use qpq_core::client::{Client, ClientError, Event, RegisterOptions};
+use qpq_core::mls::GroupError;
+use qpq_core::vault::{KdfParams, Space, Vault, VaultError};
+use qpq_proto::{method, v1};
+use qpq_tests::{ServerProcess, message_id};
+
+const FAST: KdfParams = KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 };
+
+fn store(dir: &Path, name: &str) -> PathBuf {
+    dir.join(name).join("account.qpq")
+}
+
+async fn account(server: &ServerProcess, dir: &Path, name: &str) -> Client {
+    Client::register(RegisterOptions {
+        store: store(dir, name),
+        passphrase: format!("{name} passphrase"),
+        server: server.addr,
+        pin: Some(server.fingerprint.clone()),
+        username: name.into(),
+        password: format!("{name} password"),
+        invite: String::new(),
+        kdf: FAST,
+    })
+    .await
+    .unwrap()
+}
+
+async fn reopen(dir: &Path, name: &str) -> Client {
+    let mut c = Client::open(&store(dir, name), &format!("{name} passphrase")).unwrap();
+    c.connect().await.unwrap();
+    c
+}
+
+fn texts(c: &Client, conv: &[u8]) -> Vec<String> {
+    c.history(conv, usize::MAX).unwrap().into_iter().filter(|e| !e.system).map(|e| e.text).collect()
+}
+
+fn file_contains(path: &Path, needle: &[u8]) -> bool {
+    let bytes = std::fs::read(path).unwrap();
+    bytes.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Every plaintext sent must be absent from the server's database and the clients' stores.
+fn assert_no_plaintext(files: &[PathBuf], plaintexts: &[&str]) {
+    for f in files {
+        for p in plaintexts {
+            assert!(!file_contains(f, p.as_bytes()), "{p:?} found in {}", f.display());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dm_group_roles_and_removal() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(&dir.path().join("server"), &[]).unwrap();
+    let mut alice = account(&server, dir.path(), "alice").await;
+    let mut bob = account(&server, dir.path(), "bob").await;
+    let mut carol = account(&server, dir.path(), "carol").await;
+
+    // DM.
+    let dm = alice.dm("bob").await.unwrap();
+    alice.send_text(&dm, "hello bob, dm secret 1").await.unwrap();
+    bob.sync().await.unwrap();
+    let bob_dm = bob.find_conversation("alice").unwrap();
+    assert_eq!(bob_dm.id, dm);
+    assert_eq!(texts(&bob, &dm), ["hello bob, dm secret 1"]);
+    bob.send_text(&dm, "hi alice, dm secret 2").await.unwrap();
+    alice.sync().await.unwrap();
+    assert_eq!(texts(&alice, &dm), ["hello bob, dm secret 1", "hi alice, dm secret 2"]);
+    assert_eq!(alice.dm("bob").await.unwrap(), dm, "the DM is found again, not recreated");
+    assert_eq!(
+        alice.safety_number("bob").await.unwrap(),
+        bob.safety_number("alice").await.unwrap()
+    );
+
+    // A group of three with alice as admin.
+    let team = alice.create_group("team").await.unwrap();
+    alice.add_members(&team, &["bob".into(), "carol".into()]).await.unwrap();
+    bob.sync().await.unwrap();
+    carol.sync().await.unwrap();
+    assert_eq!(carol.find_conversation("team").unwrap().id, team, "the group name arrived");
+    alice.send_text(&team, "group secret 3").await.unwrap();
+    carol.sync().await.unwrap();
+    carol.send_text(&team, "group secret 4").await.unwrap();
+    bob.sync().await.unwrap();
+    assert_eq!(texts(&bob, &team), ["group secret 3", "group secret 4"]);
+    let info = bob.group_info(&team).await.unwrap();
+    assert_eq!(info.members.len(), 3);
+    assert!(info.members.iter().any(|(_, n, admin)| n == "alice" && *admin));
+    assert!(info.members.iter().any(|(_, n, admin)| n == "bob" && !*admin));
+    alice.sync().await.unwrap();
+    carol.sync().await.unwrap();
+    let code = alice.group_info(&team).await.unwrap().verification_code;
+    assert_eq!(code, info.verification_code);
+    assert_eq!(code, carol.group_info(&team).await.unwrap().verification_code);
+
+    // A non-admin cannot change membership.
+    let e = bob.remove_member(&team, "carol").await.unwrap_err();
+    assert!(matches!(e, ClientError::Group(GroupError::NotAdmin)), "{e}");
+
+    // Removal: carol gets nothing sent after it.
+    alice.remove_member(&team, "carol").await.unwrap();
+    alice.send_text(&team, "group secret 5, not for carol").await.unwrap();
+    bob.sync().await.unwrap();
+    carol.sync().await.unwrap();
+    assert_eq!(
+        texts(&bob, &team),
+        ["group secret 3", "group secret 4", "group secret 5, not for carol"]
+    );
+    assert_eq!(texts(&carol, &team), ["group secret 3", "group secret 4"]);
+    assert!(carol.send_text(&team, "am I still here?").await.is_err(), "carol's group is gone");
+
+    // Promote bob; now he may rename and add.
+    alice.set_admin(&team, "bob", true).await.unwrap();
+    bob.sync().await.unwrap();
+    bob.rename(&team, "crew", Some("launch")).await.unwrap();
+    alice.sync().await.unwrap();
+    let c = alice.conversation(&team).unwrap().unwrap();
+    assert_eq!((c.name.as_str(), c.topic.as_str()), ("crew", "launch"));
+
+    let plaintexts =
+        ["dm secret 1", "dm secret 2", "group secret 3", "group secret 4", "group secret 5"];
+    let mut files = vec![server.data_dir.join("qpq.redb")];
+    files.extend(["alice", "bob", "carol"].iter().map(|n| store(dir.path(), n)));
+    drop((alice, bob, carol));
+    assert_no_plaintext(&files, &plaintexts);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_recipient_gets_everything_once_in_order_and_restarts_keep_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(&dir.path().join("server"), &[]).unwrap();
+    let mut alice = account(&server, dir.path(), "alice").await;
+    let bob = account(&server, dir.path(), "bob").await;
+    drop(bob); // bob goes offline
+
+    let team = alice.create_group("team").await.unwrap();
+    alice.add_members(&team, &["bob".into()]).await.unwrap();
+    for i in 0..20 {
+        alice.send_text(&team, &format!("m{i}")).await.unwrap();
+    }
+    let mut bob = reopen(dir.path(), "bob").await;
+    bob.sync().await.unwrap();
+    let want: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
+    assert_eq!(texts(&bob, &team), want);
+    bob.sync().await.unwrap();
+    assert_eq!(texts(&bob, &team).len(), 20, "nothing twice");
+
+    // Both restart: history and group state survive.
+    drop((alice, bob));
+    let mut alice = reopen(dir.path(), "alice").await;
+    let mut bob = reopen(dir.path(), "bob").await;
+    assert_eq!(texts(&alice, &team).len(), 20);
+    bob.send_text(&team, "after restart").await.unwrap();
+    alice.sync().await.unwrap();
+    assert_eq!(texts(&alice, &team).last().unwrap(), "after restart");
+    alice.send_text(&team, "and back").await.unwrap();
+    bob.sync().await.unwrap();
+    assert_eq!(texts(&bob, &team).last().unwrap(), "and back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_typed_offline_go_out_once_after_reconnect() {
+    let dir = tempfile::tempdir().unwrap();
+    let server_dir = dir.path().join("server");
+    let mut server = ServerProcess::start(&server_dir, &[]).unwrap();
+    let addr = server.addr;
+    let mut alice = account(&server, dir.path(), "alice").await;
+    let mut bob = account(&server, dir.path(), "bob").await;
+    alice.set_idle_timeout(Duration::from_secs(1));
+    bob.set_idle_timeout(Duration::from_secs(1));
+    let dm = alice.dm("bob").await.unwrap();
+    alice.send_text(&dm, "online").await.unwrap();
+
+    server.kill();
+    alice.send_text(&dm, "typed while the server was down").await.unwrap();
+    assert_eq!(alice.outbox_len().unwrap(), 1);
+    let _server = ServerProcess::start_on(&server_dir, &addr.to_string(), &[]).unwrap();
+    alice.ensure_connected().await.unwrap();
+    assert_eq!(alice.outbox_len().unwrap(), 0);
+    alice.flush_outbox().await.unwrap();
+    bob.ensure_connected().await.unwrap();
+    bob.sync().await.unwrap();
+    assert_eq!(texts(&bob, &dm), ["online", "typed while the server was down"]);
+    assert!(!alice.history(&dm, 10).unwrap().iter().any(|e| e.pending));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_megabyte_file_with_a_resumed_upload() {
+    let dir = tempfile::tempdir().unwrap();
+    let server_dir = dir.path().join("server");
+    let server = Arc::new(Mutex::new(ServerProcess::start(&server_dir, &[]).unwrap()));
+    let addr = server.lock().unwrap().addr;
+    let mut alice = account(&server.lock().unwrap(), dir.path(), "alice").await;
+    let mut bob = account(&server.lock().unwrap(), dir.path(), "bob").await;
+    alice.set_idle_timeout(Duration::from_secs(1));
+    bob.set_idle_timeout(Duration::from_secs(1));
+    let dm = alice.dm("bob").await.unwrap();
+
+    let content: Vec<u8> =
+        (0..5_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let path = dir.path().join("report.bin");
+    std::fs::write(&path, &content).unwrap();
+
+    // After the first chunk the server dies and comes back: the upload must resume.
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (srv, log, dir2) = (server.clone(), seen.clone(), server_dir.clone());
+    alice.set_progress_hook(Some(Box::new(move |done, _total| {
+        let mut log = log.lock().unwrap();
+        log.push(done);
+        if log.len() == 1 {
+            let mut s = srv.lock().unwrap();
+            s.kill();
+            *s = ServerProcess::start_on(&dir2, &addr.to_string(), &[]).unwrap();
+        }
+    })));
+    let offer = alice.send_file(&dm, &path).await.unwrap();
+    let progress = seen.lock().unwrap().clone();
+    assert!(progress.len() >= 3, "{progress:?}");
+    let first = progress[0];
+    assert!(first > 0 && first < offer.ciphertext_size);
+    assert!(progress[1..].iter().all(|d| *d > first), "resumed, not restarted: {progress:?}");
+    assert_eq!(*progress.last().unwrap(), offer.ciphertext_size);
+
+    bob.ensure_connected().await.unwrap();
+    bob.sync().await.unwrap();
+    let entry =
+        bob.history(&dm, 10).unwrap().into_iter().find(|e| e.file.is_some()).expect("offer");
+    let offer = Client::offer_of(&entry).unwrap();
+    assert_eq!(offer.size, 5_000_000);
+    let saved = bob.download(&offer, &dir.path().join("downloads")).await.unwrap();
+    assert_eq!(std::fs::read(saved).unwrap(), content);
+    // The server only ever held ciphertext.
+    let blob = std::fs::read_dir(server_dir.join("blobs")).unwrap().next().unwrap().unwrap().path();
+    assert!(!file_contains(&blob, &content[1000..1064]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_passphrase_is_a_clear_error_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(&dir.path().join("server"), &[]).unwrap();
+    let alice = account(&server, dir.path(), "alice").await;
+    drop(alice);
+    let before = std::fs::read(store(dir.path(), "alice")).unwrap();
+    match Client::open(&store(dir.path(), "alice"), "not the passphrase") {
+        Err(ClientError::Vault(VaultError::WrongPassphrase)) => {}
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("opened with the wrong passphrase"),
+    }
+    assert!(std::fs::read(store(dir.path(), "alice")).unwrap() == before);
+    reopen(dir.path(), "alice").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_ciphertext_is_rejected_and_the_group_keeps_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(&dir.path().join("server"), &[]).unwrap();
+    let mut alice = account(&server, dir.path(), "alice").await;
+    let mut bob = account(&server, dir.path(), "bob").await;
+    let dm = alice.dm("bob").await.unwrap();
+    bob.sync().await.unwrap();
+    drop(bob);
+    alice.send_text(&dm, "original").await.unwrap();
+
+    // An attacker with access to bob's queue swaps the message for a tampered copy.
+    let token = {
+        let v = Vault::open(&store(dir.path(), "bob"), b"bob passphrase").unwrap();
+        v.get(Space::Account, b"token").unwrap().unwrap().to_vec()
+    };
+    let raw = server.client().await.unwrap();
+    raw.resume(&token).await.unwrap();
+    let queued = raw.fetch(10).await.unwrap();
+    assert_eq!(queued.len(), 1);
+    let mut tampered = queued[0].data.clone();
+    let n = tampered.len();
+    tampered[n - 5] ^= 0x01;
+    raw.ack(queued[0].seq).await.unwrap();
+    let mallory = server.client().await.unwrap();
+    let mid = qpq_tests::identity();
+    mallory.register("mallory", "pw", &mid, "").await.unwrap();
+    mallory.login("mallory", "pw", &mid).await.unwrap();
+    let bob_id: v1::ResolveUserResponse = mallory
+        .call(method::RESOLVE_USER, &v1::ResolveUserRequest { username: "bob".into() })
+        .await
+        .unwrap();
+    let bob_key: [u8; 32] = bob_id.identity_key.try_into().unwrap();
+    mallory.enqueue(&bob_key, &tampered, message_id()).await.unwrap();
+
+    let mut bob = reopen(dir.path(), "bob").await;
+    let mut events = bob.subscribe();
+    bob.sync().await.unwrap();
+    assert!(texts(&bob, &dm).is_empty(), "nothing from the tampered message was stored");
+    let mut rejected = false;
+    while let Ok(e) = events.try_recv() {
+        rejected |= matches!(e, Event::Rejected { .. });
+    }
+    assert!(rejected, "the engine reported the rejection");
+    alice.send_text(&dm, "still fine").await.unwrap();
+    bob.sync().await.unwrap();
+    assert_eq!(texts(&bob, &dm), ["still fine"]);
+}
