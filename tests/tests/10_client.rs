@@ -19,11 +19,15 @@ fn store(dir: &Path, name: &str) -> PathBuf {
 }
 
 async fn account(server: &ServerProcess, dir: &Path, name: &str) -> Client {
+    account_at(server.addr, &server.fingerprint, dir, name).await
+}
+
+async fn account_at(addr: std::net::SocketAddr, pin: &str, dir: &Path, name: &str) -> Client {
     Client::register(RegisterOptions {
         store: store(dir, name),
         passphrase: format!("{name} passphrase"),
-        server: server.addr,
-        pin: Some(server.fingerprint.clone()),
+        server: addr,
+        pin: Some(pin.to_string()),
         username: name.into(),
         password: format!("{name} password"),
         invite: String::new(),
@@ -198,9 +202,12 @@ async fn five_megabyte_file_with_a_resumed_upload() {
     let dir = tempfile::tempdir().unwrap();
     let server_dir = dir.path().join("server");
     let server = Arc::new(Mutex::new(ServerProcess::start(&server_dir, &[]).unwrap()));
-    let addr = server.lock().unwrap().addr;
-    let mut alice = account(&server.lock().unwrap(), dir.path(), "alice").await;
-    let mut bob = account(&server.lock().unwrap(), dir.path(), "bob").await;
+    let (addr, pin) = {
+        let s = server.lock().unwrap();
+        (s.addr, s.fingerprint.clone())
+    };
+    let mut alice = account_at(addr, &pin, dir.path(), "alice").await;
+    let mut bob = account_at(addr, &pin, dir.path(), "bob").await;
     alice.set_idle_timeout(Duration::from_secs(1));
     bob.set_idle_timeout(Duration::from_secs(1));
     let dm = alice.dm("bob").await.unwrap();
