@@ -179,8 +179,11 @@ async fn messages_typed_offline_go_out_once_after_reconnect() {
     let addr = server.addr;
     let mut alice = account(&server, dir.path(), "alice").await;
     let mut bob = account(&server, dir.path(), "bob").await;
-    alice.set_idle_timeout(Duration::from_secs(1));
-    bob.set_idle_timeout(Duration::from_secs(1));
+    for c in [&mut alice, &mut bob] {
+        c.set_idle_timeout(Duration::from_secs(1));
+        c.disconnect().await;
+        c.ensure_connected().await.unwrap();
+    }
     let dm = alice.dm("bob").await.unwrap();
     alice.send_text(&dm, "online").await.unwrap();
 
@@ -208,8 +211,11 @@ async fn five_megabyte_file_with_a_resumed_upload() {
     };
     let mut alice = account_at(addr, &pin, dir.path(), "alice").await;
     let mut bob = account_at(addr, &pin, dir.path(), "bob").await;
-    alice.set_idle_timeout(Duration::from_secs(1));
-    bob.set_idle_timeout(Duration::from_secs(1));
+    for c in [&mut alice, &mut bob] {
+        c.set_idle_timeout(Duration::from_secs(1));
+        c.disconnect().await;
+        c.ensure_connected().await.unwrap();
+    }
     let dm = alice.dm("bob").await.unwrap();
 
     let content: Vec<u8> =

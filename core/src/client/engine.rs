@@ -321,7 +321,8 @@ impl Client {
         }
     }
 
-    /// How long a silent connection lives before it is declared dead (default 15 s).
+    /// How long a silent connection lives before it is declared dead (default 15 s). Applies
+    /// from the next connection on.
     pub fn set_idle_timeout(&mut self, t: Duration) {
         self.idle_timeout = t.max(Duration::from_millis(300));
     }
