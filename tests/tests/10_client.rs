@@ -320,3 +320,99 @@ async fn tampered_ciphertext_is_rejected_and_the_group_keeps_working() {
     bob.sync().await.unwrap();
     assert_eq!(texts(&bob, &dm), ["still fine"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_commit_from_a_non_admin_is_rejected_by_the_others() {
+    use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
+    use openmls::prelude::{GroupId, MlsGroup, MlsMessageBodyIn, MlsMessageIn, ProtocolVersion};
+    use openmls_traits::OpenMlsProvider as _;
+    use qpq_core::identity::Identity;
+    use qpq_core::mls::QpqProvider;
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(&dir.path().join("server"), &[]).unwrap();
+    let mut alice = account(&server, dir.path(), "alice").await;
+    let mut bob = account(&server, dir.path(), "bob").await;
+    let mut carol = account(&server, dir.path(), "carol").await;
+    let dave = account(&server, dir.path(), "dave").await;
+    let dave_key = dave.identity_key();
+    drop(dave);
+    let team = alice.create_group("team").await.unwrap();
+    alice.add_members(&team, &["bob".into(), "carol".into()]).await.unwrap();
+    bob.sync().await.unwrap();
+    carol.sync().await.unwrap();
+    let epoch = alice.group_info(&team).await.unwrap().epoch;
+    drop(bob);
+
+    // Bob's device is compromised: the attacker uses his keys and MLS state directly to commit
+    // an Add of dave, which his own client would refuse to make.
+    let vault = Arc::new(Vault::open(&store(dir.path(), "bob"), b"bob passphrase").unwrap());
+    let seed: [u8; 32] =
+        vault.get(Space::Account, b"seed").unwrap().unwrap().as_slice().try_into().unwrap();
+    let token = vault.get(Space::Account, b"token").unwrap().unwrap().to_vec();
+    let identity = Identity::from_seed(&seed);
+    let provider = QpqProvider::new(vault.clone());
+    let raw = server.client().await.unwrap();
+    raw.resume(&token).await.unwrap();
+    let kp: v1::FetchKeyPackageResponse = raw
+        .call(
+            method::FETCH_KEY_PACKAGE,
+            &v1::FetchKeyPackageRequest { identity_key: dave_key.to_vec() },
+        )
+        .await
+        .unwrap();
+    let kp = match MlsMessageIn::tls_deserialize_exact(kp.package.as_slice()).unwrap().extract() {
+        MlsMessageBodyIn::KeyPackage(kp) => {
+            kp.validate(provider.crypto(), ProtocolVersion::Mls10).unwrap()
+        }
+        _ => panic!("not a KeyPackage"),
+    };
+    let mut group =
+        MlsGroup::load(provider.storage(), &GroupId::from_slice(&team)).unwrap().unwrap();
+    let (commit, _welcome, _) = group.add_members(&provider, &identity, &[kp]).unwrap();
+    let commit = commit.tls_serialize_detached().unwrap();
+    let req = v1::BatchEnqueueRequest {
+        recipient_keys: vec![alice.identity_key().to_vec(), carol.identity_key().to_vec()],
+        payload: commit,
+        message_id: message_id().to_vec(),
+        ..Default::default()
+    };
+    let _: v1::BatchEnqueueResponse = raw.call(method::BATCH_ENQUEUE, &req).await.unwrap();
+
+    for c in [&mut alice, &mut carol] {
+        let mut events = c.subscribe();
+        c.sync().await.unwrap();
+        let mut rejected = false;
+        while let Ok(e) = events.try_recv() {
+            rejected |= matches!(&e, Event::Rejected { reason } if reason.contains("non-admin"));
+        }
+        assert!(rejected, "{} did not reject the forged commit", c.username());
+        let info = c.group_info(&team).await.unwrap();
+        assert_eq!(info.epoch, epoch, "{}: the commit was not merged", c.username());
+        assert_eq!(info.members.len(), 3);
+        assert!(!info.members.iter().any(|(id, _, _)| *id == dave_key));
+    }
+    alice.send_text(&team, "after the forgery").await.unwrap();
+    carol.sync().await.unwrap();
+    assert_eq!(texts(&carol, &team), ["after the forgery"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_server_certificate_is_a_loud_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = ServerProcess::start(&dir.path().join("server"), &[]).unwrap();
+    let addr = server.addr;
+    let alice = account(&server, dir.path(), "alice").await;
+    drop(alice);
+    server.kill();
+    // Another server (another certificate) now answers on the same address.
+    let _impostor =
+        ServerProcess::start_on(&dir.path().join("impostor"), &addr.to_string(), &[]).unwrap();
+    let mut alice = Client::open(&store(dir.path(), "alice"), "alice passphrase").unwrap();
+    match alice.connect().await {
+        Err(ClientError::Net(e @ qpq_core::client::net::NetError::CertificateChanged { .. })) => {
+            assert!(e.to_string().contains("CERTIFICATE CHANGED"), "{e}");
+        }
+        other => panic!("expected a certificate error, got {other:?}"),
+    }
+}

@@ -224,6 +224,9 @@ impl Client {
         vault.put(Space::Account, b"seed", identity.seed().as_slice())?;
         vault.put(Space::Account, b"username", o.username.as_bytes())?;
         vault.put(Space::Account, b"server", o.server.to_string().as_bytes())?;
+        if let Some(pin) = &o.pin {
+            vault.put(Space::Account, b"pin", pin.as_bytes())?;
+        }
         let mut client =
             Self::assemble(vault, identity, o.username.clone(), o.server, o.pin.clone());
         let mut registered = false;
