@@ -1,9 +1,13 @@
-//! qpq-core: the cryptography and local state a qpq client needs, with no networking.
+//! qpq-core: what a qpq client needs below its user interface.
 //!
 //! - [`opaque`]: the OPAQUE cipher suite shared with the server and the client's halves of
-//!   registration and login. The server builds this crate without default features and uses
-//!   only the suite type.
-//! - With feature `mls`: [`vault`], the encrypted per-account store, and the MLS layer on top.
+//!   registration and login. The server builds this crate without features and uses only the
+//!   suite type.
+//! - Feature `mls` (sans-I/O apart from the store file): [`vault`], the encrypted per-account
+//!   store; [`identity`], Ed25519 keys and safety numbers; [`content`], the padded message
+//!   model; [`mls`], groups and DMs on openmls with the X-Wing ciphersuite and admin roles.
+//! - Feature `client`: [`client`], the engine that does the networking (QUIC, pinning, login,
+//!   outbox, sync, file transfer) around those parts.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 #![warn(missing_docs)]
 

@@ -43,7 +43,7 @@ pub enum Space {
     Messages,
     /// Messages typed but not yet acknowledged by the server.
     Outbox,
-    /// Per-queue delivery cursors and other engine state.
+    /// The delivery cursor (last processed seq), outbox counter, name cache, settings.
     State,
 }
 
@@ -267,6 +267,34 @@ impl Vault {
             .collect()
     }
 
+    /// The last `limit` (key, value) pairs whose key starts with `prefix`, in key order. Only
+    /// those are opened, so the newest page of a long history costs the same as a short one.
+    pub fn scan_last(
+        &self,
+        space: Space,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<Entry>, VaultError> {
+        let batch = self.lock();
+        let mut raw = Vec::new();
+        match batch.as_ref() {
+            Some(txn) => last_into(&txn.open_table(space.table())?, prefix, limit, &mut raw)?,
+            None => last_into(
+                &self.db.begin_read()?.open_table(space.table())?,
+                prefix,
+                limit,
+                &mut raw,
+            )?,
+        }
+        raw.reverse();
+        raw.into_iter()
+            .map(|(k, v)| {
+                let plain = open_sealed(&self.cipher, space.name(), &k, &v)?;
+                Ok((k, plain))
+            })
+            .collect()
+    }
+
     /// Deletes every key starting with `prefix`; returns how many.
     pub fn delete_prefix(&self, space: Space, prefix: &[u8]) -> Result<usize, VaultError> {
         self.with_write(|txn| {
@@ -341,6 +369,27 @@ fn range_into(
             break;
         }
         out.push((k.value().to_vec(), v.value().to_vec()));
+    }
+    Ok(())
+}
+
+fn last_into(
+    t: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    prefix: &[u8],
+    limit: usize,
+    out: &mut Vec<(Vec<u8>, Vec<u8>)>,
+) -> Result<(), VaultError> {
+    // Keys of the prefix sort below `prefix || 0xff...`; walk backwards from there.
+    let mut end = prefix.to_vec();
+    end.extend_from_slice(&[0xff; 16]);
+    for row in t.range(prefix..end.as_slice())?.rev() {
+        if out.len() >= limit {
+            break;
+        }
+        let (k, v) = row?;
+        if k.value().starts_with(prefix) {
+            out.push((k.value().to_vec(), v.value().to_vec()));
+        }
     }
     Ok(())
 }
@@ -452,6 +501,15 @@ mod tests {
         let keys: Vec<Vec<u8>> =
             v.scan(Space::State, b"p/").unwrap().into_iter().map(|(k, _)| k).collect();
         assert_eq!(keys, vec![b"p/1".to_vec()]);
+        let last: Vec<Vec<u8>> =
+            v.scan_last(Space::State, b"", 1).unwrap().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(last, vec![b"q/1".to_vec()]);
+        for i in 0..10u8 {
+            v.put(Space::Messages, &[b'm', i], &[i]).unwrap();
+        }
+        let last: Vec<u8> =
+            v.scan_last(Space::Messages, b"m", 3).unwrap().into_iter().map(|(_, v)| v[0]).collect();
+        assert_eq!(last, vec![7, 8, 9], "the newest three, oldest first");
         assert_eq!(v.delete_prefix(Space::State, b"").unwrap(), 2);
     }
 

@@ -5,8 +5,8 @@
 //! registered, logged in and exchanging messages through Enqueue/Fetch/Ack, keeps being served
 //! before, during and after the attack.
 //!
-//! `slow_readers_do_not_pin_server_memory` is ignored: it fails against the current server
-//! (unread responses are held forever), see its doc comment.
+//! `slow_readers_do_not_pin_server_memory` measures the server's RSS: responses a client never
+//! reads are reset after the request timeout, and large ones share two slots per connection.
 #![allow(clippy::unwrap_used)]
 
 use std::future::Future;
@@ -971,8 +971,8 @@ fn server_rss_kib(data_dir: &std::path::Path) -> u64 {
 }
 
 /// A client that asks for large responses and never reads them must not pin server memory
-/// without bound: ARCHITECTURE.md promises bounded memory ("Defaults suit a router with 128 MB
-/// of RAM"). Here one address, well inside its default connection allowance, leaves 36 Fetch
+/// without bound: the limits are meant for a router ("Defaults suit a router with 128 MB of
+/// RAM", server-lite/src/config.rs). Here one address, well inside its default connection allowance, leaves 36 Fetch
 /// responses of ~4 MB unread and keeps its connections alive.
 #[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

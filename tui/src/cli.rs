@@ -18,7 +18,8 @@ use qpq_core::vault::KdfParams;
 #[derive(Parser)]
 #[command(name = "qpq", version, about = "End-to-end encrypted group messaging for the terminal")]
 struct Cli {
-    /// Directory holding this account's encrypted store.
+    /// Directory holding this account's encrypted store. Without a subcommand, `qpq` opens the
+    /// terminal UI.
     #[arg(long, env = "QPQ_HOME", global = true)]
     home: Option<PathBuf>,
     #[command(subcommand)]
@@ -170,7 +171,8 @@ fn store_path(home: &Path) -> PathBuf {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let home = home(cli.home);
     let Some(command) = cli.command else {
-        bail!("the terminal UI is not built yet; see `qpq --help` for the subcommands");
+        let store = store_path(&home);
+        return crate::tui_main::run(home, store).await;
     };
     if let Command::Register { server, username, invite, pin } = command {
         let store = store_path(&home);

@@ -192,10 +192,11 @@ pub struct Client {
     last_seq: u64,
     progress: Option<ProgressHook>,
     idle_timeout: Duration,
+    pending_pushes: Vec<Push>,
 }
 
 /// Called after every uploaded or downloaded chunk with (bytes done, bytes in all).
-pub type ProgressHook = Box<dyn FnMut(u64, u64) + Send>;
+pub type ProgressHook = Box<dyn FnMut(u64, u64) + Send + Sync>;
 
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
@@ -321,6 +322,7 @@ impl Client {
             last_seq: 0,
             progress: None,
             idle_timeout: super::net::IDLE_TIMEOUT,
+            pending_pushes: Vec::new(),
         }
     }
 
@@ -648,9 +650,11 @@ impl Client {
 
     /// The last `limit` history entries of a conversation, oldest first.
     pub fn history(&self, conv: &[u8], limit: usize) -> Result<Vec<HistoryEntry>, ClientError> {
-        let all = self.vault.scan(Space::Messages, &conv_prefix(conv))?;
-        let skip = all.len().saturating_sub(limit);
-        all[skip..].iter().map(|(_, v)| unjson(v)).collect()
+        self.vault
+            .scan_last(Space::Messages, &conv_prefix(conv), limit)?
+            .iter()
+            .map(|(_, v)| unjson(v))
+            .collect()
     }
 
     /// Marks a conversation read; returns the last message id, for a read receipt.
@@ -921,9 +925,18 @@ impl Client {
             self.mls.abandon(conv)?;
             return Err(e);
         }
-        self.mls.confirm(conv)?;
-        if let (Some(welcome), false) = (out.welcome, out.welcome_to.is_empty()) {
-            self.batch_enqueue(&out.welcome_to, welcome, random_id()).await?;
+        // The commit is on the server: merge it, and queue the Welcome in the same vault
+        // transaction, so a lost connection now delays the Welcome instead of losing it.
+        self.vault.atomic(|| -> Result<(), ClientError> {
+            self.mls.confirm(conv)?;
+            if let (Some(welcome), false) = (&out.welcome, out.welcome_to.is_empty()) {
+                self.queue(conv, &out.welcome_to, welcome.clone(), random_id())?;
+            }
+            Ok(())
+        })?;
+        match self.flush_outbox().await {
+            Ok(_) | Err(ClientError::Net(_)) => {}
+            Err(e) => return Err(e),
         }
         self.emit(Event::Conversation { conv: conv.to_vec() });
         Ok(())
@@ -976,7 +989,7 @@ impl Client {
                     |seq| {
                         let mut e = HistoryEntry::from_content(seq, &me, &content, now_ms())
                             .unwrap_or_else(|| HistoryEntry::system(seq, String::new(), 0));
-                        e.pending = true;
+                        e.pending = !to.is_empty();
                         e
                     },
                     false,
@@ -985,15 +998,7 @@ impl Client {
             };
             self.apply_own(conv, &content)?;
             if !to.is_empty() {
-                let next = self.state_u64(b"outbox_next")?;
-                self.vault.put(Space::State, b"outbox_next", &(next + 1).to_be_bytes())?;
-                let item = OutboxItem {
-                    conv: conv.to_vec(),
-                    to: to.iter().map(|t| t.to_vec()).collect(),
-                    payload: ciphertext,
-                    message_id: content.message_id,
-                };
-                self.vault.put(Space::Outbox, &next.to_be_bytes(), &json(&item)?)?;
+                self.queue(conv, &to, ciphertext, content.message_id)?;
             }
             Ok(entry)
         })?;
@@ -1005,6 +1010,26 @@ impl Client {
             Err(e) => return Err(e),
         }
         Ok(content.message_id)
+    }
+
+    /// Puts a payload in the outbox (inside the caller's vault transaction, if any).
+    fn queue(
+        &self,
+        conv: &[u8],
+        to: &[[u8; 32]],
+        payload: Vec<u8>,
+        message_id: [u8; 16],
+    ) -> Result<(), ClientError> {
+        let next = self.state_u64(b"outbox_next")?;
+        self.vault.put(Space::State, b"outbox_next", &(next + 1).to_be_bytes())?;
+        let item = OutboxItem {
+            conv: conv.to_vec(),
+            to: to.iter().map(|t| t.to_vec()).collect(),
+            payload,
+            message_id,
+        };
+        self.vault.put(Space::Outbox, &next.to_be_bytes(), &json(&item)?)?;
+        Ok(())
     }
 
     /// Sends a text message.
@@ -1023,6 +1048,19 @@ impl Client {
             channel_id: Vec::new(),
         };
         let _: v1::RelayEphemeralResponse = self.call(method::RELAY_EPHEMERAL, &req).await?;
+        Ok(())
+    }
+
+    /// A local setting (stored encrypted in the vault).
+    pub fn setting(&self, key: &str) -> Result<Option<String>, ClientError> {
+        let k = [b"setting/".as_slice(), key.as_bytes()].concat();
+        Ok(self.vault.get(Space::State, &k)?.map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Stores a local setting.
+    pub fn set_setting(&self, key: &str, value: &str) -> Result<(), ClientError> {
+        let k = [b"setting/".as_slice(), key.as_bytes()].concat();
+        self.vault.put(Space::State, &k, value.as_bytes())?;
         Ok(())
     }
 
@@ -1103,13 +1141,39 @@ impl Client {
                     e.reactions.push((emoji.clone(), sender.to_vec()));
                 }
             })?,
-            Body::Receipt { up_to } => self.update_entry(up_to, |e| {
-                if !e.read_by.iter().any(|w| w == sender) {
-                    e.read_by.push(sender.to_vec());
-                }
-            })?,
+            Body::Receipt { up_to } => self.mark_read_by(sender, up_to)?,
             _ => None,
         })
+    }
+
+    /// Records that `reader` has read everything up to `up_to` (the recent history of that
+    /// conversation; older entries were read long ago).
+    fn mark_read_by(
+        &self,
+        reader: &[u8; 32],
+        up_to: &[u8; 16],
+    ) -> Result<Option<Vec<u8>>, ClientError> {
+        let Some(index) = self.vault.get(Space::State, &[b"mid/".as_slice(), up_to].concat())?
+        else {
+            return Ok(None);
+        };
+        let Some((conv, seq)) = index.len().checked_sub(8).map(|at| index.split_at(at)) else {
+            return Ok(None);
+        };
+        let last =
+            u64::from_be_bytes(seq.try_into().map_err(|_| ClientError::Invalid("index".into()))?);
+        for (key, value) in self.vault.scan_last(Space::Messages, &conv_prefix(conv), 200)? {
+            let mut e: HistoryEntry = unjson(&value)?;
+            if e.seq <= last
+                && !e.system
+                && e.sender != reader
+                && !e.read_by.iter().any(|w| w == reader)
+            {
+                e.read_by.push(reader.to_vec());
+                self.vault.put(Space::Messages, &key, &json(&e)?)?;
+            }
+        }
+        Ok(Some(conv.to_vec()))
     }
 
     // ----- receiving -------------------------------------------------------------------
@@ -1133,34 +1197,50 @@ impl Client {
 
     /// Waits up to `timeout` for something to arrive (push or long poll), then syncs.
     pub async fn wait(&mut self, timeout: Duration) -> Result<usize, ClientError> {
-        self.ensure_connected().await?;
         let n = self.sync().await?;
         if n > 0 {
             return Ok(n);
         }
+        self.wait_for_activity(timeout).await?;
+        self.sync().await
+    }
+
+    /// Waits up to `timeout` until a push arrives or the queue is non-empty, without
+    /// processing anything: safe to cancel (a UI drops it when the user acts). Call
+    /// [`Client::sync`] afterwards.
+    pub async fn wait_for_activity(&mut self, timeout: Duration) -> Result<(), ClientError> {
+        self.ensure_connected().await?;
+        if let Ok(p) = self.push_rx.try_recv() {
+            self.pending_pushes.push(p);
+            return Ok(());
+        }
+        let req = v1::FetchWaitRequest {
+            timeout_ms: timeout.as_millis() as u64,
+            limit: 1,
+            ..Default::default()
+        };
+        // Disjoint field borrows: the connection (shared) and the push channel (exclusive).
+        let conn = self.conn.as_ref().ok_or(NetError::Connection("not connected".into()))?;
         tokio::select! {
             push = self.push_rx.recv() => {
                 if let Some(p) = push {
-                    self.handle_push(p).await?;
+                    self.pending_pushes.push(p);
                 }
             }
-            r = async {
-                let conn = self.conn.as_ref()?;
-                conn.call::<_, v1::FetchWaitResponse>(
-                    method::FETCH_WAIT,
-                    &v1::FetchWaitRequest { timeout_ms: timeout.as_millis() as u64, limit: 100, ..Default::default() },
-                    timeout,
-                ).await.ok()
-            } => {
-                if let Some(r) = r {
-                    self.process_envelopes(r.payloads).await?;
+            r = conn.call::<_, v1::FetchWaitResponse>(method::FETCH_WAIT, &req, timeout) => {
+                if let Err(e @ (NetError::Connection(_) | NetError::Timeout)) = r {
+                    self.conn = None;
+                    return Err(e.into());
                 }
             }
         }
-        Ok(self.sync().await? + 1)
+        Ok(())
     }
 
     async fn drain_pushes(&mut self) -> Result<(), ClientError> {
+        for p in std::mem::take(&mut self.pending_pushes) {
+            self.handle_push(p).await?;
+        }
         while let Ok(p) = self.push_rx.try_recv() {
             self.handle_push(p).await?;
         }
@@ -1229,6 +1309,22 @@ impl Client {
                         self.emit(e);
                     }
                 }
+                // Our own storage failed: stop here and acknowledge only what is stored, so the
+                // message is fetched again next time rather than lost.
+                Err(e @ (ClientError::Vault(_) | ClientError::Io(_))) => {
+                    if let Some(done) = seq.checked_sub(1).filter(|d| *d > 0 && *d >= self.last_seq)
+                    {
+                        let _: Result<v1::AckResponse, _> = self
+                            .call(
+                                method::ACK,
+                                &v1::AckRequest { seq_up_to: done, ..Default::default() },
+                            )
+                            .await;
+                    }
+                    return Err(e);
+                }
+                // The message itself is bad (tampered, not for us, unauthorized commit):
+                // rejecting it is final, so it is acknowledged with the rest.
                 Err(e) => {
                     self.vault.put(Space::State, b"last_seq", &seq.to_be_bytes())?;
                     self.emit(Event::Rejected { reason: e.to_string() });

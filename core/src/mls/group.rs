@@ -257,7 +257,7 @@ impl Mls {
     }
 
     /// Adds the owners of `key_packages` (serialized `MLSMessage`s as the server returns them).
-    /// Admins only. In a DM, both members become admins.
+    /// Admins only (in a DM, every member counts as an admin).
     pub fn add(&self, group_id: &[u8], key_packages: &[Vec<u8>]) -> Result<Outgoing, GroupError> {
         self.atomic(|| {
             let mut group = self.load(group_id)?;

@@ -1,5 +1,5 @@
 //! `qpq-demo`: runs the real `qpq-server-lite` on this machine with its built-in default
-//! configuration (in a temporary data directory, on a free loopback port) and drives two real
+//! configuration (in a temporary data directory, on a free loopback port) and drives three real
 //! clients through it: registration with an invite code, an end-to-end encrypted DM and group
 //! (MLS with the X-Wing post-quantum ciphersuite), a file transfer, and safety numbers.
 

@@ -1,0 +1,267 @@
+use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+
+use std::time::{Duration, Instant};
+
+use qpq_core::client::{ConvKind, Conversation, HistoryEntry};
+
+use super::*;
+
+fn key(c: KeyCode) -> Action {
+    Action::Key(KeyEvent::new(c, KeyModifiers::NONE))
+}
+
+fn typed(app: &mut App, s: &str) -> Vec<Command> {
+    let mut out = Vec::new();
+    for ch in s.chars() {
+        out.extend(app.update(key(KeyCode::Char(ch))));
+    }
+    out
+}
+
+fn ctrl(c: char) -> Action {
+    Action::Key(KeyEvent::new(KeyCode::Char(c), KeyModifiers::CONTROL))
+}
+
+fn conv(id: u8, name: &str, kind: ConvKind, unread: u32) -> Conversation {
+    Conversation {
+        id: vec![id; 16],
+        kind,
+        name: name.into(),
+        topic: String::new(),
+        peer: None,
+        last_activity_ms: 0,
+        unread,
+        mentions: 0,
+        next_seq: 10,
+    }
+}
+
+/// An app with two conversations; the first (#team) open.
+fn app() -> App {
+    let mut a = App::new(Config::default());
+    a.username = "alice".into();
+    let cmds = a.update(Action::Worker(WorkerEvent::Conversations(vec![
+        conv(1, "team", ConvKind::Group, 0),
+        conv(2, "bob", ConvKind::Dm, 2),
+    ])));
+    assert_eq!(cmds, vec![Command::Open(vec![1; 16])], "the first conversation opens");
+    a
+}
+
+#[test]
+fn enter_sends_the_composer_text_to_the_open_conversation() {
+    let mut a = app();
+    typed(&mut a, "hello world");
+    let cmds = a.update(key(KeyCode::Enter));
+    assert_eq!(
+        cmds,
+        vec![Command::Send { conv: vec![1; 16], text: "hello world".into(), reply_to: None }]
+    );
+    assert!(a.composer.is_empty(), "the composer clears");
+    assert!(a.update(key(KeyCode::Enter)).is_empty(), "an empty composer sends nothing");
+    // Up recalls the last line.
+    a.update(key(KeyCode::Up));
+    assert_eq!(a.composer.lines(), ["hello world"]);
+}
+
+#[test]
+fn typing_notices_are_rate_limited_and_slash_commands_send_none() {
+    let mut a = app();
+    let cmds = typed(&mut a, "abc");
+    assert_eq!(
+        cmds,
+        vec![Command::Typing { conv: vec![1; 16], active: true }],
+        "one notice for a burst"
+    );
+    a.update(key(KeyCode::Enter));
+    assert!(typed(&mut a, "/dm").is_empty(), "no typing notice for a command");
+}
+
+#[test]
+fn focus_moves_between_panes_and_the_list_opens_conversations() {
+    let mut a = app();
+    assert_eq!(a.focus, Focus::Composer);
+    a.update(key(KeyCode::Tab));
+    assert_eq!(a.focus, Focus::Members, "a group shows its members pane");
+    a.update(key(KeyCode::Tab));
+    assert_eq!(a.focus, Focus::Conversations);
+    a.update(key(KeyCode::Char('j')));
+    assert_eq!(a.selected, 1);
+    let cmds = a.update(key(KeyCode::Enter));
+    assert_eq!(cmds, vec![Command::Open(vec![2; 16])]);
+    assert_eq!(a.open, Some(vec![2; 16]));
+    assert_eq!(a.focus, Focus::Composer);
+    assert_eq!(a.new_from, Some(8), "two unread of next_seq 10: the marker sits at seq 8");
+    a.update(Action::Key(KeyEvent::new(KeyCode::BackTab, KeyModifiers::SHIFT)));
+    assert_eq!(a.focus, Focus::Timeline);
+}
+
+#[test]
+fn admin_commands_issue_the_right_engine_commands_and_destructive_ones_ask() {
+    let mut a = app();
+    let team = vec![1u8; 16];
+    let run = |a: &mut App, line: &str| {
+        typed(a, line);
+        a.update(key(KeyCode::Enter))
+    };
+    assert_eq!(
+        run(&mut a, "/invite bob @carol"),
+        vec![Command::Add { conv: team.clone(), users: vec!["bob".into(), "carol".into()] }]
+    );
+    assert_eq!(
+        run(&mut a, "/promote bob"),
+        vec![Command::SetAdmin { conv: team.clone(), user: "bob".into(), admin: true }]
+    );
+    assert_eq!(
+        run(&mut a, "/demote bob"),
+        vec![Command::SetAdmin { conv: team.clone(), user: "bob".into(), admin: false }]
+    );
+    assert_eq!(
+        run(&mut a, "/rename crew"),
+        vec![Command::Rename { conv: team.clone(), name: "crew".into(), topic: None }]
+    );
+    assert_eq!(run(&mut a, "/rotate"), vec![Command::Rotate(team.clone())]);
+    assert_eq!(run(&mut a, "/info"), vec![Command::Info(team.clone())]);
+    assert_eq!(run(&mut a, "/dm dave"), vec![Command::Dm("dave".into())]);
+    assert_eq!(run(&mut a, "/create ops"), vec![Command::CreateGroup("ops".into())]);
+
+    // Removing asks first; anything but y cancels.
+    assert!(run(&mut a, "/kick carol").is_empty());
+    assert!(matches!(a.overlay, Some(Overlay::Confirm { .. })));
+    assert!(a.update(key(KeyCode::Char('n'))).is_empty());
+    assert!(a.overlay.is_none());
+    run(&mut a, "/kick carol");
+    assert_eq!(
+        a.update(key(KeyCode::Char('y'))),
+        vec![Command::Remove { conv: team.clone(), user: "carol".into() }]
+    );
+    run(&mut a, "/leave");
+    assert_eq!(a.update(key(KeyCode::Char('y'))), vec![Command::Leave(team)]);
+
+    assert!(run(&mut a, "/frobnicate").is_empty());
+    assert!(a.message.as_ref().is_some_and(|(m, err)| *err && m.contains("unknown command")));
+    assert!(run(&mut a, "/invite").is_empty());
+    assert!(a.message.as_ref().is_some_and(|(m, _)| m.starts_with("usage")));
+}
+
+#[test]
+fn the_switcher_finds_conversations_fuzzily() {
+    let mut a = app();
+    a.update(ctrl('k'));
+    assert!(matches!(a.overlay, Some(Overlay::Switcher { .. })));
+    typed(&mut a, "bb");
+    let cmds = a.update(key(KeyCode::Enter));
+    assert_eq!(cmds, vec![Command::Open(vec![2; 16])]);
+    assert!(a.overlay.is_none());
+    assert_eq!(fuzzy_score("tm", "team"), Some(6), "two gaps (x2) and two unmatched letters");
+    assert_eq!(fuzzy_score("x", "team"), None);
+    assert!(fuzzy_score("team", "team").unwrap() < fuzzy_score("tm", "team").unwrap());
+}
+
+#[test]
+fn help_opens_and_closes_and_quit_quits() {
+    let mut a = app();
+    a.update(key(KeyCode::F(1)));
+    assert_eq!(a.overlay, Some(Overlay::Help));
+    a.update(key(KeyCode::Esc));
+    assert!(a.overlay.is_none());
+    assert_eq!(a.update(ctrl('q')), vec![Command::Quit]);
+    assert!(a.quit);
+}
+
+#[test]
+fn notifications_follow_the_conversation_level() {
+    let mut a = app();
+    let entry = |text: &str| HistoryEntry {
+        seq: 1,
+        message_id: [9; 16],
+        sender: vec![7; 32],
+        sent_at_ms: 0,
+        received_at_ms: 0,
+        text: text.into(),
+        reply_to: None,
+        file: None,
+        edited: false,
+        deleted: false,
+        reactions: vec![],
+        read_by: vec![],
+        system: false,
+        pending: false,
+    };
+    let incoming = |conv: u8, text: &str, mention| {
+        Action::Worker(WorkerEvent::Incoming {
+            conv: vec![conv; 16],
+            entry: entry(text),
+            sender: "bob".into(),
+            mention,
+        })
+    };
+    a.update(incoming(1, "plain group chatter", false));
+    assert!(a.pending_alert.is_none(), "default level: mentions only");
+    a.update(incoming(1, "hey @alice", true));
+    assert!(a.pending_alert.take().is_some());
+    a.update(incoming(2, "a DM", false));
+    assert!(a.pending_alert.take().is_some(), "DMs count as mentions");
+    typed(&mut a, "/notify none");
+    assert_eq!(
+        a.update(key(KeyCode::Enter)),
+        vec![Command::Notify { conv: vec![1; 16], level: config::NotifyLevel::None }]
+    );
+    a.update(incoming(1, "hey @alice", true));
+    assert!(a.pending_alert.is_none());
+    // The open conversation's timeline got the messages.
+    assert_eq!(a.timeline.len(), 1, "same seq replaces the entry");
+}
+
+#[test]
+fn typing_indicators_expire() {
+    let mut a = app();
+    a.update(Action::Worker(WorkerEvent::Typing {
+        conv: vec![1; 16],
+        who: "bob".into(),
+        active: true,
+    }));
+    assert_eq!(a.typing[&vec![1u8; 16]].len(), 1);
+    a.update(Action::Tick(Instant::now() + TYPING_SHOWN + Duration::from_secs(1)));
+    assert!(a.typing[&vec![1u8; 16]].is_empty());
+}
+
+#[test]
+fn timeline_keys_react_copy_and_reply() {
+    let mut a = app();
+    let mut e = HistoryEntry {
+        seq: 0,
+        message_id: [5; 16],
+        sender: vec![7; 32],
+        sent_at_ms: 0,
+        received_at_ms: 0,
+        text: "pick me".into(),
+        reply_to: None,
+        file: None,
+        edited: false,
+        deleted: false,
+        reactions: vec![],
+        read_by: vec![],
+        system: false,
+        pending: false,
+    };
+    a.update(Action::Worker(WorkerEvent::History {
+        conv: vec![1; 16],
+        entries: vec![e.clone()],
+        names: vec![],
+    }));
+    e.seq = 1;
+    a.focus = Focus::Timeline;
+    assert_eq!(a.update(key(KeyCode::Char('y'))), vec![Command::Copy("pick me".into())]);
+    assert_eq!(
+        a.update(key(KeyCode::Char('+'))),
+        vec![Command::React { conv: vec![1; 16], target: [5; 16], emoji: "👍".into() }]
+    );
+    a.update(key(KeyCode::Char('r')));
+    assert_eq!(a.focus, Focus::Composer);
+    typed(&mut a, "sure");
+    assert_eq!(
+        a.update(key(KeyCode::Enter)),
+        vec![Command::Send { conv: vec![1; 16], text: "sure".into(), reply_to: Some([5; 16]) }]
+    );
+}

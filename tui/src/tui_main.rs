@@ -1,0 +1,240 @@
+//! The terminal UI's main loop: terminal setup, the first-run and unlock forms, then input,
+//! worker events and ticks feeding [`App::update`], and a redraw after each.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crossterm::event::{
+    DisableBracketedPaste, EnableBracketedPaste, Event as TermEvent, KeyEventKind,
+};
+use qpq_core::client::net::Connection;
+use qpq_core::client::{Client, ClientError, RegisterOptions};
+use qpq_core::vault::{KdfParams, VaultError};
+use ratatui::DefaultTerminal;
+use tokio::sync::mpsc;
+
+use crate::app::{Action, App, Command};
+use crate::config::Config;
+use crate::login::{Form, FormAction, Stage};
+use crate::{ui, worker};
+
+/// Runs the UI for the account in `home` until the user quits.
+pub async fn run(home: PathBuf, store: PathBuf) -> anyhow::Result<()> {
+    let config = Config::load()?;
+    let mut terminal = ratatui::init();
+    let _ = crossterm::execute!(std::io::stdout(), EnableBracketedPaste);
+    let (key_tx, mut keys) = mpsc::channel::<TermEvent>(256);
+    std::thread::Builder::new().name("qpq-input".into()).spawn(move || {
+        while let Ok(ev) = crossterm::event::read() {
+            if key_tx.blocking_send(ev).is_err() {
+                break;
+            }
+        }
+    })?;
+    let result = async {
+        let Some(client) = setup(&mut terminal, &mut keys, &home, &store).await? else {
+            return Ok(());
+        };
+        main_loop(&mut terminal, &mut keys, client, config).await
+    }
+    .await;
+    let _ = crossterm::execute!(std::io::stdout(), DisableBracketedPaste);
+    ratatui::restore();
+    result
+}
+
+async fn next_key(keys: &mut mpsc::Receiver<TermEvent>) -> Option<crossterm::event::KeyEvent> {
+    loop {
+        match keys.recv().await? {
+            TermEvent::Key(k) if k.kind != KeyEventKind::Release => return Some(k),
+            _ => continue,
+        }
+    }
+}
+
+/// Unlocks the store, or registers a new account; `None` if the user quit.
+async fn setup(
+    terminal: &mut DefaultTerminal,
+    keys: &mut mpsc::Receiver<TermEvent>,
+    home: &Path,
+    store: &Path,
+) -> anyhow::Result<Option<Client>> {
+    if store.exists() {
+        let mut form = Form::unlock(&home.display().to_string());
+        loop {
+            terminal.draw(|f| form.draw(f))?;
+            let Some(key) = next_key(keys).await else { return Ok(None) };
+            match form.key(key) {
+                FormAction::Quit => return Ok(None),
+                FormAction::Submit => {
+                    form.stage = Stage::Working("unlocking…".into());
+                    terminal.draw(|f| form.draw(f))?;
+                    let (path, pass) = (store.to_path_buf(), form.fields[0].value.clone());
+                    match tokio::task::spawn_blocking(move || Client::open(&path, &pass)).await? {
+                        Ok(c) => return Ok(Some(c)),
+                        Err(ClientError::Vault(VaultError::WrongPassphrase)) => {
+                            form.error = Some("wrong passphrase".into());
+                            form.fields[0].value.clear();
+                        }
+                        Err(e) => form.error = Some(e.to_string()),
+                    }
+                    form.stage = Stage::Editing;
+                }
+                _ => {}
+            }
+        }
+    }
+    let default_server = std::env::var("QPQ_SERVER").unwrap_or_else(|_| "127.0.0.1:5001".into());
+    let mut form = Form::register(&default_server);
+    let mut fingerprint = None;
+    loop {
+        terminal.draw(|f| form.draw(f))?;
+        let Some(key) = next_key(keys).await else { return Ok(None) };
+        match form.key(key) {
+            FormAction::Quit => return Ok(None),
+            FormAction::Submit => {
+                let addr = match form.value("Server").parse() {
+                    Ok(a) => a,
+                    Err(_) => {
+                        form.error =
+                            Some("server must be host-ip:port, e.g. 192.0.2.1:5001".into());
+                        continue;
+                    }
+                };
+                form.stage = Stage::Working("connecting…".into());
+                form.error = None;
+                terminal.draw(|f| form.draw(f))?;
+                let (tx, _rx) = mpsc::channel(1);
+                match Connection::connect(addr, "localhost", None, tx, Duration::from_secs(10))
+                    .await
+                {
+                    Ok(conn) => {
+                        fingerprint = Some(conn.fingerprint.clone());
+                        form.stage = Stage::Confirm(conn.fingerprint.clone());
+                        conn.close().await;
+                    }
+                    Err(e) => {
+                        form.stage = Stage::Editing;
+                        form.error = Some(format!("cannot reach the server: {e}"));
+                    }
+                }
+            }
+            FormAction::Confirmed => {
+                form.stage = Stage::Working("registering (deriving keys)…".into());
+                terminal.draw(|f| form.draw(f))?;
+                let opts = RegisterOptions {
+                    store: store.to_path_buf(),
+                    passphrase: form.value("Local passphrase").to_string(),
+                    server: form.value("Server").parse()?,
+                    pin: fingerprint.clone(),
+                    username: form.value("Username").to_string(),
+                    password: form.value("Password").to_string(),
+                    invite: form.value("Invite code (if needed)").to_string(),
+                    kdf: KdfParams::default(),
+                };
+                match Client::register(opts).await {
+                    Ok(c) => return Ok(Some(c)),
+                    Err(e) => {
+                        form.stage = Stage::Editing;
+                        form.error = Some(e.to_string());
+                    }
+                }
+            }
+            FormAction::None => {}
+        }
+    }
+}
+
+async fn main_loop(
+    terminal: &mut DefaultTerminal,
+    keys: &mut mpsc::Receiver<TermEvent>,
+    client: Client,
+    config: Config,
+) -> anyhow::Result<()> {
+    let (cmd_tx, cmd_rx) = mpsc::channel(256);
+    let (ev_tx, mut events) = mpsc::channel(1024);
+    let worker = tokio::spawn(worker::run(client, cmd_rx, ev_tx));
+    let mut app = App::new(config);
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        terminal.draw(|f| ui::draw(f, &app))?;
+        if let Some(alert) = app.pending_alert.take() {
+            notify(&alert);
+        }
+        if app.quit {
+            break;
+        }
+        let action = tokio::select! {
+            ev = keys.recv() => match ev {
+                Some(TermEvent::Key(k)) if k.kind != KeyEventKind::Release => Action::Key(k),
+                Some(TermEvent::Paste(s)) => Action::Paste(s),
+                Some(_) => continue, // resize and the rest: just redraw
+                None => break,
+            },
+            ev = events.recv() => match ev {
+                Some(e) => Action::Worker(e),
+                None => break,
+            },
+            _ = tick.tick() => Action::Tick(Instant::now()),
+        };
+        for cmd in app.update(action) {
+            match cmd {
+                Command::Copy(text) => copy(&text),
+                Command::Quit => {
+                    let _ = cmd_tx.send(Command::Quit).await;
+                    app.quit = true;
+                }
+                other => {
+                    let _ = cmd_tx.send(other).await;
+                }
+            }
+        }
+    }
+    drop(cmd_tx);
+    let _ = tokio::time::timeout(Duration::from_secs(2), worker).await;
+    Ok(())
+}
+
+/// Bell, plus OSC 9 and OSC 777 desktop notifications (terminals that do not know them
+/// ignore them).
+fn notify(text: &str) {
+    let clean: String = text.chars().filter(|c| !c.is_control()).take(120).collect();
+    let mut out = std::io::stdout();
+    let _ = write!(out, "\x07\x1b]9;{clean}\x07\x1b]777;notify;qpq;{clean}\x07");
+    let _ = out.flush();
+}
+
+/// Copies to the clipboard with OSC 52 (works over SSH and in tmux with set-clipboard on).
+fn copy(text: &str) {
+    let mut out = std::io::stdout();
+    let _ = write!(out, "\x1b]52;c;{}\x07", base64(text.as_bytes()));
+    let _ = out.flush();
+}
+
+fn base64(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut s = String::with_capacity(data.len().div_ceil(3) * 4);
+    for c in data.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        s.push(T[(n >> 18) as usize & 63] as char);
+        s.push(T[(n >> 12) as usize & 63] as char);
+        s.push(if c.len() > 1 { T[(n >> 6) as usize & 63] as char } else { '=' });
+        s.push(if c.len() > 2 { T[n as usize & 63] as char } else { '=' });
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64_matches_rfc4648() {
+        assert_eq!(super::base64(b""), "");
+        assert_eq!(super::base64(b"f"), "Zg==");
+        assert_eq!(super::base64(b"fo"), "Zm8=");
+        assert_eq!(super::base64(b"foo"), "Zm9v");
+        assert_eq!(super::base64(b"foobar"), "Zm9vYmFy");
+    }
+}

@@ -1,0 +1,192 @@
+//! Whole-screen snapshots on ratatui's TestBackend.
+
+use qpq_core::client::{ConnState, ConvKind, Conversation, HistoryEntry, StoredFile};
+
+use ratatui::Terminal;
+use ratatui::backend::TestBackend;
+
+use crate::app::{Action, App, Focus, InfoView, Overlay, TransferView, WorkerEvent};
+use crate::config::Config;
+use crate::login::Form;
+
+/// 2026-01-01 12:00 UTC.
+const NOON: u64 = 1_767_268_800_000;
+
+fn conv(id: u8, name: &str, kind: ConvKind, unread: u32, mentions: u32) -> Conversation {
+    Conversation {
+        id: vec![id; 16],
+        kind,
+        name: name.into(),
+        topic: if kind == ConvKind::Group { "launch on friday".into() } else { String::new() },
+        peer: None,
+        last_activity_ms: NOON,
+        unread,
+        mentions,
+        next_seq: 6,
+    }
+}
+
+fn entry(seq: u64, sender: u8, text: &str, minute: u64) -> HistoryEntry {
+    HistoryEntry {
+        seq,
+        message_id: [seq as u8 + 1; 16],
+        sender: vec![sender; 32],
+        sent_at_ms: NOON + minute * 60_000,
+        received_at_ms: NOON + minute * 60_000,
+        text: text.into(),
+        reply_to: None,
+        file: None,
+        edited: false,
+        deleted: false,
+        reactions: vec![],
+        read_by: vec![],
+        system: false,
+        pending: false,
+    }
+}
+
+fn base() -> App {
+    let mut a = App::new(Config::default());
+    a.update(Action::Worker(WorkerEvent::Identity {
+        username: "alice".into(),
+        server: "192.0.2.1:5001".into(),
+        identity: "d4d532c24695".into(),
+    }));
+    a.update(Action::Worker(WorkerEvent::Status { conn: ConnState::Online, outbox: 0 }));
+    a
+}
+
+fn with_history() -> App {
+    let mut a = base();
+    a.update(Action::Worker(WorkerEvent::Conversations(vec![
+        conv(1, "team", ConvKind::Group, 0, 0),
+        conv(2, "bob", ConvKind::Dm, 2, 1),
+        conv(3, "ops", ConvKind::Group, 0, 0),
+    ])));
+    let mut system = entry(0, 0, "alice added bob, carol", 0);
+    system.system = true;
+    system.sender = vec![];
+    let mut hello = entry(1, 1, "hello team, the router is flashed", 1);
+    hello.reactions = vec![("👍".into(), vec![2; 32]), ("👍".into(), vec![3; 32])];
+    hello.read_by = vec![vec![2; 32], vec![3; 32]];
+    let mut edited = entry(2, 2, "great, I will test it tonight", 2);
+    edited.edited = true;
+    let mut reply = entry(3, 3, "@alice which firmware?", 3);
+    reply.reply_to = Some([2; 16]);
+    let mut file = entry(4, 1, "[file] notes.pdf", 4);
+    file.file = Some(StoredFile {
+        blob_id: [0; 32],
+        size: 1_572_864,
+        ciphertext_size: 1_573_248,
+        name: "notes.pdf".into(),
+        media_type: "application/pdf".into(),
+        key: [0; 32],
+        sha256: [0; 32],
+    });
+    let mut deleted = entry(5, 2, "", 5);
+    deleted.deleted = true;
+    a.new_from = Some(3);
+    a.update(Action::Worker(WorkerEvent::History {
+        conv: vec![1; 16],
+        entries: vec![system, hello, edited, reply, file, deleted],
+        names: vec![
+            (vec![1; 32], "alice".into()),
+            (vec![2; 32], "bob".into()),
+            (vec![3; 32], "carol".into()),
+        ],
+    }));
+    a.update(Action::Worker(WorkerEvent::Members {
+        conv: vec![1; 16],
+        members: vec![
+            ("alice".into(), true, vec![1; 32]),
+            ("bob".into(), false, vec![2; 32]),
+            ("carol".into(), false, vec![3; 32]),
+        ],
+    }));
+    a
+}
+
+fn render(app: &App, w: u16, h: u16) -> TestBackend {
+    let mut t = Terminal::new(TestBackend::new(w, h)).unwrap();
+    t.draw(|f| super::draw(f, app)).unwrap();
+    t.backend().clone()
+}
+
+#[test]
+fn empty_state() {
+    insta::assert_snapshot!("empty_80x24", render(&base(), 80, 24));
+}
+
+#[test]
+fn conversation_with_history_at_80x24() {
+    insta::assert_snapshot!("history_80x24", render(&with_history(), 80, 24));
+}
+
+#[test]
+fn group_with_members_and_typing_at_100x30() {
+    let mut a = with_history();
+    a.update(Action::Worker(WorkerEvent::Typing {
+        conv: vec![1; 16],
+        who: "carol".into(),
+        active: true,
+    }));
+    insta::assert_snapshot!("group_members_100x30", render(&a, 100, 30));
+}
+
+#[test]
+fn file_transfer_in_progress() {
+    let mut a = with_history();
+    a.transfers.push(TransferView {
+        name: "backup.tar".into(),
+        done: 3 << 20,
+        total: 5 << 20,
+        upload: true,
+    });
+    a.outbox = 2;
+    a.update(Action::Worker(WorkerEvent::Status { conn: ConnState::Reconnecting, outbox: 2 }));
+    insta::assert_snapshot!("transfer_100x30", render(&a, 100, 30));
+}
+
+#[test]
+fn help_overlay() {
+    let mut a = with_history();
+    a.overlay = Some(Overlay::Help);
+    insta::assert_snapshot!("help_100x40", render(&a, 100, 40));
+}
+
+#[test]
+fn group_info_overlay_and_timeline_selection() {
+    let mut a = with_history();
+    a.focus = Focus::Timeline;
+    a.cursor = 2;
+    a.overlay = Some(Overlay::Info(InfoView {
+        name: "team".into(),
+        topic: "launch on friday".into(),
+        epoch: 7,
+        code: "36f1-828a-54fb-0784-0683".into(),
+        members: vec![("alice".into(), true), ("bob".into(), false)],
+    }));
+    insta::assert_snapshot!("info_100x30", render(&a, 100, 30));
+}
+
+#[test]
+fn login_screen() {
+    let mut form = Form::register("192.0.2.1:5001");
+    for c in "alice".chars() {
+        form.key(crossterm::event::KeyEvent::from(crossterm::event::KeyCode::Char(c)));
+    }
+    let mut t = Terminal::new(TestBackend::new(80, 24)).unwrap();
+    t.draw(|f| form.draw(f)).unwrap();
+    insta::assert_snapshot!("login_80x24", t.backend());
+}
+
+#[test]
+fn a_resize_redraws_without_garbage() {
+    let a = with_history();
+    let mut t = Terminal::new(TestBackend::new(120, 40)).unwrap();
+    t.draw(|f| super::draw(f, &a)).unwrap();
+    t.backend_mut().resize(80, 24);
+    t.resize(ratatui::layout::Rect::new(0, 0, 80, 24)).unwrap();
+    t.draw(|f| super::draw(f, &a)).unwrap();
+    assert_eq!(t.backend().to_string(), render(&a, 80, 24).to_string());
+}
