@@ -594,6 +594,13 @@ impl App {
                 self.composer.delete_word();
                 Vec::new()
             }
+            KeyCode::Char('u') if ctrl => {
+                // Kill the whole draft, as in shells and IRC clients.
+                self.composer = new_composer();
+                let conv = self.open.clone();
+                self.typing_sent = None;
+                conv.map(|conv| Command::Typing { conv, active: false }).into_iter().collect()
+            }
             _ => {
                 self.composer.input(key);
                 self.typing_notice()

@@ -367,6 +367,7 @@ pub const HELP: &[(&str, &str)] = &[
     ("g/G, Home/End", "first / last"),
     ("Enter", "open conversation / send message"),
     ("Alt-Enter", "new line in the composer"),
+    ("Ctrl-U, Ctrl-W", "clear the draft / delete a word"),
     ("↑/↓ in composer", "recall sent lines"),
     ("Esc, i", "leave / enter the composer"),
     ("timeline: y", "copy message (OSC 52)"),
