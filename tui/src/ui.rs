@@ -117,7 +117,23 @@ fn timeline_pane(f: &mut Frame<'_>, app: &App, area: Rect) {
         };
         lines.push(Line::styled(hint, Style::new().fg(color(&app.config.theme.dim))));
     }
-    for (i, e) in app.timeline.iter().enumerate() {
+    // Only the newest entries that can be seen (down to the selected one) are laid out: a frame
+    // costs the same with 50 or 50,000 messages in memory.
+    let height_rows = area.height.saturating_sub(2) as usize;
+    let rows = |l: &Line<'_>| l.width().div_ceil(inner_width).max(1);
+    let mut start = n;
+    let mut filled = 0usize;
+    while start > 0 {
+        let i = start - 1;
+        let must_include = app.focus == Focus::Timeline && n - 1 - i <= app.cursor;
+        if filled >= height_rows && !must_include {
+            break;
+        }
+        filled +=
+            entry_lines(app, &app.timeline[i], inner_width).iter().map(rows).sum::<usize>() + 1;
+        start = i;
+    }
+    for (i, e) in app.timeline.iter().enumerate().skip(start) {
         let day = e.received_at_ms / 86_400_000;
         if last_day != Some(day) {
             lines.push(

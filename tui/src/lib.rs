@@ -1,0 +1,11 @@
+//! qpq-tui: the `qpq` terminal client (scriptable subcommands and the terminal UI). The binary
+//! is `src/main.rs`; the library exists so benchmarks and tests can drive the same code.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod login;
+pub mod tui_main;
+pub mod ui;
+pub mod worker;
