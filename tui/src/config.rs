@@ -10,6 +10,9 @@
 //! [notify]
 //! default = "mentions"   # all | mentions | none (DMs always count as mentions)
 //! ```
+//!
+//! Top level: `mouse = true` captures the mouse (wheel scrolls the timeline);
+//! `hyperlinks = false` stops OSC 8 links.
 
 use std::path::PathBuf;
 
@@ -18,7 +21,7 @@ use ratatui::style::Color;
 use serde::Deserialize;
 
 /// The whole configuration.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Key bindings.
@@ -27,6 +30,16 @@ pub struct Config {
     pub theme: Theme,
     /// Notifications.
     pub notify: Notify,
+    /// Capture the mouse (wheel scrolls the timeline). Off by default, so the terminal's own
+    /// text selection keeps working.
+    pub mouse: bool,
+    /// Emit OSC 8 hyperlinks for URLs on screen. Default on.
+    #[serde(default = "yes")]
+    pub hyperlinks: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Rebindable global keys (everything else is fixed and listed in the help overlay).
@@ -97,6 +110,18 @@ pub enum NotifyLevel {
 pub struct Notify {
     /// Level for conversations without their own.
     pub default: NotifyLevel,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            keys: Keys::default(),
+            theme: Theme::default(),
+            notify: Notify::default(),
+            mouse: false,
+            hyperlinks: true,
+        }
+    }
 }
 
 impl Config {

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crossterm::event::{
-    DisableBracketedPaste, EnableBracketedPaste, Event as TermEvent, KeyEventKind,
+    DisableBracketedPaste, DisableMouseCapture, EnableBracketedPaste, EnableMouseCapture,
+    Event as TermEvent, KeyCode, KeyEvent, KeyEventKind, MouseEventKind,
 };
 use qpq_core::client::net::Connection;
 use qpq_core::client::{Client, ClientError, RegisterOptions};
@@ -155,10 +156,17 @@ async fn main_loop(
     let (cmd_tx, cmd_rx) = mpsc::channel(256);
     let (ev_tx, mut events) = mpsc::channel(1024);
     let worker = tokio::spawn(worker::run(client, cmd_rx, ev_tx));
+    if config.mouse {
+        let _ = crossterm::execute!(std::io::stdout(), EnableMouseCapture);
+    }
+    let (mouse, hyperlinks) = (config.mouse, config.hyperlinks);
     let mut app = App::new(config);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
-        terminal.draw(|f| ui::draw(f, &app))?;
+        let frame = terminal.draw(|f| ui::draw(f, &app))?;
+        if hyperlinks {
+            write_links(frame.buffer);
+        }
         if let Some(alert) = app.pending_alert.take() {
             notify(&alert);
         }
@@ -169,6 +177,11 @@ async fn main_loop(
             ev = keys.recv() => match ev {
                 Some(TermEvent::Key(k)) if k.kind != KeyEventKind::Release => Action::Key(k),
                 Some(TermEvent::Paste(s)) => Action::Paste(s),
+                Some(TermEvent::Mouse(m)) if mouse => match m.kind {
+                    MouseEventKind::ScrollUp => Action::Key(KeyEvent::from(KeyCode::Up)),
+                    MouseEventKind::ScrollDown => Action::Key(KeyEvent::from(KeyCode::Down)),
+                    _ => continue,
+                },
                 Some(_) => continue, // resize and the rest: just redraw
                 None => break,
             },
@@ -191,9 +204,51 @@ async fn main_loop(
             }
         }
     }
+    if mouse {
+        let _ = crossterm::execute!(std::io::stdout(), DisableMouseCapture);
+    }
     drop(cmd_tx);
     let _ = tokio::time::timeout(Duration::from_secs(2), worker).await;
     Ok(())
+}
+
+/// Rewrites every `http(s)://` run on screen as an OSC 8 hyperlink (same text, same place), so
+/// terminals that support it make links clickable; others ignore the escape.
+fn write_links(buffer: &ratatui::buffer::Buffer) {
+    let area = buffer.area;
+    let mut out = Vec::new();
+    for y in area.top()..area.bottom() {
+        let row: Vec<&str> = (area.left()..area.right()).map(|x| buffer[(x, y)].symbol()).collect();
+        let line: String = row.concat();
+        if !line.contains("http") {
+            continue;
+        }
+        let mut x = 0usize;
+        while x < row.len() {
+            let rest: String = row[x..].concat();
+            if rest.starts_with("https://") || rest.starts_with("http://") {
+                let end = row[x..]
+                    .iter()
+                    .position(|c| c.trim().is_empty() || *c == "│" || *c == "┃")
+                    .map_or(row.len(), |p| x + p);
+                let url: String = row[x..end].concat();
+                let _ = write!(
+                    out,
+                    "\x1b[{};{}H\x1b[4m\x1b]8;;{url}\x1b\\{url}\x1b]8;;\x1b\\\x1b[0m",
+                    y + 1,
+                    x as u16 + area.left() + 1
+                );
+                x = end;
+            } else {
+                x += 1;
+            }
+        }
+    }
+    if !out.is_empty() {
+        let mut stdout = std::io::stdout();
+        let _ = stdout.write_all(&out);
+        let _ = stdout.flush();
+    }
 }
 
 /// Bell, plus OSC 9 and OSC 777 desktop notifications (terminals that do not know them

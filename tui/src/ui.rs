@@ -190,7 +190,8 @@ fn entry_lines<'a>(app: &'a App, e: &'a HistoryEntry, _width: usize) -> Vec<Line
         .get(&e.sender)
         .cloned()
         .unwrap_or_else(|| e.sender.iter().take(3).map(|b| format!("{b:02x}")).collect());
-    let name_style = if who == app.username {
+    let own = who == app.username;
+    let name_style = if own {
         Style::new().fg(color(&app.config.theme.accent)).bold()
     } else {
         Style::new().fg(color(&app.config.theme.peer)).bold()
@@ -246,7 +247,7 @@ fn entry_lines<'a>(app: &'a App, e: &'a HistoryEntry, _width: usize) -> Vec<Line
     }
     if e.pending {
         spans.push(Span::styled(" ⏳", dim));
-    } else if !e.read_by.is_empty() {
+    } else if !e.read_by.is_empty() && own {
         spans.push(Span::styled(format!(" ✓{}", e.read_by.len()), dim));
     }
     out.push(Line::from(spans));
