@@ -416,3 +416,31 @@ async fn a_changed_server_certificate_is_a_loud_error() {
         other => panic!("expected a certificate error, got {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaving_takes_effect_when_an_admin_commits_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(&dir.path().join("server"), &[]).unwrap();
+    let mut alice = account(&server, dir.path(), "alice").await;
+    let mut bob = account(&server, dir.path(), "bob").await;
+    let mut carol = account(&server, dir.path(), "carol").await;
+    let team = alice.create_group("team").await.unwrap();
+    alice.add_members(&team, &["bob".into(), "carol".into()]).await.unwrap();
+    bob.sync().await.unwrap();
+    carol.sync().await.unwrap();
+
+    bob.leave(&team).await.unwrap();
+    assert!(bob.conversation(&team).unwrap().is_none(), "bob forgot the group");
+    carol.sync().await.unwrap(); // a non-admin only queues the proposal
+    assert_eq!(carol.group_info(&team).await.unwrap().members.len(), 3);
+    alice.sync().await.unwrap(); // the admin commits it
+    assert_eq!(alice.group_info(&team).await.unwrap().members.len(), 2);
+    carol.sync().await.unwrap();
+    let info = carol.group_info(&team).await.unwrap();
+    assert_eq!(info.members.len(), 2);
+    assert!(info.members.iter().all(|(_, n, _)| n != "bob"));
+    assert_eq!(info.verification_code, alice.group_info(&team).await.unwrap().verification_code);
+    alice.send_text(&team, "just us now").await.unwrap();
+    carol.sync().await.unwrap();
+    assert_eq!(texts(&carol, &team).last().unwrap(), "just us now");
+}

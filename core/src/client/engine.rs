@@ -134,6 +134,11 @@ pub enum Event {
         /// Why.
         reason: String,
     },
+    /// A member proposed a change (e.g. leaving) that waits for an admin's commit.
+    Proposal {
+        /// Conversation id.
+        conv: Vec<u8>,
+    },
     /// Gap in a queue's seq numbers: messages expired on the server before we fetched them.
     Gap {
         /// Last seq seen.
@@ -1285,6 +1290,7 @@ impl Client {
     async fn process_envelopes(&mut self, envs: Vec<v1::Envelope>) -> Result<(), ClientError> {
         let Some(last) = envs.last().map(|e| e.seq) else { return Ok(()) };
         let mut names_needed = Vec::new();
+        let mut proposals: Vec<Vec<u8>> = Vec::new();
         for env in envs {
             if env.seq <= self.last_seq {
                 continue; // already stored; the ack was lost
@@ -1301,6 +1307,10 @@ impl Client {
             match result {
                 Ok(events) => {
                     for e in events {
+                        if let Event::Proposal { conv } = &e {
+                            proposals.push(conv.clone());
+                            continue;
+                        }
                         if let Event::Message { entry, .. } = &e
                             && let Ok(id) = <[u8; 32]>::try_from(entry.sender.as_slice())
                         {
@@ -1338,6 +1348,13 @@ impl Client {
             .await?;
         for id in names_needed {
             self.name_of(&id).await;
+        }
+        proposals.dedup();
+        for conv in proposals {
+            // Someone left: as an admin, make it take effect.
+            if let Some(out) = self.mls.commit_pending(&conv)? {
+                self.deliver_commit(&conv, out).await?;
+            }
         }
         self.name_dms().await
     }
@@ -1453,7 +1470,8 @@ impl Client {
                 events.push(Event::Conversation { conv: group_id });
             }
             Incoming::Proposal { group_id, .. } => {
-                events.push(Event::Conversation { conv: group_id })
+                events.push(Event::Proposal { conv: group_id.clone() });
+                events.push(Event::Conversation { conv: group_id });
             }
         }
         Ok(events)

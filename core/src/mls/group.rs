@@ -375,6 +375,27 @@ impl Mls {
         })
     }
 
+    /// Commits the proposals other members left in the queue (a member leaving proposes its
+    /// own removal; an admin makes it take effect). `None` if there is nothing to commit or we
+    /// are not an admin.
+    pub fn commit_pending(&self, group_id: &[u8]) -> Result<Option<Outgoing>, GroupError> {
+        self.atomic(|| {
+            let mut group = self.load(group_id)?;
+            if group.pending_proposals().next().is_none() || self.require_admin(&group).is_err() {
+                return Ok(None);
+            }
+            let commit_to = self.others(&group);
+            let (commit, _, _) =
+                group.commit_to_pending_proposals(&self.provider, &self.identity).map_err(mls)?;
+            Ok(Some(Outgoing {
+                commit: commit.tls_serialize_detached().map_err(mls)?,
+                commit_to,
+                welcome: None,
+                welcome_to: Vec::new(),
+            }))
+        })
+    }
+
     /// Merges our own pending commit once the server has accepted it.
     pub fn confirm(&self, group_id: &[u8]) -> Result<(), GroupError> {
         self.atomic(|| {
