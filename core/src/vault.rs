@@ -295,6 +295,33 @@ impl Vault {
             .collect()
     }
 
+    /// Like [`Vault::scan_last`], but only keys below `before` (an older page).
+    pub fn scan_before(
+        &self,
+        space: Space,
+        prefix: &[u8],
+        before: &[u8],
+        limit: usize,
+    ) -> Result<Vec<Entry>, VaultError> {
+        let batch = self.lock();
+        let mut raw = match batch.as_ref() {
+            Some(txn) => page_before(&txn.open_table(space.table())?, prefix, before, limit)?,
+            None => page_before(
+                &self.db.begin_read()?.open_table(space.table())?,
+                prefix,
+                before,
+                limit,
+            )?,
+        };
+        raw.reverse();
+        raw.into_iter()
+            .map(|(k, v)| {
+                let plain = open_sealed(&self.cipher, space.name(), &k, &v)?;
+                Ok((k, plain))
+            })
+            .collect()
+    }
+
     /// Deletes every key starting with `prefix`; returns how many.
     pub fn delete_prefix(&self, space: Space, prefix: &[u8]) -> Result<usize, VaultError> {
         self.with_write(|txn| {
@@ -392,6 +419,25 @@ fn last_into(
         }
     }
     Ok(())
+}
+
+fn page_before(
+    t: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    prefix: &[u8],
+    before: &[u8],
+    limit: usize,
+) -> Result<Vec<(Vec<u8>, Vec<u8>)>, VaultError> {
+    let mut out = Vec::new();
+    for row in t.range(prefix..before)?.rev() {
+        if out.len() >= limit {
+            break;
+        }
+        let (k, v) = row?;
+        if k.value().starts_with(prefix) {
+            out.push((k.value().to_vec(), v.value().to_vec()));
+        }
+    }
+    Ok(out)
 }
 
 fn derive(passphrase: &[u8], salt: &[u8], p: KdfParams) -> Result<Zeroizing<[u8; 32]>, VaultError> {
@@ -510,6 +556,13 @@ mod tests {
         let last: Vec<u8> =
             v.scan_last(Space::Messages, b"m", 3).unwrap().into_iter().map(|(_, v)| v[0]).collect();
         assert_eq!(last, vec![7, 8, 9], "the newest three, oldest first");
+        let older: Vec<u8> = v
+            .scan_before(Space::Messages, b"m", &[b'm', 7], 3)
+            .unwrap()
+            .into_iter()
+            .map(|(_, v)| v[0])
+            .collect();
+        assert_eq!(older, vec![4, 5, 6], "the page before 7");
         assert_eq!(v.delete_prefix(Space::State, b"").unwrap(), 2);
     }
 

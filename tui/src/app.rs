@@ -74,6 +74,8 @@ pub struct InfoView {
 pub enum Command {
     /// Load a conversation's history and members; mark it read.
     Open(Vec<u8>),
+    /// Load the page of history before local seq `before`.
+    Older { conv: Vec<u8>, before: u64 },
     /// Send text (optionally a reply).
     Send { conv: Vec<u8>, text: String, reply_to: Option<[u8; 16]> },
     /// Typing started/stopped.
@@ -138,6 +140,8 @@ pub enum WorkerEvent {
     Conversations(Vec<Conversation>),
     /// A conversation's recent history (and the names of its senders).
     History { conv: Vec<u8>, entries: Vec<HistoryEntry>, names: Vec<(Vec<u8>, String)> },
+    /// An older page of a conversation's history (empty: the beginning was reached).
+    Older { conv: Vec<u8>, entries: Vec<HistoryEntry>, names: Vec<(Vec<u8>, String)> },
     /// A conversation's members: (name, admin, typing-capable identity).
     Members { conv: Vec<u8>, members: Vec<(String, bool, Vec<u8>)> },
     /// A new message arrived in a conversation.
@@ -192,6 +196,10 @@ pub struct App {
     pub timeline: Vec<HistoryEntry>,
     /// Selected timeline entry, counted from the newest (0 = newest), when the timeline has focus.
     pub cursor: usize,
+    /// An older page was asked for and has not arrived.
+    loading_older: bool,
+    /// The oldest entry of the conversation is loaded.
+    pub at_beginning: bool,
     /// History entries from this seq on are new since the conversation was opened.
     pub new_from: Option<u64>,
     /// Sender names.
@@ -250,6 +258,8 @@ impl App {
             open: None,
             timeline: Vec::new(),
             cursor: 0,
+            loading_older: false,
+            at_beginning: false,
             new_from: None,
             names: HashMap::new(),
             members: Vec::new(),
@@ -318,7 +328,19 @@ impl App {
             }
             WorkerEvent::History { conv, entries, names } => {
                 if self.open.as_ref() == Some(&conv) {
+                    self.at_beginning = entries.first().is_none_or(|e| e.seq == 0);
                     self.timeline = entries;
+                    self.names.extend(names);
+                }
+            }
+            WorkerEvent::Older { conv, entries, names } => {
+                if self.open.as_ref() == Some(&conv) {
+                    self.loading_older = false;
+                    self.at_beginning = entries.first().is_none_or(|e| e.seq == 0);
+                    // The cursor counts from the newest entry, so prepending keeps it in place.
+                    let mut older = entries;
+                    older.append(&mut self.timeline);
+                    self.timeline = older;
                     self.names.extend(names);
                 }
             }
@@ -395,6 +417,8 @@ impl App {
         self.timeline.clear();
         self.members.clear();
         self.cursor = 0;
+        self.loading_older = false;
+        self.at_beginning = false;
         vec![Command::Open(id)]
     }
 
@@ -496,6 +520,18 @@ impl App {
             return Vec::new();
         }
         let conv = self.open.clone();
+        let at_top = self.cursor + 1 >= self.timeline.len();
+        if matches!(
+            key.code,
+            KeyCode::Up | KeyCode::Char('k') | KeyCode::PageUp | KeyCode::Char('g') | KeyCode::Home
+        ) && at_top
+            && !self.at_beginning
+            && !self.loading_older
+            && let (Some(conv), Some(first)) = (conv.clone(), self.timeline.first())
+        {
+            self.loading_older = true;
+            return vec![Command::Older { conv, before: first.seq }];
+        }
         match key.code {
             KeyCode::Up | KeyCode::Char('k') => {
                 self.cursor = (self.cursor + 1).min(self.timeline.len().saturating_sub(1));

@@ -224,6 +224,14 @@ async fn handle(
                 let _ = client.send(&conv, Body::Receipt { up_to }).await;
             }
         }
+        Command::Older { conv, before } => {
+            let entries = client.history_before(&conv, before, HISTORY_PAGE)?;
+            let names = entries
+                .iter()
+                .filter_map(|e| client.cached_name(&e.sender).map(|n| (e.sender.clone(), n)))
+                .collect();
+            let _ = tx.send(WorkerEvent::Older { conv, entries, names }).await;
+        }
         Command::Send { conv, text, reply_to } => {
             client.send(&conv, Body::Text { body: text, reply_to }).await?;
             send_history(client, &conv, tx).await?;

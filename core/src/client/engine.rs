@@ -662,6 +662,20 @@ impl Client {
             .collect()
     }
 
+    /// Up to `limit` history entries older than local seq `before`, oldest first.
+    pub fn history_before(
+        &self,
+        conv: &[u8],
+        before: u64,
+        limit: usize,
+    ) -> Result<Vec<HistoryEntry>, ClientError> {
+        self.vault
+            .scan_before(Space::Messages, &conv_prefix(conv), &message_key(conv, before), limit)?
+            .iter()
+            .map(|(_, v)| unjson(v))
+            .collect()
+    }
+
     /// Marks a conversation read; returns the last message id, for a read receipt.
     pub fn mark_read(&self, conv: &[u8]) -> Result<Option<[u8; 16]>, ClientError> {
         if let Some(mut c) = self.conversation(conv)? {

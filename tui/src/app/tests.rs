@@ -265,3 +265,48 @@ fn timeline_keys_react_copy_and_reply() {
         vec![Command::Send { conv: vec![1; 16], text: "sure".into(), reply_to: Some([5; 16]) }]
     );
 }
+
+#[test]
+fn scrolling_past_the_oldest_loaded_entry_asks_for_the_page_before() {
+    let mut a = app();
+    let mk = |seq: u64| HistoryEntry {
+        seq,
+        message_id: [seq as u8; 16],
+        sender: vec![7; 32],
+        sent_at_ms: 0,
+        received_at_ms: 0,
+        text: format!("m{seq}"),
+        reply_to: None,
+        file: None,
+        edited: false,
+        deleted: false,
+        reactions: vec![],
+        read_by: vec![],
+        system: false,
+        pending: false,
+    };
+    a.update(Action::Worker(WorkerEvent::History {
+        conv: vec![1; 16],
+        entries: vec![mk(5), mk(6)],
+        names: vec![],
+    }));
+    a.focus = Focus::Timeline;
+    assert!(a.update(key(KeyCode::Up)).is_empty());
+    assert_eq!(a.update(key(KeyCode::Up)), vec![Command::Older { conv: vec![1; 16], before: 5 }]);
+    assert!(a.update(key(KeyCode::Up)).is_empty(), "one request at a time");
+    a.update(Action::Worker(WorkerEvent::Older {
+        conv: vec![1; 16],
+        entries: (0..5).map(mk).collect(),
+        names: vec![],
+    }));
+    assert_eq!(a.timeline.len(), 7);
+    assert_eq!(a.timeline[0].text, "m0");
+    assert_eq!(a.cursor, 1, "still on m5");
+    for _ in 0..10 {
+        assert!(
+            a.update(key(KeyCode::Up)).is_empty(),
+            "seq 0 is the beginning: nothing more to ask"
+        );
+    }
+    assert_eq!(a.cursor, 6);
+}
