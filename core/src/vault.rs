@@ -23,6 +23,9 @@ use zeroize::Zeroizing;
 /// A key and its opened value.
 pub type Entry = (Vec<u8>, Zeroizing<Vec<u8>>);
 
+/// Keys and still-sealed values, as read from a table.
+type RawEntries = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// Format version of the vault file.
 pub const FORMAT_VERSION: u32 = 1;
 
@@ -426,7 +429,7 @@ fn page_before(
     prefix: &[u8],
     before: &[u8],
     limit: usize,
-) -> Result<Vec<(Vec<u8>, Vec<u8>)>, VaultError> {
+) -> Result<RawEntries, VaultError> {
     let mut out = Vec::new();
     for row in t.range(prefix..before)?.rev() {
         if out.len() >= limit {
