@@ -13,10 +13,6 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use qpq_proto::frame::{self, RESPONSE_HEADER_LEN, ResponseHeader};
 use qpq_proto::{MAX_PAYLOAD, Message, Status, method, v1};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
-use sha2::{Digest, Sha256};
 use tokio::sync::{Mutex, mpsc};
 
 /// Path of a workspace binary next to the running test executable (`target/<profile>/`).
@@ -195,18 +191,7 @@ pub struct Client {
 impl Client {
     /// Connects to `addr`, pinning the certificate with SHA-256 `fingerprint`.
     pub async fn connect(addr: SocketAddr, fingerprint: &str) -> anyhow::Result<Self> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let verifier = Arc::new(PinnedCert {
-            fingerprint: fingerprint.to_string(),
-            provider: provider.clone(),
-        });
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .dangerous()
-            .with_custom_certificate_verifier(verifier)
-            .with_no_client_auth();
-        tls.alpn_protocols = vec![qpq_proto::ALPN.to_vec()];
-        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
+        let crypto = qpq_core::client::net::pinned_crypto(fingerprint)?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         let mut transport = quinn::TransportConfig::default();
         transport.keep_alive_interval(Some(Duration::from_secs(5)));
@@ -399,59 +384,4 @@ pub fn identity() -> [u8; 32] {
 /// A fresh random message id.
 pub fn message_id() -> [u8; 16] {
     rand::random()
-}
-
-/// Accepts exactly the certificate whose SHA-256 is the pin; checks handshake signatures.
-#[derive(Debug)]
-struct PinnedCert {
-    fingerprint: String,
-    provider: Arc<rustls::crypto::CryptoProvider>,
-}
-
-impl ServerCertVerifier for PinnedCert {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let seen: String =
-            Sha256::digest(end_entity.as_ref()).iter().map(|b| format!("{b:02x}")).collect();
-        if seen == self.fingerprint {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::General(format!(
-                "certificate fingerprint {seen} is not the pinned one"
-            )))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("TLS 1.2 is not used".into()))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
-    }
 }

@@ -113,21 +113,7 @@ impl Connection {
         pushes: mpsc::Sender<Push>,
         idle_timeout: Duration,
     ) -> Result<Self, NetError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let verifier = Arc::new(PinVerifier {
-            pin: pin.map(str::to_ascii_lowercase),
-            seen: Mutex::new(None),
-            provider: provider.clone(),
-        });
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| NetError::Connection(e.to_string()))?
-            .dangerous()
-            .with_custom_certificate_verifier(verifier.clone())
-            .with_no_client_auth();
-        tls.alpn_protocols = vec![qpq_proto::ALPN.to_vec()];
-        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-            .map_err(|e| NetError::Connection(e.to_string()))?;
+        let (crypto, verifier) = crypto(pin)?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         let mut transport = quinn::TransportConfig::default();
         transport.keep_alive_interval(Some(idle_timeout / 3));
@@ -231,6 +217,34 @@ impl Connection {
         self.conn.close(0u32.into(), b"bye");
         let _ = tokio::time::timeout(Duration::from_secs(1), self._endpoint.wait_idle()).await;
     }
+}
+
+/// TLS 1.3 client crypto with ALPN `qpq` that accepts only the certificate whose SHA-256 is
+/// `pin` (lower- or upper-case hex), checking handshake signatures. For tools and test
+/// harnesses that speak the protocol without the engine.
+pub fn pinned_crypto(pin: &str) -> Result<quinn::crypto::rustls::QuicClientConfig, NetError> {
+    Ok(crypto(Some(pin))?.0)
+}
+
+fn crypto(
+    pin: Option<&str>,
+) -> Result<(quinn::crypto::rustls::QuicClientConfig, Arc<PinVerifier>), NetError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Arc::new(PinVerifier {
+        pin: pin.map(str::to_ascii_lowercase),
+        seen: Mutex::new(None),
+        provider: provider.clone(),
+    });
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| NetError::Connection(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier.clone())
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![qpq_proto::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| NetError::Connection(e.to_string()))?;
+    Ok((crypto, verifier))
 }
 
 /// Accepts the pinned certificate only (or any, recording it, when nothing is pinned);
