@@ -254,20 +254,7 @@ impl Vault {
 
     /// Every (key, value) whose key starts with `prefix`, in key order.
     pub fn scan(&self, space: Space, prefix: &[u8]) -> Result<Vec<Entry>, VaultError> {
-        let batch = self.lock();
-        let mut raw = Vec::new();
-        match batch.as_ref() {
-            Some(txn) => range_into(&txn.open_table(space.table())?, prefix, &mut raw)?,
-            None => {
-                range_into(&self.db.begin_read()?.open_table(space.table())?, prefix, &mut raw)?
-            }
-        }
-        raw.into_iter()
-            .map(|(k, v)| {
-                let plain = open_sealed(&self.cipher, space.name(), &k, &v)?;
-                Ok((k, plain))
-            })
-            .collect()
+        self.read_page(space, prefix, Walk::All)
     }
 
     /// The last `limit` (key, value) pairs whose key starts with `prefix`, in key order. Only
@@ -278,24 +265,10 @@ impl Vault {
         prefix: &[u8],
         limit: usize,
     ) -> Result<Vec<Entry>, VaultError> {
-        let batch = self.lock();
-        let mut raw = Vec::new();
-        match batch.as_ref() {
-            Some(txn) => last_into(&txn.open_table(space.table())?, prefix, limit, &mut raw)?,
-            None => last_into(
-                &self.db.begin_read()?.open_table(space.table())?,
-                prefix,
-                limit,
-                &mut raw,
-            )?,
-        }
-        raw.reverse();
-        raw.into_iter()
-            .map(|(k, v)| {
-                let plain = open_sealed(&self.cipher, space.name(), &k, &v)?;
-                Ok((k, plain))
-            })
-            .collect()
+        // Keys of the prefix sort below `prefix || 0xff...`.
+        let mut end = prefix.to_vec();
+        end.extend_from_slice(&[0xff; 16]);
+        self.read_page(space, prefix, Walk::Before { end: &end, limit })
     }
 
     /// Like [`Vault::scan_last`], but only keys below `before` (an older page).
@@ -306,17 +279,22 @@ impl Vault {
         before: &[u8],
         limit: usize,
     ) -> Result<Vec<Entry>, VaultError> {
+        self.read_page(space, prefix, Walk::Before { end: before, limit })
+    }
+
+    /// Reads keys of `prefix` as `walk` says (inside the open batch, if any) and opens the
+    /// values, in key order.
+    fn read_page(
+        &self,
+        space: Space,
+        prefix: &[u8],
+        walk: Walk<'_>,
+    ) -> Result<Vec<Entry>, VaultError> {
         let batch = self.lock();
-        let mut raw = match batch.as_ref() {
-            Some(txn) => page_before(&txn.open_table(space.table())?, prefix, before, limit)?,
-            None => page_before(
-                &self.db.begin_read()?.open_table(space.table())?,
-                prefix,
-                before,
-                limit,
-            )?,
+        let raw = match batch.as_ref() {
+            Some(txn) => read_raw(&txn.open_table(space.table())?, prefix, walk)?,
+            None => read_raw(&self.db.begin_read()?.open_table(space.table())?, prefix, walk)?,
         };
-        raw.reverse();
         raw.into_iter()
             .map(|(k, v)| {
                 let plain = open_sealed(&self.cipher, space.name(), &k, &v)?;
@@ -329,11 +307,8 @@ impl Vault {
     pub fn delete_prefix(&self, space: Space, prefix: &[u8]) -> Result<usize, VaultError> {
         self.with_write(|txn| {
             let mut t = txn.open_table(space.table())?;
-            let keys: Vec<Vec<u8>> = {
-                let mut out = Vec::new();
-                range_into(&t, prefix, &mut out)?;
-                out.into_iter().map(|(k, _)| k).collect()
-            };
+            let keys: Vec<Vec<u8>> =
+                read_raw(&t, prefix, Walk::All)?.into_iter().map(|(k, _)| k).collect();
             for k in &keys {
                 t.remove(k.as_slice())?;
             }
@@ -388,56 +363,43 @@ impl Vault {
     }
 }
 
-fn range_into(
-    t: &impl ReadableTable<&'static [u8], &'static [u8]>,
-    prefix: &[u8],
-    out: &mut Vec<(Vec<u8>, Vec<u8>)>,
-) -> Result<(), VaultError> {
-    for row in t.range(prefix..)? {
-        let (k, v) = row?;
-        if !k.value().starts_with(prefix) {
-            break;
-        }
-        out.push((k.value().to_vec(), v.value().to_vec()));
-    }
-    Ok(())
+/// Which keys of a prefix [`read_raw`] returns.
+#[derive(Clone, Copy)]
+enum Walk<'a> {
+    /// All of them.
+    All,
+    /// The last `limit` below `end`.
+    Before { end: &'a [u8], limit: usize },
 }
 
-fn last_into(
+/// Keys of `prefix` and their still-sealed values, in key order.
+fn read_raw(
     t: &impl ReadableTable<&'static [u8], &'static [u8]>,
     prefix: &[u8],
-    limit: usize,
-    out: &mut Vec<(Vec<u8>, Vec<u8>)>,
-) -> Result<(), VaultError> {
-    // Keys of the prefix sort below `prefix || 0xff...`; walk backwards from there.
-    let mut end = prefix.to_vec();
-    end.extend_from_slice(&[0xff; 16]);
-    for row in t.range(prefix..end.as_slice())?.rev() {
-        if out.len() >= limit {
-            break;
-        }
-        let (k, v) = row?;
-        if k.value().starts_with(prefix) {
-            out.push((k.value().to_vec(), v.value().to_vec()));
-        }
-    }
-    Ok(())
-}
-
-fn page_before(
-    t: &impl ReadableTable<&'static [u8], &'static [u8]>,
-    prefix: &[u8],
-    before: &[u8],
-    limit: usize,
+    walk: Walk<'_>,
 ) -> Result<RawEntries, VaultError> {
     let mut out = Vec::new();
-    for row in t.range(prefix..before)?.rev() {
-        if out.len() >= limit {
-            break;
+    match walk {
+        Walk::All => {
+            for row in t.range(prefix..)? {
+                let (k, v) = row?;
+                if !k.value().starts_with(prefix) {
+                    break;
+                }
+                out.push((k.value().to_vec(), v.value().to_vec()));
+            }
         }
-        let (k, v) = row?;
-        if k.value().starts_with(prefix) {
-            out.push((k.value().to_vec(), v.value().to_vec()));
+        Walk::Before { end, limit } => {
+            for row in t.range(prefix..end)?.rev() {
+                if out.len() >= limit {
+                    break;
+                }
+                let (k, v) = row?;
+                if k.value().starts_with(prefix) {
+                    out.push((k.value().to_vec(), v.value().to_vec()));
+                }
+            }
+            out.reverse();
         }
     }
     Ok(out)
