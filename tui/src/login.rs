@@ -2,7 +2,6 @@
 
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use ratatui::Frame;
-use ratatui::layout::Rect;
 use ratatui::style::{Style, Stylize};
 use ratatui::text::{Line, Text};
 use ratatui::widgets::{Block, Borders, Clear, Paragraph, Wrap};
@@ -178,14 +177,7 @@ impl Form {
         if let Some(e) = &self.error {
             lines.push(Line::styled(e.clone(), Style::new().red()));
         }
-        let w = 72.min(area.width);
-        let h = (lines.len() as u16 + 2).min(area.height);
-        let rect = Rect {
-            x: area.x + (area.width - w) / 2,
-            y: area.y + (area.height - h) / 2,
-            width: w,
-            height: h,
-        };
+        let rect = crate::ui::centered(area, 72, lines.len() as u16 + 2);
         f.render_widget(Clear, rect);
         f.render_widget(
             Paragraph::new(Text::from(lines))

@@ -477,19 +477,23 @@ fn overlay(f: &mut Frame<'_>, app: &App, o: &Overlay) {
             5,
         ),
     };
-    let w = w.min(area.width);
-    let h = h.min(area.height);
-    let rect = Rect {
-        x: area.x + (area.width - w) / 2,
-        y: area.y + (area.height - h) / 2,
-        width: w,
-        height: h,
-    };
+    let rect = centered(area, w, h);
     f.render_widget(Clear, rect);
     f.render_widget(
         Paragraph::new(body).wrap(Wrap { trim: false }).block(block(title, true, app)),
         rect,
     );
+}
+
+/// A `w` x `h` rectangle in the middle of `area` (clipped to it), for overlays and forms.
+pub fn centered(area: Rect, w: u16, h: u16) -> Rect {
+    let (w, h) = (w.min(area.width), h.min(area.height));
+    Rect {
+        x: area.x + (area.width - w) / 2,
+        y: area.y + (area.height - h) / 2,
+        width: w,
+        height: h,
+    }
 }
 
 fn time(ms: u64) -> String {
