@@ -123,6 +123,13 @@ pub struct Limits {
     pub drain_timeout_secs: u64,
     /// redb page cache, bytes. Default 4 MiB.
     pub db_cache_bytes: usize,
+    /// Memory the server may use in all, bytes: past 85 % of it new connections are refused,
+    /// past 90 % large uploads, at 100 % every request (see `budget.rs`). Default 48 MiB, for a
+    /// router with 128 MB of RAM.
+    pub memory_budget_bytes: u64,
+    /// TLS handshakes in progress at once; more are refused, and past a quarter of it new
+    /// clients must first prove their address (QUIC Retry). Default 64.
+    pub max_handshakes: u32,
 }
 
 impl Default for Config {
@@ -172,6 +179,8 @@ impl Default for Limits {
             sweep_interval_secs: 60,
             drain_timeout_secs: 10,
             db_cache_bytes: 4 << 20,
+            memory_budget_bytes: 48 << 20,
+            max_handshakes: 64,
         }
     }
 }
@@ -268,6 +277,12 @@ impl Config {
         }
         if l.sweep_interval_secs == 0 {
             return Err(bad("limits.sweep_interval_secs must be at least 1"));
+        }
+        if l.memory_budget_bytes < 4 << 20 {
+            return Err(bad("limits.memory_budget_bytes must be at least 4 MiB"));
+        }
+        if l.max_handshakes == 0 {
+            return Err(bad("limits.max_handshakes must be at least 1"));
         }
         if l.max_batch_recipients == 0 || l.max_key_packages == 0 {
             return Err(bad("limits.max_batch_recipients and max_key_packages must be at least 1"));

@@ -13,9 +13,8 @@ use std::sync::{Arc, Mutex};
 use opaque_ke::ServerLogin;
 use qpq_core::opaque::Suite;
 use qpq_proto::{Message, Status, method};
-use tokio::sync::mpsc;
 
-use crate::hub::PushFrame;
+use crate::hub::PushSender;
 use crate::server::Shared;
 use crate::store::StoreError;
 
@@ -82,7 +81,7 @@ pub struct Conn {
     conn: quinn::Connection,
     id: u64,
     ip: IpAddr,
-    push: mpsc::Sender<PushFrame>,
+    push: PushSender,
     bound: Mutex<Option<Bound>>,
     /// When this connection last refreshed its session's idle clock, ms.
     touched_ms: std::sync::atomic::AtomicU64,
@@ -108,7 +107,7 @@ impl Conn {
         conn: quinn::Connection,
         id: u64,
         ip: IpAddr,
-        push: mpsc::Sender<PushFrame>,
+        push: PushSender,
     ) -> Self {
         Self {
             shared,

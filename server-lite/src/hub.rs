@@ -2,12 +2,15 @@
 //!
 //! Pushes are best effort. Each connection has a small bounded queue drained by its own push
 //! task; when a client does not read, its queue fills and further pushes are dropped (the
-//! messages stay queued on disk for Fetch). Nothing here touches storage.
+//! messages stay queued on disk for Fetch). A queued push holds its size against the memory
+//! budget, and is dropped instead when the budget is spent. Nothing here touches storage.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{Notify, mpsc};
+
+use crate::budget::{Budget, Priority, Reservation};
 
 /// Pushes a connection may have waiting before further ones are dropped.
 pub const PUSH_QUEUE: usize = 32;
@@ -15,12 +18,22 @@ pub const PUSH_QUEUE: usize = 32;
 /// An encoded push frame, shared between recipients.
 pub type PushFrame = Arc<Vec<u8>>;
 
+/// A push waiting in a connection's queue, with the memory it holds against the budget.
+pub struct Queued {
+    /// The frame.
+    pub frame: PushFrame,
+    _memory: Option<Reservation>,
+}
+
+/// The sending half of a connection's push queue.
+pub type PushSender = mpsc::Sender<Queued>;
+
 /// A registered connection.
 struct Peer {
     conn_id: u64,
     device_id: Vec<u8>,
     session: [u8; 32],
-    push: mpsc::Sender<PushFrame>,
+    push: PushSender,
     conn: quinn::Connection,
 }
 
@@ -29,9 +42,15 @@ struct Peer {
 pub struct Hub {
     peers: Mutex<HashMap<[u8; 32], Vec<Peer>>>,
     waiters: Mutex<HashMap<[u8; 32], Arc<Notify>>>,
+    budget: Option<Arc<Budget>>,
 }
 
 impl Hub {
+    /// A hub whose queued pushes count against `budget`.
+    pub fn with_budget(budget: Arc<Budget>) -> Self {
+        Self { budget: Some(budget), ..Self::default() }
+    }
+
     /// Registers an authenticated connection of `identity`.
     pub fn register(
         &self,
@@ -39,7 +58,7 @@ impl Hub {
         conn_id: u64,
         device_id: Vec<u8>,
         session: [u8; 32],
-        push: mpsc::Sender<PushFrame>,
+        push: PushSender,
         conn: quinn::Connection,
     ) {
         let mut peers = lock(&self.peers);
@@ -60,13 +79,24 @@ impl Hub {
     }
 
     /// Queues `frame` for every connection of `identity` except `skip_conn`; returns how many
-    /// took it.
+    /// took it. A full queue, or a spent memory budget, drops the push for that connection.
     pub fn push(&self, identity: &[u8; 32], frame: &PushFrame, skip_conn: Option<u64>) -> usize {
         let peers = lock(&self.peers);
         let Some(list) = peers.get(identity) else { return 0 };
         list.iter()
             .filter(|p| Some(p.conn_id) != skip_conn)
-            .filter(|p| p.push.try_send(frame.clone()).is_ok())
+            .filter(|p| {
+                // Counted per queue although recipients share the frame: an overestimate
+                // when many are online, and exact for the stuck client that matters.
+                let memory = match &self.budget {
+                    Some(b) => match b.reserve(frame.len() as u64, Priority::LargeRequest) {
+                        Ok(r) => Some(r),
+                        Err(_) => return false,
+                    },
+                    None => None,
+                };
+                p.push.try_send(Queued { frame: frame.clone(), _memory: memory }).is_ok()
+            })
             .count()
     }
 

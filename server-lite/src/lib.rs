@@ -6,6 +6,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 #![warn(missing_docs)]
 
+pub mod budget;
 pub mod config;
 pub mod handler;
 pub mod hub;

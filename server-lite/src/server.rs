@@ -20,17 +20,27 @@ use qpq_proto::{Message, Status, method, v1};
 use tokio::sync::{Notify, mpsc};
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::budget::{self, Budget, Priority, Reservation};
 use crate::config::Config;
 use crate::handler::{self, Conn, RpcError};
-use crate::hub::{Hub, PUSH_QUEUE, PushFrame};
+use crate::hub::{Hub, PUSH_QUEUE, Queued};
 use crate::rate::RateLimiter;
 use crate::store::Store;
 use crate::tls;
 
 /// QUIC application close code: the server is shutting down.
 pub const CLOSE_SHUTDOWN: u32 = 1;
+/// QUIC application close code: the server is out of memory budget; retry later.
+pub const CLOSE_BUSY: u32 = 3;
+/// QUIC application close code: the client did not read its pushes.
+pub const CLOSE_SLOW_CONSUMER: u32 = 4;
 /// QUIC stream error code sent with `stop` when a request is refused before it is read.
 pub const STREAM_REFUSED: u32 = 1;
+/// Connections answered with Unavailable at once while the memory budget is spent; beyond
+/// this, new connections are refused at the QUIC level without a handshake.
+const BUSY_CONNECTIONS: usize = 16;
+/// How long a connection refused for lack of memory is kept open to say so.
+const BUSY_LINGER: Duration = Duration::from_secs(2);
 /// Time a client has to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a push may take to be written before the connection's push task gives up on it.
@@ -52,7 +62,11 @@ pub struct Shared {
     pub auth_per_user: RateLimiter<String>,
     /// When the server started.
     pub started: Instant,
+    /// The memory budget.
+    pub budget: Arc<Budget>,
     conns: Mutex<ConnCounts>,
+    handshakes: AtomicUsize,
+    busy: AtomicUsize,
     next_conn_id: AtomicU64,
     inflight: AtomicUsize,
     idle: Notify,
@@ -111,15 +125,28 @@ impl Server {
         server_config.migration(true);
         let endpoint = bind_endpoint(config.listen, server_config)?;
         let l = &config.limits;
+        let budget =
+            Arc::new(Budget::for_this_process(l.memory_budget_bytes, l.db_cache_bytes as u64));
+        info!(
+            budget_kib = l.memory_budget_bytes >> 10,
+            base_kib = budget.base() >> 10,
+            "memory budget (base: resident size now plus the database cache)"
+        );
+        if budget.base() > l.memory_budget_bytes / 2 {
+            warn!("the memory budget is less than twice the base; few connections will fit");
+        }
         let shared = Arc::new(Shared {
             auth_per_ip: RateLimiter::new(l.auth_per_ip_burst, l.auth_per_ip_per_min, 10_000),
             auth_per_user: RateLimiter::new(l.auth_per_user_burst, l.auth_per_user_per_min, 10_000),
             config,
             store,
-            hub: Hub::default(),
+            hub: Hub::with_budget(budget.clone()),
             opaque,
             started: Instant::now(),
+            budget,
             conns: Mutex::default(),
+            handshakes: AtomicUsize::new(0),
+            busy: AtomicUsize::new(0),
             next_conn_id: AtomicU64::new(1),
             inflight: AtomicUsize::new(0),
             idle: Notify::new(),
@@ -225,10 +252,28 @@ async fn load_opaque_setup(store: &Store) -> anyhow::Result<ServerSetup<Suite>> 
         .map_err(|_| anyhow::anyhow!("stored OPAQUE setup is corrupt"))
 }
 
-/// Applies the connection limits to a new connection attempt.
+/// Applies the handshake, connection and memory limits to a new connection attempt.
 fn admit(shared: &Arc<Shared>, incoming: quinn::Incoming) {
     let ip = incoming.remote_address().ip().to_canonical();
     let l = &shared.config.limits;
+    // Handshake floods: a hard cap on handshakes in progress, and once a quarter of it is in
+    // use a client must first echo a Retry token, which a spoofed source address cannot do.
+    let handshakes = shared.handshakes.load(Ordering::Acquire);
+    if handshakes >= l.max_handshakes as usize {
+        debug!(%ip, handshakes, "connection refused: too many handshakes in progress");
+        incoming.refuse();
+        return;
+    }
+    if handshakes >= (l.max_handshakes as usize).div_ceil(4)
+        && !incoming.remote_address_validated()
+        && incoming.may_retry()
+    {
+        debug!(%ip, handshakes, "address validation required: many handshakes in progress");
+        if let Err(e) = incoming.retry() {
+            e.into_incoming().refuse();
+        }
+        return;
+    }
     {
         let mut c = shared.conns.lock().unwrap_or_else(|p| p.into_inner());
         let from_ip = c.per_ip.get(&ip).copied().unwrap_or(0);
@@ -240,20 +285,73 @@ fn admit(shared: &Arc<Shared>, incoming: quinn::Incoming) {
         c.total += 1;
         *c.per_ip.entry(ip).or_default() += 1;
     }
-    let guard = ConnSlot { shared: shared.clone(), ip };
+    let slot = ConnSlot { shared: shared.clone(), ip };
+    // Out of memory budget: a few connections are completed to be told so (Unavailable with a
+    // retry hint); the rest are refused before the handshake costs anything.
+    let memory = match shared.budget.reserve(budget::CONNECTION_COST, Priority::NewConnection) {
+        Ok(r) => Ok(r),
+        Err(e) => match Counted::try_new(shared, |s| &s.busy, BUSY_CONNECTIONS) {
+            Some(busy) => Err((e, busy)),
+            None => {
+                debug!(%ip, used = e.used, "connection refused: memory budget spent");
+                incoming.refuse();
+                return;
+            }
+        },
+    };
+    let handshake = Counted::new(shared, |s| &s.handshakes);
     let conn_id = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
     let span = info_span!("conn", id = conn_id, peer = %incoming.remote_address());
     tokio::spawn(
         async move {
-            let _slot = guard;
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
-                Ok(Ok(conn)) => serve_connection(_slot.shared.clone(), conn, conn_id, ip).await,
-                Ok(Err(e)) => debug!(error = %e, "handshake failed"),
-                Err(_) => debug!("handshake timed out"),
+            let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
+                Ok(Ok(conn)) => conn,
+                Ok(Err(e)) => return debug!(error = %e, "handshake failed"),
+                Err(_) => return debug!("handshake timed out"),
+            };
+            drop(handshake);
+            match memory {
+                Ok(reservation) => {
+                    serve_connection(slot.shared.clone(), conn, conn_id, ip, reservation).await
+                }
+                Err((e, _busy)) => serve_busy(conn, e).await,
             }
+            drop(slot);
         }
         .instrument(span),
     );
+}
+
+/// A place in one of the server's counters (handshakes, busy connections), given back when
+/// dropped.
+struct Counted {
+    shared: Arc<Shared>,
+    counter: fn(&Shared) -> &AtomicUsize,
+}
+
+impl Counted {
+    fn new(shared: &Arc<Shared>, counter: fn(&Shared) -> &AtomicUsize) -> Self {
+        counter(shared).fetch_add(1, Ordering::AcqRel);
+        Self { shared: shared.clone(), counter }
+    }
+
+    /// A place if fewer than `max` are taken.
+    fn try_new(
+        shared: &Arc<Shared>,
+        counter: fn(&Shared) -> &AtomicUsize,
+        max: usize,
+    ) -> Option<Self> {
+        counter(shared)
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .ok()?;
+        Some(Self { shared: shared.clone(), counter })
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        (self.counter)(&self.shared).fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Releases a connection's place in the limits when dropped.
@@ -275,16 +373,48 @@ impl Drop for ConnSlot {
     }
 }
 
-async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection, conn_id: u64, ip: IpAddr) {
+/// Serves a connection that was admitted only to be told the server is out of memory budget:
+/// its first request is answered with Unavailable and a retry hint, then it is closed.
+async fn serve_busy(conn: quinn::Connection, e: budget::Exhausted) {
+    debug!(used = e.used, limit = e.limit, "connection turned away: memory budget spent");
+    let answer = async {
+        let (mut send, mut recv) = conn.accept_bi().await.ok()?;
+        let mut raw = [0u8; REQUEST_HEADER_LEN];
+        recv.read_exact(&mut raw).await.ok()?;
+        let _ = recv.stop(quinn::VarInt::from_u32(STREAM_REFUSED));
+        let request_id = u32::from_be_bytes([raw[2], raw[3], raw[4], raw[5]]);
+        let err = RpcError::retry(
+            Status::Unavailable,
+            "server is at its memory limit; try again later",
+            budget::RETRY_CONNECTION,
+        );
+        respond(&mut send, request_id, Err(err), BUSY_LINGER).await;
+        // Closing discards unsent data: wait until the client has the answer.
+        send.stopped().await.ok()?;
+        Some(())
+    };
+    let _ = tokio::time::timeout(BUSY_LINGER, answer).await;
+    conn.close(quinn::VarInt::from_u32(CLOSE_BUSY), b"server busy; retry in 5 s");
+}
+
+async fn serve_connection(
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    conn_id: u64,
+    ip: IpAddr,
+    _memory: Reservation,
+) {
     debug!("connected");
-    let (push_tx, push_rx) = mpsc::channel::<PushFrame>(PUSH_QUEUE);
+    let (push_tx, push_rx) = mpsc::channel::<Queued>(PUSH_QUEUE);
     let pusher = tokio::spawn(push_loop(conn.clone(), push_rx));
     let ctx = Arc::new(Conn::new(shared.clone(), conn.clone(), conn_id, ip, push_tx));
+    let large_requests = Arc::new(tokio::sync::Semaphore::new(LARGE_REQUESTS_PER_CONNECTION));
     loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
                 let ctx = ctx.clone();
-                tokio::spawn(serve_stream(ctx, send, recv).in_current_span());
+                let large = large_requests.clone();
+                tokio::spawn(serve_stream(ctx, large, send, recv).in_current_span());
             }
             Err(e) => {
                 debug!(reason = %e, "connection closed");
@@ -296,16 +426,25 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection, conn_id:
     pusher.abort();
 }
 
-async fn push_loop(conn: quinn::Connection, mut rx: mpsc::Receiver<PushFrame>) {
-    while let Some(frame) = rx.recv().await {
+/// Writes queued pushes. A client that has not taken a push within [`PUSH_WRITE_TIMEOUT`]
+/// (QUIC flow control stops us when it does not read) is disconnected: its messages wait on
+/// disk, and a stuck peer holds no buffers or task for longer than that.
+async fn push_loop(conn: quinn::Connection, mut rx: mpsc::Receiver<Queued>) {
+    while let Some(Queued { frame, .. }) = rx.recv().await {
         let sent = tokio::time::timeout(PUSH_WRITE_TIMEOUT, async {
             let mut s = conn.open_uni().await.ok()?;
             s.write_all(&frame).await.ok()?;
             s.finish().ok()
         })
         .await;
-        if !matches!(sent, Ok(Some(()))) {
-            debug!("push not delivered; client will fetch");
+        match sent {
+            Ok(Some(())) => {}
+            Ok(None) => debug!("push not delivered; client will fetch"),
+            Err(_) => {
+                debug!("client does not read its pushes; closing");
+                conn.close(quinn::VarInt::from_u32(CLOSE_SLOW_CONSUMER), b"pushes not read");
+                return;
+            }
         }
     }
 }
@@ -328,7 +467,15 @@ impl Drop for InFlight {
     }
 }
 
-async fn serve_stream(ctx: Arc<Conn>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+/// Requests over [`budget::LARGE_REQUEST`] bytes one connection may be receiving at once.
+const LARGE_REQUESTS_PER_CONNECTION: usize = 2;
+
+async fn serve_stream(
+    ctx: Arc<Conn>,
+    large_requests: Arc<tokio::sync::Semaphore>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
     let _inflight = InFlight::new(&ctx.shared);
     let timeout = Duration::from_secs(ctx.shared.config.limits.request_timeout_secs);
     let mut raw = [0u8; REQUEST_HEADER_LEN];
@@ -370,17 +517,47 @@ async fn serve_stream(ctx: Arc<Conn>, mut send: quinn::SendStream, mut recv: qui
             .await;
         }
     };
-    let body = match tokio::time::timeout(timeout, read_body(&mut recv, header.len as usize)).await
-    {
+    // The body is held against the memory budget as it arrives; large ones (uploads) also
+    // need one of the connection's large-request places, so one peer cannot take it all.
+    let large = u64::from(header.len) > budget::LARGE_REQUEST;
+    let _large_slot = if large {
+        match tokio::time::timeout(timeout, large_requests.acquire_owned()).await {
+            Ok(Ok(p)) => Some(p),
+            Ok(Err(_)) => return,
+            Err(_) => {
+                let _ = recv.stop(quinn::VarInt::from_u32(STREAM_REFUSED));
+                let e = RpcError::retry(
+                    Status::RateLimited,
+                    "too many large requests on this connection",
+                    budget::RETRY_REQUEST,
+                );
+                return respond(&mut send, header.request_id, Err(e), timeout).await;
+            }
+        }
+    } else {
+        None
+    };
+    let priority = if large { Priority::LargeRequest } else { Priority::Request };
+    let mut memory = match ctx.shared.budget.reserve(0, priority) {
+        Ok(r) => r,
+        Err(e) => {
+            return refuse_for_memory(&mut send, &mut recv, header.request_id, e, timeout).await;
+        }
+    };
+    let read = read_body(&mut recv, header.len as usize, &mut memory, priority);
+    let body = match tokio::time::timeout(timeout, read).await {
         Ok(Ok(body)) => body,
-        Ok(Err(quinn::ReadExactError::FinishedEarly(n))) => {
+        Ok(Err(BodyError::Budget(e))) => {
+            return refuse_for_memory(&mut send, &mut recv, header.request_id, e, timeout).await;
+        }
+        Ok(Err(BodyError::Read(quinn::ReadExactError::FinishedEarly(n)))) => {
             let e = RpcError::new(
                 Status::BadRequest,
                 format!("truncated payload ({n} of {} bytes)", header.len),
             );
             return respond(&mut send, header.request_id, Err(e), timeout).await;
         }
-        Ok(Err(quinn::ReadExactError::ReadError(_))) => return,
+        Ok(Err(BodyError::Read(quinn::ReadExactError::ReadError(_)))) => return,
         Err(_) => {
             let _ = recv.stop(quinn::VarInt::from_u32(STREAM_REFUSED));
             let e = RpcError::new(Status::DeadlineExceeded, "request payload not received in time");
@@ -406,26 +583,72 @@ async fn serve_stream(ctx: Arc<Conn>, mut send: quinn::SendStream, mut recv: qui
         None
     };
     let (result, _wait_slot) = handler::dispatch(&ctx, header.method, &body).await;
+    drop(body);
+    drop(memory);
     if let Err(e) = &result {
         debug!(method = name, status = %e.status, message = %e.message, "rpc failed");
     }
+    // A large response is already built: it is counted, never refused, while it is written.
+    let _response_memory = match &result {
+        Ok(b) if b.len() as u64 > budget::LARGE_REQUEST => {
+            Some(ctx.shared.budget.force(b.len() as u64))
+        }
+        _ => None,
+    };
     respond(&mut send, header.request_id, result, timeout).await;
 }
 
-/// Reads exactly `len` payload bytes. The buffer grows as data arrives, so a header that
-/// announces 4 MiB and then stalls costs nothing but the timeout.
+enum BodyError {
+    Read(quinn::ReadExactError),
+    Budget(budget::Exhausted),
+}
+
+/// Reads exactly `len` payload bytes, growing `memory` before the buffer. The buffer grows as
+/// data arrives, so a header that announces 4 MiB and then stalls costs nothing but the
+/// timeout.
 async fn read_body(
     recv: &mut quinn::RecvStream,
     len: usize,
-) -> Result<Vec<u8>, quinn::ReadExactError> {
-    let mut body = Vec::with_capacity(len.min(64 * 1024));
+    memory: &mut Reservation,
+    priority: Priority,
+) -> Result<Vec<u8>, BodyError> {
+    const STEP: usize = 64 * 1024;
+    let mut body = Vec::new();
     while body.len() < len {
-        match recv.read_chunk(len - body.len(), true).await? {
-            Some(chunk) => body.extend_from_slice(&chunk.bytes),
-            None => return Err(quinn::ReadExactError::FinishedEarly(body.len())),
+        if body.len() == body.capacity() {
+            let more = (len - body.len()).min(body.capacity().max(STEP));
+            memory.grow(more as u64, priority).map_err(BodyError::Budget)?;
+            body.reserve_exact(more);
+        }
+        let room = body.capacity() - body.len();
+        match recv.read_chunk(room, true).await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk.bytes),
+            Ok(None) => {
+                return Err(BodyError::Read(quinn::ReadExactError::FinishedEarly(body.len())));
+            }
+            Err(e) => return Err(BodyError::Read(e.into())),
         }
     }
     Ok(body)
+}
+
+/// Answers a request the memory budget cannot take with RateLimited and a retry hint, without
+/// reading the rest of it.
+async fn refuse_for_memory(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    request_id: u32,
+    e: budget::Exhausted,
+    timeout: Duration,
+) {
+    debug!(used = e.used, limit = e.limit, "request refused: memory budget spent");
+    let _ = recv.stop(quinn::VarInt::from_u32(STREAM_REFUSED));
+    let err = RpcError::retry(
+        Status::RateLimited,
+        "server is at its memory limit; try again later",
+        budget::RETRY_REQUEST,
+    );
+    respond(send, request_id, Err(err), timeout).await;
 }
 
 /// Writes one response frame (header, then body: no second copy of a large body) and
