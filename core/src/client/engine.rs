@@ -439,7 +439,11 @@ impl Client {
                 self.vault.delete(Space::Account, b"token")?;
                 Err(ClientError::NeedLogin)
             }
-            Err(e) => Err(e.into()),
+            Err(e) => {
+                // A busy server answers and then closes: do not keep the connection.
+                self.conn = None;
+                Err(e.into())
+            }
         }
     }
 
@@ -498,7 +502,15 @@ impl Client {
                 Err(ClientError::Net(NetError::CertificateChanged { expected, presented })) => {
                     return Err(NetError::CertificateChanged { expected, presented }.into());
                 }
-                Err(e) => last = Some(e),
+                Err(e) => {
+                    // A busy server says when to come back (memory budget, rate limits).
+                    if let ClientError::Net(n) = &e
+                        && let Some(after) = n.retry_after()
+                    {
+                        delay = delay.max(after.min(Duration::from_secs(60)));
+                    }
+                    last = Some(e);
+                }
             }
             let jitter = rand::rngs::OsRng.gen_range(0..=delay.as_millis() as u64 / 2);
             tokio::time::sleep(delay + Duration::from_millis(jitter)).await;

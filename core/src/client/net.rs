@@ -67,6 +67,16 @@ impl NetError {
         }
     }
 
+    /// The server's hint of how long to wait before retrying, if it gave one.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            Self::Status { retry_after_ms, .. } if *retry_after_ms > 0 => {
+                Some(std::time::Duration::from_millis(*retry_after_ms))
+            }
+            _ => None,
+        }
+    }
+
     /// Whether retrying later may succeed (connection trouble, rate limits, unavailability).
     pub fn is_transient(&self) -> bool {
         match self {
