@@ -123,6 +123,26 @@ impl ServerProcess {
         }
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory, KiB (`VmRSS`; Linux only).
+    pub fn rss_kib(&self) -> anyhow::Result<u64> {
+        proc_status_kib(self.pid(), "VmRSS:")
+    }
+
+    /// Peak resident memory, KiB (`VmHWM`; Linux only).
+    pub fn peak_rss_kib(&self) -> anyhow::Result<u64> {
+        proc_status_kib(self.pid(), "VmHWM:")
+    }
+
+    /// Open file descriptors (Linux only).
+    pub fn open_fds(&self) -> anyhow::Result<usize> {
+        Ok(std::fs::read_dir(format!("/proc/{}/fd", self.pid()))?.count())
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
@@ -138,6 +158,16 @@ impl Drop for ServerProcess {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A `kB` field of `/proc/<pid>/status`.
+pub fn proc_status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))?;
+    line.split_whitespace().nth(1).context("empty field")?.parse().context("not a number")
 }
 
 /// A failed call.
@@ -191,6 +221,23 @@ pub struct Client {
 impl Client {
     /// Connects to `addr`, pinning the certificate with SHA-256 `fingerprint`.
     pub async fn connect(addr: SocketAddr, fingerprint: &str) -> anyhow::Result<Self> {
+        Self::connect_with(addr, fingerprint, true).await
+    }
+
+    /// Like [`Client::connect`], but never accepts the server's push streams: a client that
+    /// does not read its pushes.
+    pub async fn connect_ignoring_pushes(
+        addr: SocketAddr,
+        fingerprint: &str,
+    ) -> anyhow::Result<Self> {
+        Self::connect_with(addr, fingerprint, false).await
+    }
+
+    async fn connect_with(
+        addr: SocketAddr,
+        fingerprint: &str,
+        read_pushes: bool,
+    ) -> anyhow::Result<Self> {
         let crypto = qpq_core::client::net::pinned_crypto(fingerprint)?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         let mut transport = quinn::TransportConfig::default();
@@ -201,6 +248,14 @@ impl Client {
         let conn = endpoint.connect(addr, "localhost")?.await.context("QUIC handshake")?;
         let (tx, rx) = mpsc::unbounded_channel();
         let c = conn.clone();
+        if !read_pushes {
+            return Ok(Self {
+                _endpoint: endpoint,
+                conn,
+                next_id: AtomicU32::new(1),
+                pushes: Mutex::new(rx),
+            });
+        }
         tokio::spawn(async move {
             while let Ok(mut s) = c.accept_uni().await {
                 let tx = tx.clone();
