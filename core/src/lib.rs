@@ -2,7 +2,9 @@
 //!
 //! - [`opaque`]: the OPAQUE cipher suite shared with the server and the client's halves of
 //!   registration and login. The server builds this crate without features and uses only the
-//!   suite type.
+//!   suite type and [`pq_tls`].
+//! - [`pq_tls`]: the rustls crypto provider of both client and server, with the hybrid
+//!   post-quantum `X25519MLKEM768` TLS key exchange preferred.
 //! - Feature `mls` (sans-I/O apart from the store file): [`vault`], the encrypted per-account
 //!   store; [`identity`], Ed25519 keys and safety numbers; [`content`], the padded message
 //!   model; [`mls`], groups and DMs on openmls with the X-Wing ciphersuite and admin roles.
@@ -20,5 +22,6 @@ pub mod identity;
 #[cfg(feature = "mls")]
 pub mod mls;
 pub mod opaque;
+pub mod pq_tls;
 #[cfg(feature = "mls")]
 pub mod vault;

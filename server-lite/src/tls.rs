@@ -71,14 +71,15 @@ pub fn load_or_generate(
     })
 }
 
-/// The quinn server configuration: TLS 1.3 only, ALPN `qpq`, no 0-RTT, no client certificates.
+/// The quinn server configuration: TLS 1.3 only, ALPN `qpq`, no 0-RTT, no client certificates,
+/// key exchange by [`qpq_core::pq_tls`] (hybrid X25519MLKEM768 when the client offers it).
 pub fn server_crypto(
     identity: Identity,
 ) -> anyhow::Result<quinn::crypto::rustls::QuicServerConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(qpq_core::pq_tls::crypto_provider());
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .context("TLS 1.3 with the ring provider")?
+        .context("TLS 1.3 with the qpq provider")?
         .with_no_client_auth()
         .with_single_cert(identity.chain, identity.key)
         .context("certificate and key do not match or are unsupported")?;

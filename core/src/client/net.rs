@@ -230,8 +230,9 @@ impl Connection {
 }
 
 /// TLS 1.3 client crypto with ALPN `qpq` that accepts only the certificate whose SHA-256 is
-/// `pin` (lower- or upper-case hex), checking handshake signatures. For tools and test
-/// harnesses that speak the protocol without the engine.
+/// `pin` (lower- or upper-case hex), checking handshake signatures, with the key exchanges of
+/// [`crate::pq_tls`] (hybrid X25519MLKEM768 preferred). For tools and test harnesses that speak
+/// the protocol without the engine.
 pub fn pinned_crypto(pin: &str) -> Result<quinn::crypto::rustls::QuicClientConfig, NetError> {
     Ok(crypto(Some(pin))?.0)
 }
@@ -239,7 +240,7 @@ pub fn pinned_crypto(pin: &str) -> Result<quinn::crypto::rustls::QuicClientConfi
 fn crypto(
     pin: Option<&str>,
 ) -> Result<(quinn::crypto::rustls::QuicClientConfig, Arc<PinVerifier>), NetError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(crate::pq_tls::crypto_provider());
     let verifier = Arc::new(PinVerifier {
         pin: pin.map(str::to_ascii_lowercase),
         seen: Mutex::new(None),
