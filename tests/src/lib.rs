@@ -55,12 +55,24 @@ impl ServerProcess {
 
     /// Like [`Self::start`] on a given address (to restart on the same port).
     pub fn start_on(data_dir: &Path, listen: &str, extra: &[&str]) -> anyhow::Result<Self> {
-        let mut cmd = Command::new(workspace_bin("qpq-server-lite"));
+        Self::start_bin(&workspace_bin("qpq-server-lite"), data_dir, listen, extra, "debug")
+    }
+
+    /// Like [`Self::start_on`] with another server binary and log filter (benchmarks run
+    /// other builds, and quietly).
+    pub fn start_bin(
+        bin: &Path,
+        data_dir: &Path,
+        listen: &str,
+        extra: &[&str],
+        log: &str,
+    ) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(bin);
         cmd.arg("--data-dir").arg(data_dir).args(["--listen", listen]);
         if !extra.contains(&"--registration") {
             cmd.args(["--registration", "open"]);
         }
-        cmd.args(extra).args(["--log", "debug"]);
+        cmd.args(extra).args(["--log", log]);
         cmd.env_remove("QPQ_CONFIG")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -123,6 +135,11 @@ impl ServerProcess {
         }
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
@@ -177,6 +194,8 @@ pub struct Push {
     pub event: u16,
     /// Protobuf payload.
     pub payload: Vec<u8>,
+    /// When the push's stream had been read to the end.
+    pub received: std::time::Instant,
 }
 
 /// A headless protocol client: one QUIC connection, one stream per call.
@@ -191,6 +210,13 @@ pub struct Client {
 impl Client {
     /// Connects to `addr`, pinning the certificate with SHA-256 `fingerprint`.
     pub async fn connect(addr: SocketAddr, fingerprint: &str) -> anyhow::Result<Self> {
+        let endpoint = Self::endpoint(fingerprint)?;
+        Self::connect_on(&endpoint, addr).await
+    }
+
+    /// A client endpoint (one UDP socket on 127.0.0.1) whose connections pin `fingerprint`
+    /// and send keep-alives every 5 s. Many [`Client`]s can share it ([`Self::connect_on`]).
+    pub fn endpoint(fingerprint: &str) -> anyhow::Result<quinn::Endpoint> {
         let crypto = qpq_core::client::net::pinned_crypto(fingerprint)?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         let mut transport = quinn::TransportConfig::default();
@@ -198,6 +224,12 @@ impl Client {
         config.transport_config(Arc::new(transport));
         let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
         endpoint.set_default_client_config(config);
+        Ok(endpoint)
+    }
+
+    /// Connects to `addr` over `endpoint` (from [`Self::endpoint`]).
+    pub async fn connect_on(endpoint: &quinn::Endpoint, addr: SocketAddr) -> anyhow::Result<Self> {
+        let endpoint = endpoint.clone();
         let conn = endpoint.connect(addr, "localhost")?.await.context("QUIC handshake")?;
         let (tx, rx) = mpsc::unbounded_channel();
         let c = conn.clone();
@@ -207,7 +239,8 @@ impl Client {
                 tokio::spawn(async move {
                     let Ok(bytes) = s.read_to_end(MAX_PAYLOAD as usize + 6).await else { return };
                     if let Ok((h, p)) = frame::decode_push(&bytes) {
-                        let _ = tx.send(Push { event: h.event, payload: p.to_vec() });
+                        let received = std::time::Instant::now();
+                        let _ = tx.send(Push { event: h.event, payload: p.to_vec(), received });
                     }
                 });
             }
