@@ -55,12 +55,24 @@ impl ServerProcess {
 
     /// Like [`Self::start`] on a given address (to restart on the same port).
     pub fn start_on(data_dir: &Path, listen: &str, extra: &[&str]) -> anyhow::Result<Self> {
-        let mut cmd = Command::new(workspace_bin("qpq-server-lite"));
+        Self::start_bin(&workspace_bin("qpq-server-lite"), data_dir, listen, extra, "debug")
+    }
+
+    /// Like [`Self::start_on`] with another server binary and log filter (benchmarks run
+    /// other builds, and quietly).
+    pub fn start_bin(
+        bin: &Path,
+        data_dir: &Path,
+        listen: &str,
+        extra: &[&str],
+        log: &str,
+    ) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(bin);
         cmd.arg("--data-dir").arg(data_dir).args(["--listen", listen]);
         if !extra.contains(&"--registration") {
             cmd.args(["--registration", "open"]);
         }
-        cmd.args(extra).args(["--log", "debug"]);
+        cmd.args(extra).args(["--log", log]);
         cmd.env_remove("QPQ_CONFIG")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -207,6 +219,8 @@ pub struct Push {
     pub event: u16,
     /// Protobuf payload.
     pub payload: Vec<u8>,
+    /// When the push's stream had been read to the end.
+    pub received: std::time::Instant,
 }
 
 /// A headless protocol client: one QUIC connection, one stream per call.
@@ -221,7 +235,8 @@ pub struct Client {
 impl Client {
     /// Connects to `addr`, pinning the certificate with SHA-256 `fingerprint`.
     pub async fn connect(addr: SocketAddr, fingerprint: &str) -> anyhow::Result<Self> {
-        Self::connect_with(addr, fingerprint, true).await
+        let endpoint = Self::endpoint(fingerprint)?;
+        Self::connect_on(&endpoint, addr).await
     }
 
     /// Like [`Client::connect`], but never accepts the server's push streams: a client that
@@ -230,14 +245,13 @@ impl Client {
         addr: SocketAddr,
         fingerprint: &str,
     ) -> anyhow::Result<Self> {
-        Self::connect_with(addr, fingerprint, false).await
+        let endpoint = Self::endpoint(fingerprint)?;
+        Self::open(&endpoint, addr, false).await
     }
 
-    async fn connect_with(
-        addr: SocketAddr,
-        fingerprint: &str,
-        read_pushes: bool,
-    ) -> anyhow::Result<Self> {
+    /// A client endpoint (one UDP socket on 127.0.0.1) whose connections pin `fingerprint`
+    /// and send keep-alives every 5 s. Many [`Client`]s can share it ([`Self::connect_on`]).
+    pub fn endpoint(fingerprint: &str) -> anyhow::Result<quinn::Endpoint> {
         let crypto = qpq_core::client::net::pinned_crypto(fingerprint)?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         let mut transport = quinn::TransportConfig::default();
@@ -245,6 +259,20 @@ impl Client {
         config.transport_config(Arc::new(transport));
         let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
         endpoint.set_default_client_config(config);
+        Ok(endpoint)
+    }
+
+    /// Connects to `addr` over `endpoint` (from [`Self::endpoint`]).
+    pub async fn connect_on(endpoint: &quinn::Endpoint, addr: SocketAddr) -> anyhow::Result<Self> {
+        Self::open(endpoint, addr, true).await
+    }
+
+    async fn open(
+        endpoint: &quinn::Endpoint,
+        addr: SocketAddr,
+        read_pushes: bool,
+    ) -> anyhow::Result<Self> {
+        let endpoint = endpoint.clone();
         let conn = endpoint.connect(addr, "localhost")?.await.context("QUIC handshake")?;
         let (tx, rx) = mpsc::unbounded_channel();
         let c = conn.clone();
@@ -262,7 +290,8 @@ impl Client {
                 tokio::spawn(async move {
                     let Ok(bytes) = s.read_to_end(MAX_PAYLOAD as usize + 6).await else { return };
                     if let Ok((h, p)) = frame::decode_push(&bytes) {
-                        let _ = tx.send(Push { event: h.event, payload: p.to_vec() });
+                        let received = std::time::Instant::now();
+                        let _ = tx.send(Push { event: h.event, payload: p.to_vec(), received });
                     }
                 });
             }
