@@ -37,15 +37,6 @@ pub const NO_AUTH_LIMITS: &[(&str, &str)] = &[
     ("auth_per_user_per_min", "1000000"),
 ];
 
-/// A field of `/proc/<pid>/status` in KiB (`VmRSS`, `VmHWM`).
-pub fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    s.lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .with_context(|| format!("no {field} in /proc/{pid}/status"))
-}
-
 /// `/proc/<pid>/io` counters.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Io {

@@ -28,8 +28,8 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
     let server = common::start_server(opts, dir.path(), &args)?;
     let pid = server.pid();
     tokio::time::sleep(settle).await;
-    let idle_rss = common::status_kib(pid, "VmRSS")?;
-    let idle_hwm = common::status_kib(pid, "VmHWM")?;
+    let idle_rss = qpq_tests::proc_status_kib(pid, "VmRSS:")?;
+    let idle_hwm = qpq_tests::proc_status_kib(pid, "VmHWM:")?;
 
     let endpoint = Client::endpoint(&server.fingerprint)?;
     let token = {
@@ -58,11 +58,11 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
             conns.push(t.await??);
         }
         tokio::time::sleep(settle).await;
-        let rss = common::status_kib(pid, "VmRSS")?;
+        let rss = qpq_tests::proc_status_kib(pid, "VmRSS:")?;
         points.push((n as f64, rss as f64));
         rows.push((n, rss));
     }
-    let hwm = common::status_kib(pid, "VmHWM")?;
+    let hwm = qpq_tests::proc_status_kib(pid, "VmHWM:")?;
     let (slope, intercept) = common::least_squares(&points);
     let (size, stripped) = common::stripped_size(&opts.server)?;
 
