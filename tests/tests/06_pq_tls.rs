@@ -11,18 +11,15 @@ use anyhow::Context;
 use qpq_proto::frame;
 use qpq_proto::{Message, Status, method, v1};
 use qpq_tests::{ServerProcess, read_response};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{
     ActiveKeyExchange, CompletedKeyExchange, CryptoProvider, SharedSecret, SupportedKxGroup,
     aws_lc_rs, ring,
 };
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use rustls::{
-    ClientConfig, ClientConnection, Connection, DigitallySignedStruct, NamedGroup,
-    PeerIncompatible, ProtocolVersion, RootCertStore, ServerConfig, ServerConnection,
-    SignatureScheme,
+    ClientConfig, ClientConnection, Connection, NamedGroup, PeerIncompatible, ProtocolVersion,
+    RootCertStore, ServerConfig, ServerConnection,
 };
-use sha2::{Digest, Sha256};
 
 // ------------------------------------------------------------------------------------------------
 // In memory
@@ -238,12 +235,7 @@ async fn quic_connect(
     server: &ServerProcess,
     provider: Arc<CryptoProvider>,
 ) -> anyhow::Result<(quinn::Endpoint, quinn::Connection)> {
-    let verifier = Pin { fingerprint: server.fingerprint.clone(), provider: provider.clone() };
-    let mut tls = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
+    let mut tls = qpq_core::client::net::pinned_tls(&server.fingerprint, provider)?;
     tls.alpn_protocols = vec![qpq_proto::ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
@@ -264,59 +256,6 @@ async fn health(conn: &quinn::Connection) -> anyhow::Result<v1::HealthResponse> 
     let (header, body) = read_response(&mut recv).await?;
     anyhow::ensure!(header.status == Status::Ok, "Health answered {:?}", header.status);
     Ok(v1::HealthResponse::decode(body.as_slice())?)
-}
-
-/// Accepts only the certificate with the server's fingerprint; checks handshake signatures.
-#[derive(Debug)]
-struct Pin {
-    fingerprint: String,
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for Pin {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let presented: String =
-            Sha256::digest(end_entity).iter().map(|b| format!("{b:02x}")).collect();
-        if presented == self.fingerprint {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::General("not the pinned certificate".into()))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("TLS 1.2 is not offered".into()))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 /// A key-exchange group that delegates to `inner` and records, for each exchange it started,

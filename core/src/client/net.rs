@@ -237,21 +237,38 @@ pub fn pinned_crypto(pin: &str) -> Result<quinn::crypto::rustls::QuicClientConfi
     Ok(crypto(Some(pin))?.0)
 }
 
-fn crypto(
+/// A TLS 1.3 rustls client configuration on `provider` that accepts only the certificate whose
+/// SHA-256 is `pin` (hex, any case) and checks handshake signatures. No ALPN is set. For tools
+/// and tests that need the pinning with another provider or over TCP.
+pub fn pinned_tls(
+    pin: &str,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<rustls::ClientConfig, NetError> {
+    Ok(tls_config(Some(pin), provider)?.0)
+}
+
+fn tls_config(
     pin: Option<&str>,
-) -> Result<(quinn::crypto::rustls::QuicClientConfig, Arc<PinVerifier>), NetError> {
-    let provider = Arc::new(crate::pq_tls::crypto_provider());
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<(rustls::ClientConfig, Arc<PinVerifier>), NetError> {
     let verifier = Arc::new(PinVerifier {
         pin: pin.map(str::to_ascii_lowercase),
         seen: Mutex::new(None),
         provider: provider.clone(),
     });
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| NetError::Connection(e.to_string()))?
         .dangerous()
         .with_custom_certificate_verifier(verifier.clone())
         .with_no_client_auth();
+    Ok((tls, verifier))
+}
+
+fn crypto(
+    pin: Option<&str>,
+) -> Result<(quinn::crypto::rustls::QuicClientConfig, Arc<PinVerifier>), NetError> {
+    let (mut tls, verifier) = tls_config(pin, Arc::new(crate::pq_tls::crypto_provider()))?;
     tls.alpn_protocols = vec![qpq_proto::ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| NetError::Connection(e.to_string()))?;
