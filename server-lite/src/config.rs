@@ -128,7 +128,7 @@ pub struct Limits {
     /// router with 128 MB of RAM.
     pub memory_budget_bytes: u64,
     /// TLS handshakes in progress at once; more are refused, and past a quarter of it new
-    /// clients must first prove their address (QUIC Retry). Default 64.
+    /// clients must first prove their address (QUIC Retry). Default 256.
     pub max_handshakes: u32,
 }
 
@@ -180,7 +180,7 @@ impl Default for Limits {
             drain_timeout_secs: 10,
             db_cache_bytes: 4 << 20,
             memory_budget_bytes: 48 << 20,
-            max_handshakes: 64,
+            max_handshakes: 256,
         }
     }
 }
