@@ -7,6 +7,9 @@
 #![warn(missing_docs)]
 
 pub mod config;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod handler;
 pub mod hub;
 pub mod rate;

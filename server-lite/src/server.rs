@@ -61,6 +61,27 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// State for a server with this configuration, database and OPAQUE keys, before any
+    /// connection.
+    pub(crate) fn new(config: Config, store: Store, opaque: ServerSetup<Suite>) -> Self {
+        let l = &config.limits;
+        Self {
+            auth_per_ip: RateLimiter::new(l.auth_per_ip_burst, l.auth_per_ip_per_min, 10_000),
+            auth_per_user: RateLimiter::new(l.auth_per_user_burst, l.auth_per_user_per_min, 10_000),
+            config,
+            store,
+            hub: Hub::default(),
+            opaque,
+            started: Instant::now(),
+            conns: Mutex::default(),
+            next_conn_id: AtomicU64::new(1),
+            inflight: AtomicUsize::new(0),
+            idle: Notify::new(),
+            draining: std::sync::atomic::AtomicBool::new(false),
+            drain_started: Notify::new(),
+        }
+    }
+
     /// Whether shutdown has begun (new calls are refused, long polls end).
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
@@ -110,22 +131,7 @@ impl Server {
         server_config.transport_config(Arc::new(transport(&config)));
         server_config.migration(true);
         let endpoint = bind_endpoint(config.listen, server_config)?;
-        let l = &config.limits;
-        let shared = Arc::new(Shared {
-            auth_per_ip: RateLimiter::new(l.auth_per_ip_burst, l.auth_per_ip_per_min, 10_000),
-            auth_per_user: RateLimiter::new(l.auth_per_user_burst, l.auth_per_user_per_min, 10_000),
-            config,
-            store,
-            hub: Hub::default(),
-            opaque,
-            started: Instant::now(),
-            conns: Mutex::default(),
-            next_conn_id: AtomicU64::new(1),
-            inflight: AtomicUsize::new(0),
-            idle: Notify::new(),
-            draining: std::sync::atomic::AtomicBool::new(false),
-            drain_started: Notify::new(),
-        });
+        let shared = Arc::new(Shared::new(config, store, opaque));
         Ok(Self { shared, endpoint, fingerprint, generated_cert })
     }
 
