@@ -39,7 +39,14 @@ pub async fn handle_request(conn: &Conn, method: u16, payload: &[u8]) -> Result<
     let _slot = if handler::large_response(method) {
         match conn.large_responses.clone().acquire_owned().await {
             Ok(p) => Some(p),
-            Err(_) => return Err(RpcError::new(Status::Unavailable, "connection closing")),
+            // The semaphore is never closed; `serve_stream` would drop the stream here.
+            Err(_) => {
+                return Err(RpcError::retry(
+                    Status::Unavailable,
+                    "connection closing",
+                    Duration::from_secs(1),
+                ));
+            }
         }
     } else {
         None
