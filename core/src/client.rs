@@ -9,6 +9,9 @@
 
 mod engine;
 pub mod files;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 mod history;
 pub mod net;
 

@@ -8,7 +8,8 @@ use qpq_proto::{Message, frame, v1};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok((h, payload)) = frame::decode_request(data) {
-        let again = frame::encode_request(h.method, h.request_id, payload).expect("decoded frames fit");
+        let again =
+            frame::encode_request(h.method, h.request_id, payload).expect("decoded frames fit");
         assert_eq!(again, data);
         let _ = v1::EnqueueRequest::decode(payload);
         let _ = v1::BatchEnqueueRequest::decode(payload);

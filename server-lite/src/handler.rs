@@ -78,7 +78,9 @@ pub struct Bound {
 pub struct Conn {
     /// Server-wide state.
     pub shared: Arc<Shared>,
-    conn: quinn::Connection,
+    /// The QUIC connection, closed when the session is ended elsewhere; `None` for a connection
+    /// that exists only in-process (the fuzz harness, [`crate::fuzzing`]).
+    conn: Option<quinn::Connection>,
     id: u64,
     ip: IpAddr,
     push: PushSender,
@@ -109,6 +111,23 @@ impl Conn {
         ip: IpAddr,
         push: PushSender,
     ) -> Self {
+        Self::with_connection(shared, Some(conn), id, ip, push)
+    }
+
+    /// State for a connection without a QUIC connection behind it: requests come from the fuzz
+    /// harness, and ending its session elsewhere cannot close anything.
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn detached(shared: Arc<Shared>, id: u64, ip: IpAddr, push: PushSender) -> Self {
+        Self::with_connection(shared, None, id, ip, push)
+    }
+
+    fn with_connection(
+        shared: Arc<Shared>,
+        conn: Option<quinn::Connection>,
+        id: u64,
+        ip: IpAddr,
+        push: PushSender,
+    ) -> Self {
         Self {
             shared,
             conn,
@@ -123,14 +142,14 @@ impl Conn {
     }
 
     /// The principal, or Unauthorized.
-    fn principal(&self) -> Result<Bound, RpcError> {
+    pub(crate) fn principal(&self) -> Result<Bound, RpcError> {
         lock(&self.bound)
             .clone()
             .ok_or_else(|| RpcError::new(Status::Unauthorized, "log in or resume first"))
     }
 
     /// Binds the connection to `b` and registers it for pushes.
-    fn bind(&self, b: Bound) {
+    pub(crate) fn bind(&self, b: Bound) {
         self.touched_ms.store(crate::store::now_ms(), std::sync::atomic::Ordering::Relaxed);
         let previous = lock(&self.bound).replace(b.clone());
         if let Some(prev) = previous {

@@ -34,7 +34,8 @@ struct Peer {
     device_id: Vec<u8>,
     session: [u8; 32],
     push: PushSender,
-    conn: quinn::Connection,
+    /// `None` for an in-process connection (the fuzz harness): nothing to close.
+    conn: Option<quinn::Connection>,
 }
 
 /// The registry of authenticated connections.
@@ -59,7 +60,7 @@ impl Hub {
         device_id: Vec<u8>,
         session: [u8; 32],
         push: PushSender,
-        conn: quinn::Connection,
+        conn: Option<quinn::Connection>,
     ) {
         let mut peers = lock(&self.peers);
         let list = peers.entry(identity).or_default();
@@ -127,8 +128,11 @@ impl Hub {
                 Which::Session(s) => p.session == *s,
                 Which::Device(d) => p.device_id == d,
             };
-            if hit && Some(p.conn_id) != keep_conn {
-                p.conn.close(quinn::VarInt::from_u32(CLOSE_REVOKED), reason.as_bytes());
+            if hit
+                && Some(p.conn_id) != keep_conn
+                && let Some(conn) = &p.conn
+            {
+                conn.close(quinn::VarInt::from_u32(CLOSE_REVOKED), reason.as_bytes());
             }
         }
     }

@@ -8,6 +8,9 @@
 
 pub mod budget;
 pub mod config;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod handler;
 pub mod hub;
 pub mod rate;

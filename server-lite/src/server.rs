@@ -75,6 +75,40 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// State for a server with this configuration, database and OPAQUE keys, before any
+    /// connection.
+    pub(crate) fn new(config: Config, store: Store, opaque: ServerSetup<Suite>) -> Self {
+        let l = &config.limits;
+        let budget =
+            Arc::new(Budget::for_this_process(l.memory_budget_bytes, l.db_cache_bytes as u64));
+        info!(
+            budget_kib = l.memory_budget_bytes >> 10,
+            base_kib = budget.base() >> 10,
+            "memory budget (base: resident size now plus the database cache)"
+        );
+        if budget.base() > l.memory_budget_bytes / 2 {
+            warn!("the memory budget is less than twice the base; few connections will fit");
+        }
+        Self {
+            auth_per_ip: RateLimiter::new(l.auth_per_ip_burst, l.auth_per_ip_per_min, 10_000),
+            auth_per_user: RateLimiter::new(l.auth_per_user_burst, l.auth_per_user_per_min, 10_000),
+            config,
+            store,
+            hub: Hub::with_budget(budget.clone()),
+            opaque,
+            started: Instant::now(),
+            budget,
+            conns: Mutex::default(),
+            handshakes: AtomicUsize::new(0),
+            busy: AtomicUsize::new(0),
+            next_conn_id: AtomicU64::new(1),
+            inflight: AtomicUsize::new(0),
+            idle: Notify::new(),
+            draining: std::sync::atomic::AtomicBool::new(false),
+            drain_started: Notify::new(),
+        }
+    }
+
     /// Whether shutdown has begun (new calls are refused, long polls end).
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
@@ -124,35 +158,7 @@ impl Server {
         server_config.transport_config(Arc::new(transport(&config)));
         server_config.migration(true);
         let endpoint = bind_endpoint(config.listen, server_config)?;
-        let l = &config.limits;
-        let budget =
-            Arc::new(Budget::for_this_process(l.memory_budget_bytes, l.db_cache_bytes as u64));
-        info!(
-            budget_kib = l.memory_budget_bytes >> 10,
-            base_kib = budget.base() >> 10,
-            "memory budget (base: resident size now plus the database cache)"
-        );
-        if budget.base() > l.memory_budget_bytes / 2 {
-            warn!("the memory budget is less than twice the base; few connections will fit");
-        }
-        let shared = Arc::new(Shared {
-            auth_per_ip: RateLimiter::new(l.auth_per_ip_burst, l.auth_per_ip_per_min, 10_000),
-            auth_per_user: RateLimiter::new(l.auth_per_user_burst, l.auth_per_user_per_min, 10_000),
-            config,
-            store,
-            hub: Hub::with_budget(budget.clone()),
-            opaque,
-            started: Instant::now(),
-            budget,
-            conns: Mutex::default(),
-            handshakes: AtomicUsize::new(0),
-            busy: AtomicUsize::new(0),
-            next_conn_id: AtomicU64::new(1),
-            inflight: AtomicUsize::new(0),
-            idle: Notify::new(),
-            draining: std::sync::atomic::AtomicBool::new(false),
-            drain_started: Notify::new(),
-        });
+        let shared = Arc::new(Shared::new(config, store, opaque));
         Ok(Self { shared, endpoint, fingerprint, generated_cert })
     }
 

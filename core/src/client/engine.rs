@@ -304,7 +304,7 @@ impl Client {
         Ok(c)
     }
 
-    fn assemble(
+    pub(crate) fn assemble(
         vault: Arc<Vault>,
         identity: Identity,
         username: String,
@@ -1278,7 +1278,7 @@ impl Client {
         Ok(())
     }
 
-    async fn handle_push(&mut self, p: Push) -> Result<(), ClientError> {
+    pub(crate) async fn handle_push(&mut self, p: Push) -> Result<(), ClientError> {
         use prost::Message as _;
         match p.event {
             method::PUSH_NEW_MESSAGE => {
@@ -1404,9 +1404,16 @@ impl Client {
         Ok(())
     }
 
-    fn process_one(&self, data: &[u8]) -> Result<Vec<Event>, ClientError> {
+    /// Processes one fetched envelope's data: MLS, then its effect on conversations and history.
+    pub(crate) fn process_one(&self, data: &[u8]) -> Result<Vec<Event>, ClientError> {
+        let incoming = self.mls.process(data)?;
+        self.apply_incoming(incoming)
+    }
+
+    /// Applies what MLS made of an envelope: content decoding, history, conversations.
+    pub(crate) fn apply_incoming(&self, incoming: Incoming) -> Result<Vec<Event>, ClientError> {
         let mut events = Vec::new();
-        match self.mls.process(data)? {
+        match incoming {
             Incoming::Joined { group_id, kind, members } => {
                 let me = self.identity_key();
                 let peer = members.iter().map(|m| m.identity).find(|id| *id != me);

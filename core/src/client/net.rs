@@ -194,21 +194,7 @@ impl Connection {
         let (header, body) = tokio::time::timeout(CALL_TIMEOUT + extra, exchange)
             .await
             .map_err(|_| NetError::Timeout)??;
-        if header.request_id != id {
-            return Err(NetError::Protocol(format!(
-                "response to {} for call {id}",
-                header.request_id
-            )));
-        }
-        if header.status != Status::Ok {
-            let e = v1::Error::decode(body.as_slice()).unwrap_or_default();
-            return Err(NetError::Status {
-                status: header.status,
-                message: e.message,
-                retry_after_ms: e.retry_after_ms,
-            });
-        }
-        Resp::decode(body.as_slice()).map_err(|e| NetError::Protocol(e.to_string()))
+        read_response(id, &header, &body)
     }
 
     /// Whether the connection is closed (lost or shut down by either side).
@@ -227,6 +213,27 @@ impl Connection {
         self.conn.close(0u32.into(), b"bye");
         let _ = tokio::time::timeout(Duration::from_secs(1), self._endpoint.wait_idle()).await;
     }
+}
+
+/// Checks a response frame against the call it answers and decodes its payload: the error
+/// for a non-Ok status, else the response message.
+pub(crate) fn read_response<Resp: Message + Default>(
+    id: u32,
+    header: &ResponseHeader,
+    body: &[u8],
+) -> Result<Resp, NetError> {
+    if header.request_id != id {
+        return Err(NetError::Protocol(format!("response to {} for call {id}", header.request_id)));
+    }
+    if header.status != Status::Ok {
+        let e = v1::Error::decode(body).unwrap_or_default();
+        return Err(NetError::Status {
+            status: header.status,
+            message: e.message,
+            retry_after_ms: e.retry_after_ms,
+        });
+    }
+    Resp::decode(body).map_err(|e| NetError::Protocol(e.to_string()))
 }
 
 /// TLS 1.3 client crypto with ALPN `qpq` that accepts only the certificate whose SHA-256 is
