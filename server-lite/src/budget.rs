@@ -22,7 +22,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// What a connection is assumed to cost beyond its buffers: QUIC and TLS state, tasks,
-/// channels (measured at about 30 KiB per idle connection; see docs/PERFORMANCE.md).
+/// channels (measured at 40 KiB per idle connection with glibc and 48 KiB with the static musl
+/// build: `qpq-bench footprint`, docs/PERFORMANCE.md).
 pub const CONNECTION_COST: u64 = 48 * 1024;
 /// Request bodies larger than this are "large" and are refused earlier than small ones.
 pub const LARGE_REQUEST: u64 = 64 * 1024;
