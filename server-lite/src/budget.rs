@@ -9,8 +9,11 @@
 //! - a request body reserves its bytes as they arrive (requests over
 //!   [`LARGE_REQUEST`] bytes, uploads in practice, are refused above 90 %; small requests
 //!   only at 100 %, so connected clients keep messaging while new work is turned away);
-//! - a large response reserves its bytes while it is written, and a queued push while it
-//!   waits (pushes are dropped, not queued, above 90 %: the client fetches instead).
+//! - a response over [`LARGE_REQUEST`] bytes (Fetch, Peek, DownloadBlob, a long poll's
+//!   answer: all reads) reserves its size once built, while it is written; past 100 % it is
+//!   dropped and the call refused;
+//! - a queued push reserves its size while it waits (pushes are dropped, not queued, above
+//!   90 %: the client fetches instead).
 //!
 //! Use is accounted, not measured: the resident size at start (plus the database cache it
 //! will grow into) and the sum of the reservations. Measuring the resident size instead would
@@ -162,6 +165,14 @@ impl Reservation {
         Ok(())
     }
 
+    /// Gives back all but `bytes` of this reservation (nothing if it holds no more).
+    pub fn shrink_to(&mut self, bytes: u64) {
+        if bytes < self.bytes {
+            self.budget.reserved.fetch_sub(self.bytes - bytes, Ordering::Relaxed);
+            self.bytes = bytes;
+        }
+    }
+
     /// Bytes held.
     pub fn bytes(&self) -> u64 {
         self.bytes
@@ -220,6 +231,11 @@ mod tests {
         assert_eq!(r.bytes(), 3 * MIB);
         assert!(r.grow(7 * MIB, Priority::Request).is_err(), "1 + 3 + 7 > 10");
         assert_eq!(b.reserved(), 3 * MIB, "a refused grow reserves nothing");
+        r.shrink_to(2 * MIB);
+        assert_eq!((r.bytes(), b.reserved()), (2 * MIB, 2 * MIB));
+        r.shrink_to(5 * MIB);
+        assert_eq!(r.bytes(), 2 * MIB, "shrink_to never grows");
+        r.grow(MIB, Priority::Request).unwrap();
         let forced = b.force(20 * MIB);
         assert_eq!(b.used(), 24 * MIB);
         assert!(b.reserve(1, Priority::Request).is_err(), "forced bytes count");

@@ -400,7 +400,8 @@ async fn serve_busy(conn: quinn::Connection, e: budget::Exhausted) {
         Some(())
     };
     let _ = tokio::time::timeout(BUSY_LINGER, answer).await;
-    conn.close(quinn::VarInt::from_u32(CLOSE_BUSY), b"server busy; retry in 5 s");
+    let reason = format!("server busy; retry in {} s", budget::RETRY_CONNECTION.as_secs());
+    conn.close(quinn::VarInt::from_u32(CLOSE_BUSY), reason.as_bytes());
 }
 
 async fn serve_connection(
@@ -594,12 +595,20 @@ async fn serve_stream(
     if let Err(e) = &result {
         debug!(method = name, status = %e.status, message = %e.message, "rpc failed");
     }
-    // A large response is already built: it is counted, never refused, while it is written.
-    let _response_memory = match &result {
-        Ok(b) if b.len() as u64 > budget::LARGE_REQUEST => {
-            Some(ctx.shared.budget.force(b.len() as u64))
+    // A large response (Fetch, Peek, DownloadBlob, a long poll's answer: all reads) holds its
+    // size while it is written; past the budget it is dropped and the call refused instead.
+    let size = result.as_ref().map_or(0, |b| b.len() as u64);
+    let _response_memory = if size > budget::LARGE_REQUEST {
+        match ctx.shared.budget.reserve(size, Priority::Request) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                drop(result);
+                return refuse_for_memory(&mut send, &mut recv, header.request_id, e, timeout)
+                    .await;
+            }
         }
-        _ => None,
+    } else {
+        None
     };
     respond(&mut send, header.request_id, result, timeout).await;
 }
@@ -609,32 +618,37 @@ enum BodyError {
     Budget(budget::Exhausted),
 }
 
-/// Reads exactly `len` payload bytes, growing `memory` before the buffer. The buffer grows as
-/// data arrives, so a header that announces 4 MiB and then stalls costs nothing but the
-/// timeout.
+/// Reads exactly `len` payload bytes. Each chunk is reserved in `memory` as it arrives, so a
+/// header that announces 4 MiB and then stalls holds nothing; the chunks are joined once at
+/// the end (that copy is reserved too while both exist).
 async fn read_body(
     recv: &mut quinn::RecvStream,
     len: usize,
     memory: &mut Reservation,
     priority: Priority,
 ) -> Result<Vec<u8>, BodyError> {
-    const STEP: usize = 64 * 1024;
-    let mut body = Vec::new();
-    while body.len() < len {
-        if body.len() == body.capacity() {
-            let more = (len - body.len()).min(body.capacity().max(STEP));
-            memory.grow(more as u64, priority).map_err(BodyError::Budget)?;
-            body.reserve_exact(more);
-        }
-        let room = body.capacity() - body.len();
-        match recv.read_chunk(room, true).await {
-            Ok(Some(chunk)) => body.extend_from_slice(&chunk.bytes),
-            Ok(None) => {
-                return Err(BodyError::Read(quinn::ReadExactError::FinishedEarly(body.len())));
+    let mut chunks = Vec::new();
+    let mut got = 0;
+    while got < len {
+        match recv.read_chunk(len - got, true).await {
+            Ok(Some(chunk)) => {
+                memory.grow(chunk.bytes.len() as u64, priority).map_err(BodyError::Budget)?;
+                got += chunk.bytes.len();
+                chunks.push(chunk.bytes);
             }
+            Ok(None) => return Err(BodyError::Read(quinn::ReadExactError::FinishedEarly(got))),
             Err(e) => return Err(BodyError::Read(e.into())),
         }
     }
+    if chunks.len() == 1 {
+        return Ok(chunks.remove(0).into());
+    }
+    memory.grow(len as u64, priority).map_err(BodyError::Budget)?;
+    let mut body = Vec::with_capacity(len);
+    for c in chunks {
+        body.extend_from_slice(&c);
+    }
+    memory.shrink_to(len as u64);
     Ok(body)
 }
 
