@@ -68,116 +68,148 @@ async fn round_trip(from: &Client, to: &Client, to_key: &[u8; 32], what: &str) {
     within(STEP, what, to.ack(sent.seq)).await.unwrap_or_else(|e| panic!("ack {what}: {e}"));
 }
 
-/// Sends a request header announcing `len` bytes and `sent` bytes of it, then stalls (the
-/// stream stays open); returns the response status and error when the server answers.
-async fn stalled_upload(c: &Client, len: u32, sent: usize) -> (Status, v1::Error) {
+/// An upload of a whole 4 MiB frame but its last 1,000 bytes, left open: the server holds what
+/// arrived until its request timeout.
+const STALLED: usize = MAX_PAYLOAD as usize - 1000;
+
+/// Starts an upload on `c` announcing `MAX_PAYLOAD` bytes, sends [`STALLED`] of them and
+/// stalls. Returns the server's answer if it comes within `wait` (a refusal), or `None` once
+/// the bytes are out and `wait` has passed (the server took the upload), and the stream, to be
+/// kept open (dropping it would finish it).
+async fn stalled_upload(
+    c: &Client,
+    wait: Duration,
+) -> (Option<(Status, v1::Error)>, (quinn::SendStream, quinn::RecvStream)) {
     let (mut send, mut recv) = c.conn.open_bi().await.unwrap();
     let mut header = frame::encode_request(method::UPLOAD_BLOB, 7, &[]).unwrap();
-    header[REQUEST_HEADER_LEN - 4..].copy_from_slice(&len.to_be_bytes());
-    let writer = async move {
+    header[REQUEST_HEADER_LEN - 4..].copy_from_slice(&MAX_PAYLOAD.to_be_bytes());
+    let writer = async {
         let _ = send.write_all(&header).await;
-        let _ = send.write_all(&vec![0x55u8; sent]).await;
-        // Keep the stream open (unfinished) until the response arrives.
-        std::future::pending::<()>().await;
+        let _ = send.write_all(&vec![0x55u8; STALLED]).await;
+        tokio::time::sleep(wait).await;
     };
     let reader = async {
         let (h, body) = read_response(&mut recv).await.unwrap();
         (h.status, <v1::Error as qpq_proto::Message>::decode(body.as_slice()).unwrap())
     };
-    tokio::select! {
-        () = writer => unreachable!(),
-        r = reader => r,
+    let answer = tokio::select! {
+        () = writer => None,
+        r = reader => Some(r),
+    };
+    (answer, (send, recv))
+}
+
+/// The base the server accounts its budget from (its resident size at start plus the
+/// database cache), as it logs it, in bytes.
+fn logged_base(server: &ServerProcess) -> u64 {
+    for _ in 0..100 {
+        let log = strip_ansi(&server.stderr.lock().unwrap());
+        if let Some(rest) = log.split("base_kib=").nth(1) {
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            return digits.parse::<u64>().unwrap() * 1024;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
+    panic!("the server did not log its memory budget base");
+}
+
+/// `text` without ANSI colour sequences (`ESC [ ... m`), as the log may have them.
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|&c| c == 'm');
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Past its memory budget the server turns new connections away with Unavailable and uploads
 /// with RateLimited, both with a retry hint, while connected clients keep messaging; when the
-/// load goes, it takes new connections again. The load: 12 connections each with two 4 MiB
-/// uploads stalled before their last bytes (about 96 MiB, against a 48 MiB budget).
+/// load goes, it takes new connections again. The budget is set from the server's own base so
+/// that six stalled 4 MiB uploads bring it to 87.5 %: past the 85 % for new connections,
+/// short of the 90 % for uploads, so the seventh upload is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spent_memory_budget_turns_new_work_away_and_connected_clients_keep_working() {
-    const BUDGET: u64 = 48 * MIB;
-    let budget = format!("limits.memory_budget_bytes={BUDGET}");
-    let mut s = Server::start(&["--set", &budget, "--set", "limits.request_timeout_secs=10"]);
+    const HELD: u64 = 6;
+    let dir = tempfile::tempdir().unwrap();
+    let base = {
+        let probe = ServerProcess::start(dir.path(), &[]).unwrap();
+        logged_base(&probe)
+    };
+    // alice, bob, four uploaders (two large requests each at most), the newcomer.
+    let conns = 7 * 48 * 1024;
+    let used = base + conns + HELD * STALLED as u64;
+    let budget = used * 8 / 7;
+    let flag = format!("limits.memory_budget_bytes={budget}");
+    let process = ServerProcess::start(
+        dir.path(),
+        &["--set", &flag, "--set", "limits.request_timeout_secs=30"],
+    )
+    .unwrap();
+    let mut s = Server { process, _dir: dir };
+    let restarted_base = logged_base(&s.process);
+    assert!(restarted_base.abs_diff(base) < MIB, "base {base} then {restarted_base}");
     let (alice, _, _) = s.user("alice").await;
     let (bob, bob_key, bob_token) = s.user("bob").await;
     round_trip(&alice, &bob, &bob_key, "before the load").await;
     let rss_before = s.process.rss_kib().unwrap();
 
-    let mut attackers = Vec::new();
-    for _ in 0..12 {
-        attackers.push(Arc::new(s.client().await));
+    let mut uploaders = Vec::new();
+    for _ in 0..4 {
+        uploaders.push(s.client().await);
     }
-    let started = Instant::now();
-    let mut uploads = tokio::task::JoinSet::new();
-    for a in &attackers {
-        for _ in 0..2 {
-            let a = a.clone();
-            uploads.spawn(async move {
-                stalled_upload(&a, MAX_PAYLOAD, MAX_PAYLOAD as usize - 1000).await
-            });
-        }
+    let mut open = Vec::new();
+    for i in 0..HELD as usize {
+        let (answer, stream) = stalled_upload(&uploaders[i / 2], Duration::from_millis(500)).await;
+        assert!(answer.is_none(), "upload {i} of {HELD} refused below the budget: {answer:?}");
+        open.push(stream);
     }
-    // The uploads the budget takes stall until the 10 s request timeout, so the first answer is
-    // a refusal: from then on the budget is spent (a refusal at 90 % leaves at least 88 % in
-    // use, past the 85 % for new connections) until the stalled ones time out.
-    let (status, e) =
-        within(STEP, "first upload answer", uploads.join_next()).await.unwrap().unwrap();
-    assert_eq!(status, Status::RateLimited, "first answer to the uploads: {e:?}");
-    assert!(e.retry_after_ms >= 1000, "retry hint: {e:?}");
+    // The seventh goes past 90 %.
+    match stalled_upload(&uploaders[3], STEP).await.0 {
+        Some((Status::RateLimited, e)) => assert!(e.retry_after_ms >= 1000, "retry hint: {e:?}"),
+        other => panic!("an upload past 90 % of the budget got {other:?}"),
+    }
     let rss_loaded = s.process.rss_kib().unwrap();
-
-    // A new connection is told to come back later.
+    // At 87.5 %, a new connection is told to come back later...
     let newcomer = s.client().await;
     match within(STEP, "resume while busy", newcomer.resume(&bob_token)).await {
         Err(CallError::Status(Status::Unavailable, e)) => {
             assert!(e.retry_after_ms >= 1000, "retry hint: {e:?}")
         }
-        other => panic!("a new connection past the budget got {other:?}"),
+        other => panic!("a new connection past 85 % of the budget got {other:?}"),
     }
     let closed = within(STEP, "busy close", newcomer.conn.closed()).await;
     assert!(
         matches!(&closed, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == quinn::VarInt::from_u32(3)),
         "the busy connection is closed with code 3: {closed:?}"
     );
-    // The clients already connected keep messaging.
+    // ... and the clients already connected keep messaging.
     for i in 0..3 {
         round_trip(&alice, &bob, &bob_key, &format!("under load {i}")).await;
     }
-    assert!(started.elapsed() < Duration::from_secs(10), "checks ran while the uploads stalled");
-
-    let mut refused = 1;
-    let mut timed_out = 0;
-    while let Some(r) = uploads.join_next().await {
-        let (status, e) = r.unwrap();
-        match status {
-            Status::RateLimited => {
-                assert!(e.retry_after_ms >= 1000, "retry hint: {e:?}");
-                refused += 1;
-            }
-            Status::DeadlineExceeded => timed_out += 1,
-            other => panic!("upload answered {other}: {e:?}"),
-        }
-    }
-    assert!(refused > 0, "no upload was refused: the budget did not hold");
-    assert!(timed_out > 0, "every upload was refused: the budget admitted nothing");
     // Accounted bytes are live bytes; the resident size follows them (allocator slack aside).
     let grown = rss_loaded.saturating_sub(rss_before) * 1024;
     assert!(
-        grown < BUDGET,
+        grown < budget,
         "resident size grew {} MiB under a {} MiB budget",
         grown >> 20,
-        BUDGET >> 20
+        budget >> 20
     );
     println!(
-        "uploads refused {refused}, timed out {timed_out}; RSS {} -> {} KiB",
-        rss_before, rss_loaded
+        "budget {} KiB (base {} KiB): {HELD} uploads held, the 7th refused; RSS {rss_before} -> \
+         {rss_loaded} KiB",
+        budget >> 10,
+        base >> 10
     );
 
-    for a in &attackers {
-        a.conn.close(quinn::VarInt::from_u32(0), b"done");
+    for c in &uploaders {
+        c.conn.close(quinn::VarInt::from_u32(0), b"done");
     }
-    drop(attackers);
+    drop((open, uploaders));
     // The budget is given back: a new connection is served again.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -245,10 +277,14 @@ async fn a_client_that_never_reads_pushes_is_disconnected_and_loses_nothing() {
 /// Forwards datagrams from clients to `server` and drops everything the server sends back but
 /// QUIC Retry packets: every handshake through it can prove its address and then never
 /// finishes. Listens on `listen`.
-async fn black_hole(listen: SocketAddr, server: SocketAddr) -> SocketAddr {
+/// Aborting the returned task stops the forwarding.
+async fn black_hole(
+    listen: SocketAddr,
+    server: SocketAddr,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let front = Arc::new(tokio::net::UdpSocket::bind(listen).await.unwrap());
     let addr = front.local_addr().unwrap();
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         // One upstream socket per client address, so each client is a distinct peer.
         let mut upstream: std::collections::HashMap<SocketAddr, Arc<tokio::net::UdpSocket>> =
             Default::default();
@@ -278,7 +314,7 @@ async fn black_hole(listen: SocketAddr, server: SocketAddr) -> SocketAddr {
             let _ = up.send(&buf[..n]).await;
         }
     });
-    addr
+    (addr, task)
 }
 
 /// A flood of handshakes that never complete, from many addresses, is bounded: past a quarter
@@ -302,9 +338,11 @@ async fn handshake_flood_is_bounded_and_real_clients_connect() {
 
     // 400 half-open handshakes from 40 loopback addresses (127.0.0.2 ..).
     let mut flooders = Vec::new();
+    let mut holes = Vec::new();
     for i in 0..SOURCES {
         let ip = std::net::Ipv4Addr::new(127, 0, 0, 2 + i);
-        let hole = black_hole(SocketAddr::from((ip, 0)), s.process.addr).await;
+        let (hole, forwarding) = black_hole(SocketAddr::from((ip, 0)), s.process.addr).await;
+        holes.push(forwarding);
         for _ in 0..PER_SOURCE {
             let crypto = qpq_core::client::net::pinned_crypto(&s.process.fingerprint).unwrap();
             let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
@@ -326,6 +364,9 @@ async fn handshake_flood_is_bounded_and_real_clients_connect() {
             Ok(c) => break c,
             Err(e) => {
                 refused += 1;
+                // From now on the flooders' retransmissions no longer reach the server: the
+                // places free up only by the server's own handshake timeout.
+                holes.iter().for_each(|h| h.abort());
                 assert!(flood_started.elapsed() < Duration::from_secs(20), "still refused: {e:#}");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
@@ -335,6 +376,7 @@ async fn handshake_flood_is_bounded_and_real_clients_connect() {
     within(STEP, "register", carol.register("carol", "pw carol", &key, "")).await.unwrap();
     within(STEP, "login", carol.login("carol", "pw carol", &key)).await.unwrap();
     println!("new client refused {refused} times, in after {:?}", flood_started.elapsed());
+    assert!(refused > 0, "a new client got in while the half-open handshakes held every place");
     let log = s.process.stderr.lock().unwrap().clone();
     assert!(log.contains("address validation required"), "no Retry was asked for");
     assert!(log.contains("too many handshakes in progress"), "the handshake cap never applied");

@@ -159,7 +159,7 @@ async fn churn_returns_to_baseline_memory_and_leaks_no_descriptors() {
         cycles as f64 / churn_time.as_secs_f64()
     );
     assert!(cycles >= 20, "only {cycles} cycles in {churn_time:?}");
-    assert_eq!(fds, base_fds, "file descriptors leaked: {base_fds} before the churn, {fds} after");
+    assert!(fds <= base_fds, "file descriptors leaked: {base_fds} before the churn, {fds} after");
     assert!(
         rss <= base_rss + 2048,
         "resident memory did not return to its baseline: {base_rss} KiB before the churn, \
