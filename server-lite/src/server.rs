@@ -721,8 +721,20 @@ async fn sweep_loop(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_secs(l.sweep_interval_secs));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let session_idle_ms = l.session_idle_days.saturating_mul(86_400_000);
+    let mut refused = 0;
     loop {
         tick.tick().await;
+        // What the memory budget turned away since the last tick, for the operator's log.
+        let b = &shared.budget;
+        if b.refusals() != refused {
+            warn!(
+                refused = b.refusals() - refused,
+                in_use_kib = b.used() >> 10,
+                budget_kib = b.limit() >> 10,
+                "memory budget reached: connections, requests or pushes were turned away"
+            );
+            refused = b.refusals();
+        }
         match shared.store.sweep(crate::store::now_ms(), session_idle_ms).await {
             Ok(r) if r != Default::default() => info!(
                 messages = r.messages,

@@ -147,7 +147,14 @@ async fn spent_memory_budget_turns_new_work_away_and_connected_clients_keep_work
     let flag = format!("limits.memory_budget_bytes={budget}");
     let process = ServerProcess::start(
         dir.path(),
-        &["--set", &flag, "--set", "limits.request_timeout_secs=30"],
+        &[
+            "--set",
+            &flag,
+            "--set",
+            "limits.request_timeout_secs=30",
+            "--set",
+            "limits.sweep_interval_secs=1",
+        ],
     )
     .unwrap();
     let mut s = Server { process, _dir: dir };
@@ -190,6 +197,12 @@ async fn spent_memory_budget_turns_new_work_away_and_connected_clients_keep_work
     // ... and the clients already connected keep messaging.
     for i in 0..3 {
         round_trip(&alice, &bob, &bob_key, &format!("under load {i}")).await;
+    }
+    // The operator sees it in the log (checked once a sweep interval, here 1 s).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !s.process.stderr.lock().unwrap().contains("memory budget reached") {
+        assert!(Instant::now() < deadline, "no log line for the refusals");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Accounted bytes are live bytes; the resident size follows them (allocator slack aside).
     let grown = rss_loaded.saturating_sub(rss_before) * 1024;
