@@ -22,7 +22,7 @@ pub type PushFrame = Arc<Vec<u8>>;
 pub struct Queued {
     /// The frame.
     pub frame: PushFrame,
-    _memory: Option<Reservation>,
+    _memory: Reservation,
 }
 
 /// The sending half of a connection's push queue.
@@ -39,17 +39,16 @@ struct Peer {
 }
 
 /// The registry of authenticated connections.
-#[derive(Default)]
 pub struct Hub {
     peers: Mutex<HashMap<[u8; 32], Vec<Peer>>>,
     waiters: Mutex<HashMap<[u8; 32], Arc<Notify>>>,
-    budget: Option<Arc<Budget>>,
+    budget: Arc<Budget>,
 }
 
 impl Hub {
     /// A hub whose queued pushes count against `budget`.
     pub fn with_budget(budget: Arc<Budget>) -> Self {
-        Self { budget: Some(budget), ..Self::default() }
+        Self { peers: Mutex::default(), waiters: Mutex::default(), budget }
     }
 
     /// Registers an authenticated connection of `identity`.
@@ -89,12 +88,9 @@ impl Hub {
             .filter(|p| {
                 // Counted per queue although recipients share the frame: an overestimate
                 // when many are online, and exact for the stuck client that matters.
-                let memory = match &self.budget {
-                    Some(b) => match b.reserve(frame.len() as u64, Priority::LargeRequest) {
-                        Ok(r) => Some(r),
-                        Err(_) => return false,
-                    },
-                    None => None,
+                let Ok(memory) = self.budget.reserve(frame.len() as u64, Priority::LargeRequest)
+                else {
+                    return false;
                 };
                 p.push.try_send(Queued { frame: frame.clone(), _memory: memory }).is_ok()
             })
