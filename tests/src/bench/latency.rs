@@ -1,7 +1,15 @@
 //! `latency`: 1:1 messages at a steady 1,000 per second, send to receive by push: opaque
 //! bytes, then MLS application messages (encrypt on the sender and decrypt on the receiver
 //! included, vaults in a temporary directory on disk as a client keeps them).
+//!
+//! Every hop that stores something waits for its flush (the server before it answers and
+//! pushes, each vault before it hands out a ciphertext or a plaintext), so the figures carry
+//! the disk's flush latency. To show how much, the run measures that latency on its own first
+//! (a small write and `fdatasync` in the same directory, at the same rate) and then repeats
+//! everything with the database and vaults on tmpfs (`/dev/shm`), where a flush costs nothing.
 
+use std::io::Write;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,10 +30,22 @@ const PLAINTEXT: usize = 128;
 /// Messages sent one at a time (each waits for its answer, so these phases run slower).
 const SERIAL_MAX: u64 = 2000;
 
-/// Runs the benchmark and prints its table.
+/// Runs the benchmark and prints its tables: storage in the temp directory, then on tmpfs.
 pub async fn run(opts: &Opts) -> anyhow::Result<()> {
+    measure(opts, &std::env::temp_dir(), "storage in the temp directory").await?;
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() && std::env::temp_dir() != shm {
+        measure(opts, shm, "storage on tmpfs (/dev/shm): flushes cost nothing").await?;
+    }
+    Ok(())
+}
+
+/// One full run with the server's database and the vaults under `root`.
+async fn measure(opts: &Opts, root: &Path, storage: &str) -> anyhow::Result<()> {
     let secs = Duration::from_millis(if opts.quick { 300 } else { 10_000 });
-    let dir = tempfile::tempdir()?;
+    let dir = tempfile::tempdir_in(root)?;
+    let n = (RATE as f64 * secs.as_secs_f64()) as u64;
+    let flush = flush_latency(dir.path(), n.min(SERIAL_MAX)).await?;
     let mut pairs = vec![("max_queue_messages", "10000000"), ("max_queue_bytes", "10000000000")];
     pairs.extend_from_slice(common::NO_AUTH_LIMITS);
     let args = common::limits(&pairs);
@@ -40,7 +60,6 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
     // Opaque bytes.
     let rec = Arc::new(Recorder::new());
     let task = probe::spawn_receiver(receiver.clone(), rec.clone());
-    let n = (RATE as f64 * secs.as_secs_f64()) as u64;
     let gap = Duration::from_secs_f64(1.0 / RATE as f64);
     rec.set_phase(1);
     let t0 = Instant::now();
@@ -81,7 +100,7 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
     // outbox does), carol decrypts in queue order.
     let carol = common::account(&endpoint, &server, "carol").await?;
     let (carol_key, carol_client) = (carol.identity, Arc::new(carol.client));
-    let vaults = tempfile::tempdir()?;
+    let vaults = tempfile::tempdir_in(root)?;
     let kdf = KdfParams { memory_kib: 8, iterations: 1, parallelism: 1 };
     let vault = |name: &str| -> anyhow::Result<Arc<Vault>> {
         Ok(Arc::new(Vault::create(&vaults.path().join(name), b"bench", kdf)?))
@@ -145,9 +164,10 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
     let dec = Summary::of(&mut decrypt_times.lock().unwrap_or_else(|p| p.into_inner()));
 
     let mut t = Table::new(format!(
-        "latency: 1:1 Enqueue at {RATE}/s for {:.1} s, send -> receiver has it (push)",
+        "latency: 1:1 Enqueue at {RATE}/s for {:.1} s, send -> receiver has it (push); {storage}",
         secs.as_secs_f64()
     ));
+    t.info("baseline: write 256 B + fdatasync, one at a time", pcts(&flush));
     t.goal(
         "without MLS (256 B opaque), open loop",
         pcts(&plain),
@@ -188,10 +208,34 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
     t.note(
         "durable enqueue (default server); open loop: a send does not wait for the previous \
          one; one at a time: it does, so the rate falls below 1000/s when a send takes longer \
-         than 1 ms; MLS vaults are redb files in a temp dir, one commit per encrypt/decrypt",
+         than 1 ms; MLS vaults are redb files beside the database, one commit per \
+         encrypt/decrypt; baseline: the flush every stored hop waits for, measured alone",
     );
+    t.note(format!("{}; data under {}", opts.server.display(), root.display()));
     t.print();
     Ok(())
+}
+
+/// Latency of a 256-byte append plus `fdatasync` in `dir`, `n` times at `RATE` per second:
+/// the floor under every hop that stores before it answers.
+async fn flush_latency(dir: &Path, n: u64) -> anyhow::Result<Summary> {
+    let path = dir.join("flush-probe");
+    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+    let gap = Duration::from_secs_f64(1.0 / RATE as f64);
+    let mut times = Vec::with_capacity(n as usize);
+    let t0 = Instant::now();
+    for i in 0..n {
+        common::sleep_until(t0 + gap * i as u32).await;
+        let t = Instant::now();
+        tokio::task::block_in_place(|| {
+            file.write_all(&[0x5a; 256])?;
+            file.sync_data()
+        })?;
+        times.push(t.elapsed());
+    }
+    drop(file);
+    std::fs::remove_file(&path)?;
+    Ok(Summary::of(&mut times))
 }
 
 async fn wait_for(rec: &Recorder, n: u64) {
