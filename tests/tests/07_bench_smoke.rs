@@ -17,10 +17,17 @@ fn every_benchmark_runs_quick() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "qpq-bench failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
-    for section in ["footprint", "fanout", "latency", "durable", "mls", "opaque", "start"] {
+    for section in ["footprint", "fanout", "latency", "durable", "mls", "opaque", "start", "blob"] {
         assert!(stdout.contains(&format!("== {section}:")), "no {section} table in:\n{stdout}");
     }
-    for needle in ["idle RSS after start", "deliveries/s at saturation", "without MLS", "PASS"] {
+    for needle in [
+        "idle RSS after start",
+        "deliveries/s at saturation",
+        "without MLS",
+        "baseline: write 256 B + fdatasync",
+        "download, median",
+        "PASS",
+    ] {
         assert!(stdout.contains(needle), "{needle:?} missing in:\n{stdout}");
     }
     if stdout.contains("mosquitto not installed") {

@@ -1,9 +1,9 @@
-//! `qpq-bench`: the server's footprint, fan-out, latency, durability, MLS, OPAQUE and start-up
-//! figures against the real release server binary, each beside its goal.
+//! `qpq-bench`: the server's footprint, fan-out, latency, durability, MLS, OPAQUE, start-up and
+//! file-transfer figures against the real release server binary, each beside its goal.
 //!
 //! ```sh
 //! cargo build --release --workspace --bins
-//! ./target/release/qpq-bench all            # or: footprint fanout latency durable mls opaque start
+//! ./target/release/qpq-bench all            # or: footprint fanout latency durable mls opaque start blob
 //! ./target/release/qpq-bench --quick all    # a short smoke run
 //! ./target/release/qpq-bench --server target/cross/bin/x86_64-unknown-linux-musl/qpq-server-lite footprint
 //! ```
@@ -16,6 +16,7 @@ use anyhow::bail;
 
 #[path = "../bench"]
 mod bench {
+    pub mod blob;
     pub mod common;
     pub mod durable;
     pub mod fanout;
@@ -30,9 +31,10 @@ mod bench {
 
 use bench::common::Opts;
 
-const COMMANDS: &[&str] = &["footprint", "fanout", "latency", "durable", "mls", "opaque", "start"];
+const COMMANDS: &[&str] =
+    &["footprint", "fanout", "latency", "durable", "mls", "opaque", "start", "blob"];
 
-const USAGE: &str = "usage: qpq-bench [--quick] [--server PATH] <all|footprint|fanout|latency|durable|mls|opaque|start>...";
+const USAGE: &str = "usage: qpq-bench [--quick] [--server PATH] <all|footprint|fanout|latency|durable|mls|opaque|start|blob>...";
 
 fn main() -> anyhow::Result<()> {
     let mut quick = false;
@@ -81,6 +83,7 @@ fn main() -> anyhow::Result<()> {
                 "mls" => bench::mls::run(&opts),
                 "opaque" => bench::opaque::run(&opts).await,
                 "start" => bench::start::run(&opts).await,
+                "blob" => bench::blob::run(&opts).await,
                 _ => unreachable!("checked above"),
             }
         });
