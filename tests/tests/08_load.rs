@@ -80,12 +80,21 @@ async fn stalled_upload(
     c: &Client,
     wait: Duration,
 ) -> (Option<(Status, v1::Error)>, (quinn::SendStream, quinn::RecvStream)) {
+    stalled_upload_of(c, STALLED, wait).await
+}
+
+/// [`stalled_upload`] that sends `sent` bytes of the announced `MAX_PAYLOAD`.
+async fn stalled_upload_of(
+    c: &Client,
+    sent: usize,
+    wait: Duration,
+) -> (Option<(Status, v1::Error)>, (quinn::SendStream, quinn::RecvStream)) {
     let (mut send, mut recv) = c.conn.open_bi().await.unwrap();
     let mut header = frame::encode_request(method::UPLOAD_BLOB, 7, &[]).unwrap();
     header[REQUEST_HEADER_LEN - 4..].copy_from_slice(&MAX_PAYLOAD.to_be_bytes());
     let writer = async {
         let _ = send.write_all(&header).await;
-        let _ = send.write_all(&vec![0x55u8; STALLED]).await;
+        let _ = send.write_all(&vec![0x55u8; sent]).await;
         tokio::time::sleep(wait).await;
     };
     let reader = async {
@@ -113,6 +122,32 @@ fn logged_base(server: &ServerProcess) -> u64 {
     panic!("the server did not log its memory budget base");
 }
 
+/// Starts the server on `dir` with `extra` arguments and the memory budget `budget_for(base)`,
+/// computed from the base the server logs (its resident size at start plus the database
+/// cache). That size varies a little from start to start, so the server is started again with
+/// the budget recomputed until the base it logs is within 256 KiB of the one used. Returns the
+/// server, its budget and its base.
+fn start_with_budget(
+    dir: &std::path::Path,
+    extra: &[&str],
+    budget_for: impl Fn(u64) -> u64,
+) -> (ServerProcess, u64, u64) {
+    let mut base = logged_base(&ServerProcess::start(dir, extra).unwrap());
+    for _ in 0..5 {
+        let budget = budget_for(base);
+        let flag = format!("limits.memory_budget_bytes={budget}");
+        let mut args = extra.to_vec();
+        args.extend(["--set", &flag]);
+        let process = ServerProcess::start(dir, &args).unwrap();
+        let logged = logged_base(&process);
+        if logged.abs_diff(base) < 256 * 1024 {
+            return (process, budget, logged);
+        }
+        base = logged;
+    }
+    panic!("the server's base did not settle in five starts (last {base} bytes)");
+}
+
 /// `text` without ANSI colour sequences (`ESC [ ... m`), as the log may have them.
 fn strip_ansi(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
@@ -136,30 +171,14 @@ fn strip_ansi(text: &str) -> String {
 async fn spent_memory_budget_turns_new_work_away_and_connected_clients_keep_working() {
     const HELD: u64 = 6;
     let dir = tempfile::tempdir().unwrap();
-    let base = {
-        let probe = ServerProcess::start(dir.path(), &[]).unwrap();
-        logged_base(&probe)
-    };
     // alice, bob, four uploaders (two large requests each at most), the newcomer.
     let conns = 7 * 48 * 1024;
-    let used = base + conns + HELD * STALLED as u64;
-    let budget = used * 8 / 7;
-    let flag = format!("limits.memory_budget_bytes={budget}");
-    let process = ServerProcess::start(
+    let (process, budget, base) = start_with_budget(
         dir.path(),
-        &[
-            "--set",
-            &flag,
-            "--set",
-            "limits.request_timeout_secs=30",
-            "--set",
-            "limits.sweep_interval_secs=1",
-        ],
-    )
-    .unwrap();
+        &["--set", "limits.request_timeout_secs=30", "--set", "limits.sweep_interval_secs=1"],
+        |base| (base + conns + HELD * STALLED as u64) * 8 / 7,
+    );
     let mut s = Server { process, _dir: dir };
-    let restarted_base = logged_base(&s.process);
-    assert!(restarted_base.abs_diff(base) < MIB, "base {base} then {restarted_base}");
     let (alice, _, _) = s.user("alice").await;
     let (bob, bob_key, bob_token) = s.user("bob").await;
     round_trip(&alice, &bob, &bob_key, "before the load").await;
@@ -237,6 +256,71 @@ async fn spent_memory_budget_turns_new_work_away_and_connected_clients_keep_work
         }
     }
     round_trip(&alice, &bob, &bob_key, "after the load").await;
+    s.assert_alive();
+}
+
+/// Large requests beyond the two a connection may be reading wait for a place, but only two
+/// of them, and each holds the stream window against the memory budget while it waits (quinn
+/// buffers what the client sends for it meanwhile). The budget is set so that, with two
+/// stalled uploads being read, the 90 % ceiling leaves room for 2.5 MiB: two waiting uploads
+/// fit, and then a third connection's upload does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_requests_waiting_for_a_place_are_bounded_and_held_against_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let conns = 2 * 48 * 1024;
+    let (process, _, _) =
+        start_with_budget(dir.path(), &["--set", "limits.request_timeout_secs=30"], |base| {
+            (base + conns + 2 * STALLED as u64 + 5 * MIB / 2) * 10 / 9 + 100
+        });
+    let mut s = Server { process, _dir: dir };
+    let (u, v) = (s.client().await, s.client().await);
+    let quiet = Duration::from_millis(500);
+    let mut open = Vec::new();
+    for i in 0..2 {
+        let (answer, stream) = stalled_upload(&u, quiet).await;
+        assert!(answer.is_none(), "upload {i} refused below the budget: {answer:?}");
+        open.push(stream);
+    }
+    // Both places taken: two more wait (512 KiB of each sent, under the stream window)...
+    for i in 0..2 {
+        let (answer, stream) = stalled_upload_of(&u, 512 * 1024, quiet).await;
+        assert!(answer.is_none(), "waiting upload {i} answered: {answer:?}");
+        open.push(stream);
+    }
+    // ... and a fifth is refused at once, whatever the budget.
+    match stalled_upload_of(&u, 1024, STEP).await.0 {
+        Some((Status::RateLimited, e)) => {
+            assert!(e.message.contains("too many large requests"), "{e:?}");
+            assert!(e.retry_after_ms >= 1000, "retry hint: {e:?}");
+        }
+        other => panic!("a fifth large request on one connection got {other:?}"),
+    }
+    // The two waiting hold 2 MiB: another connection's upload no longer fits under 90 %.
+    match stalled_upload_of(&v, 1024, STEP).await.0 {
+        Some((Status::RateLimited, e)) => {
+            assert!(e.message.contains("memory limit"), "{e:?}");
+        }
+        other => panic!("an upload past the budget (waiting ones held) got {other:?}"),
+    }
+    // Once the waiting uploads go, their memory comes back.
+    for (mut send, _) in open.drain(2..) {
+        let _ = send.reset(quinn::VarInt::from_u32(0));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (answer, stream) = stalled_upload_of(&v, 1024, quiet).await;
+        match answer {
+            None => {
+                open.push(stream);
+                break;
+            }
+            Some(a) if Instant::now() < deadline => {
+                println!("still refused after the waiting uploads went: {a:?}");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            Some(a) => panic!("the waiting uploads' memory was not given back: {a:?}"),
+        }
+    }
     s.assert_alive();
 }
 
