@@ -642,6 +642,14 @@ async fn serve_stream(
     } else {
         None
     };
+    // Decoding copies a large body's bytes field (an upload's chunk, a message's payload) once
+    // more for as long as the handler runs: that is held too, up to the whole budget.
+    if body.len() as u64 > budget::LARGE_REQUEST
+        && let Err(e) = memory.grow(body.len() as u64, Priority::Request)
+    {
+        drop(body);
+        return refuse_for_memory(&mut send, &mut recv, header.request_id, e, timeout).await;
+    }
     let (result, _wait_slot) = handler::dispatch(&ctx, header.method, &body).await;
     drop(body);
     drop(memory);
