@@ -256,6 +256,79 @@ async fn five_megabyte_file_with_a_resumed_upload() {
     assert!(!file_contains(&blob, &content[1000..1064]));
 }
 
+/// The part file of `dir` (there is one while a download is unfinished).
+fn part_file(dir: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().ends_with(".qpq-part"))
+}
+
+/// Starts `bob` downloading `offer` into `dir` and drops the download once its first chunk is
+/// on disk, as a lost connection or a stopped program would.
+async fn cut_off_download(bob: &mut Client, offer: &qpq_core::content::FileOffer, dir: &Path) {
+    let (tx, mut rx) = tokio::sync::watch::channel(0u64);
+    bob.set_progress_hook(Some(Box::new(move |done, _| {
+        let _ = tx.send(done);
+    })));
+    tokio::select! {
+        r = bob.download(offer, dir) => panic!("the download finished before it was cut off: {r:?}"),
+        _ = rx.wait_for(|done| *done > 0) => {}
+    }
+    bob.set_progress_hook(None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_download_resumes_and_a_bad_part_starts_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(&dir.path().join("server"), &[]).unwrap();
+    let mut alice = account(&server, dir.path(), "alice").await;
+    let mut bob = account(&server, dir.path(), "bob").await;
+    let dm = alice.dm("bob").await.unwrap();
+    let content: Vec<u8> = (0..3_500_000u32).map(|i| (i.wrapping_mul(40_503) >> 7) as u8).collect();
+    let path = dir.path().join("photos.tar");
+    std::fs::write(&path, &content).unwrap();
+    alice.send_file(&dm, &path).await.unwrap();
+    bob.sync().await.unwrap();
+    let entry =
+        bob.history(&dm, 10).unwrap().into_iter().find(|e| e.file.is_some()).expect("offer");
+    let offer = Client::offer_of(&entry).unwrap();
+    let record = |bob: &mut Client| {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        bob.set_progress_hook(Some(Box::new(move |done, _| log.lock().unwrap().push(done))));
+        seen
+    };
+
+    // Cut off after the first chunk: the part file keeps it, and the next try goes on from it.
+    let first = dir.path().join("first");
+    cut_off_download(&mut bob, &offer, &first).await;
+    let held = std::fs::metadata(part_file(&first).expect("a part file")).unwrap().len();
+    assert!(held > 0 && held < offer.ciphertext_size, "part holds {held} bytes");
+    let seen = record(&mut bob);
+    let saved = bob.download(&offer, &first).await.unwrap();
+    assert_eq!(std::fs::read(&saved).unwrap(), content);
+    let progress = seen.lock().unwrap().clone();
+    assert!(progress[0] > held, "resumed after {held} bytes, not restarted: {progress:?}");
+    assert!(part_file(&first).is_none(), "the part file is gone once the file is saved");
+
+    // A part that does not match (here: overwritten) is discovered at the end, discarded, and
+    // the download starts over once, by itself.
+    let second = dir.path().join("second");
+    cut_off_download(&mut bob, &offer, &second).await;
+    let part = part_file(&second).expect("a part file");
+    let mut bytes = std::fs::read(&part).unwrap();
+    bytes[10] ^= 0xff;
+    std::fs::write(&part, &bytes).unwrap();
+    let seen = record(&mut bob);
+    let saved = bob.download(&offer, &second).await.unwrap();
+    assert_eq!(std::fs::read(&saved).unwrap(), content);
+    let progress = seen.lock().unwrap().clone();
+    assert!(progress.windows(2).any(|w| w[1] < w[0]), "started over: {progress:?}");
+    assert!(part_file(&second).is_none());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_passphrase_is_a_clear_error_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();

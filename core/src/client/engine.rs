@@ -1613,23 +1613,75 @@ impl Client {
     }
 
     /// Downloads, verifies and decrypts a file offer into `dir`; returns the file's path.
+    ///
+    /// The ciphertext goes to a hidden part file named after the blob first. A download that
+    /// was cut off (connection lost, program stopped) resumes from what its part file holds;
+    /// if the whole then fails the blob's hash, the part is discarded and the download starts
+    /// over once.
     pub async fn download(
         &mut self,
         offer: &FileOffer,
         dir: &Path,
     ) -> Result<PathBuf, ClientError> {
-        use sha2::Digest;
-        use std::io::Write;
         std::fs::create_dir_all(dir)?;
         let safe_name = Path::new(&offer.name)
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "download".into());
         let dest = dir.join(&safe_name);
-        let part = dir.join(format!(".{safe_name}.qpq-part"));
-        let mut out = std::fs::File::create(&part)?;
+        let part = dir.join(format!(".{safe_name}.{}.qpq-part", hex(&offer.blob_id[..8])));
+        let (mut intact, resumed_from) = self.fetch_blob(offer, &part, true).await?;
+        if !intact && resumed_from > 0 {
+            std::fs::remove_file(&part)?;
+            (intact, _) = self.fetch_blob(offer, &part, false).await?;
+        }
+        if !intact {
+            let _ = std::fs::remove_file(&part);
+            return Err(FileCryptoError::Tampered.into());
+        }
+        let result = (|| -> Result<(), ClientError> {
+            let input = std::io::BufReader::new(std::fs::File::open(&part)?);
+            let output = std::io::BufWriter::new(std::fs::File::create(&dest)?);
+            files::open(&offer.key, &offer.sha256, input, output)?;
+            Ok(())
+        })();
+        let _ = std::fs::remove_file(&part);
+        if result.is_err() {
+            let _ = std::fs::remove_file(&dest);
+        }
+        result?;
+        Ok(dest)
+    }
+
+    /// Completes `part` with the offer's ciphertext, from what it already holds if `resume`
+    /// (otherwise from zero), and syncs it. Returns whether the whole matches the blob id (its
+    /// SHA-256) and the offset it resumed from.
+    async fn fetch_blob(
+        &mut self,
+        offer: &FileOffer,
+        part: &Path,
+        resume: bool,
+    ) -> Result<(bool, u64), ClientError> {
+        use sha2::Digest;
+        use std::io::{Read, Write};
+        let mut out =
+            std::fs::OpenOptions::new().read(true).append(true).create(true).open(part)?;
         let mut hash = sha2::Sha256::new();
-        let mut offset = 0u64;
+        let mut offset = out.metadata()?.len();
+        if !resume || offset > offer.ciphertext_size {
+            out.set_len(0)?;
+            offset = 0;
+        }
+        let mut held = std::io::BufReader::new(&out).take(offset);
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = held.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hash.update(&buf[..n]);
+        }
+        let resumed_from = offset;
         while offset < offer.ciphertext_size {
             let req = v1::DownloadBlobRequest {
                 blob_id: offer.blob_id.to_vec(),
@@ -1651,23 +1703,7 @@ impl Client {
             });
         }
         out.sync_all()?;
-        drop(out);
-        if <[u8; 32]>::from(hash.finalize()) != offer.blob_id {
-            let _ = std::fs::remove_file(&part);
-            return Err(FileCryptoError::Tampered.into());
-        }
-        let result = (|| -> Result<(), ClientError> {
-            let input = std::io::BufReader::new(std::fs::File::open(&part)?);
-            let output = std::io::BufWriter::new(std::fs::File::create(&dest)?);
-            files::open(&offer.key, &offer.sha256, input, output)?;
-            Ok(())
-        })();
-        let _ = std::fs::remove_file(&part);
-        if result.is_err() {
-            let _ = std::fs::remove_file(&dest);
-        }
-        result?;
-        Ok(dest)
+        Ok((<[u8; 32]>::from(hash.finalize()) == offer.blob_id, resumed_from))
     }
 
     /// The file offer of a history entry.
