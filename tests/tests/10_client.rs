@@ -471,6 +471,50 @@ async fn a_forged_commit_from_a_non_admin_is_rejected_by_the_others() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_an_admin_renames_a_group_and_nobody_renames_a_dm() {
+    use qpq_core::content::Body;
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(&dir.path().join("server"), &[]).unwrap();
+    let mut alice = account(&server, dir.path(), "alice").await;
+    let mut bob = account(&server, dir.path(), "bob").await;
+    let mut carol = account(&server, dir.path(), "carol").await;
+    let team = alice.create_group("team").await.unwrap();
+    alice.add_members(&team, &["bob".into(), "carol".into()]).await.unwrap();
+    bob.sync().await.unwrap();
+    carol.sync().await.unwrap();
+    let name = |c: &Client, conv: &[u8]| c.conversation(conv).unwrap().unwrap().name;
+    assert_eq!(name(&carol, &team), "team");
+
+    // Bob is a member but no admin; a modified client sends the rename anyway.
+    bob.send(&team, Body::Meta { name: "bob's now".into(), topic: String::new() }).await.unwrap();
+    for c in [&mut alice, &mut carol] {
+        let mut events = c.subscribe();
+        c.sync().await.unwrap();
+        let mut rejected = false;
+        while let Ok(e) = events.try_recv() {
+            rejected |= matches!(&e, Event::Rejected { reason } if reason.contains("admin"));
+        }
+        assert!(rejected, "{} did not reject the rename", c.username());
+        assert_eq!(name(c, &team), "team", "{} took a non-admin's rename", c.username());
+    }
+
+    // The admin's rename is taken.
+    alice.rename(&team, "core team", Some("weekly sync")).await.unwrap();
+    carol.sync().await.unwrap();
+    let c = carol.conversation(&team).unwrap().unwrap();
+    assert_eq!((c.name.as_str(), c.topic.as_str()), ("core team", "weekly sync"));
+
+    // A DM has no name to set: the peer's Meta renames nothing.
+    let dm = alice.dm("carol").await.unwrap();
+    carol.sync().await.unwrap();
+    let before = name(&carol, &dm);
+    alice.send(&dm, Body::Meta { name: "renamed".into(), topic: String::new() }).await.unwrap();
+    carol.sync().await.unwrap();
+    assert_eq!(name(&carol, &dm), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_server_certificate_is_a_loud_error() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = ServerProcess::start(&dir.path().join("server"), &[]).unwrap();

@@ -1451,12 +1451,28 @@ impl Client {
                         events.push(Event::Message { conv: group_id, entry });
                     }
                     Body::Meta { name, topic } => {
-                        if let Some(mut c) = self.conversation(&group_id)? {
-                            c.name = name.clone();
-                            c.topic = topic.clone();
-                            self.save_conversation(&c)?;
+                        // A group's name and topic are set by its admins; a DM has none to set.
+                        let group =
+                            self.conversation(&group_id)?.filter(|c| c.kind == ConvKind::Group);
+                        let by_admin = self
+                            .mls
+                            .members(&group_id)?
+                            .iter()
+                            .any(|m| m.identity == sender && m.admin);
+                        match group {
+                            Some(mut c) if by_admin => {
+                                c.name = name.clone();
+                                c.topic = topic.clone();
+                                self.save_conversation(&c)?;
+                                events.push(Event::Conversation { conv: group_id });
+                            }
+                            _ => events.push(Event::Rejected {
+                                reason: format!(
+                                    "{} tried to rename a conversation without being its admin",
+                                    self.cached_name(&sender).unwrap_or_else(|| hex(&sender[..6]))
+                                ),
+                            }),
                         }
-                        events.push(Event::Conversation { conv: group_id });
                     }
                     Body::Typing { active } => {
                         events.push(Event::Typing { conv: group_id, who: sender, active: *active })
