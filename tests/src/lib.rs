@@ -172,6 +172,48 @@ impl Drop for ServerProcess {
     }
 }
 
+/// A server on a temporary data directory of its own, for tests that need a server to
+/// themselves; the directory goes when this is dropped, after the server is stopped.
+pub struct TempServer {
+    /// The server (declared first, so it is stopped before its directory is removed).
+    pub server: ServerProcess,
+    _dir: tempfile::TempDir,
+}
+
+impl TempServer {
+    /// Starts a server with `extra` arguments on a fresh temporary directory; panics if it
+    /// cannot.
+    pub fn start(extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let server = ServerProcess::start(dir.path(), extra)
+            .unwrap_or_else(|e| panic!("starting the server: {e:#}"));
+        Self { server, _dir: dir }
+    }
+
+    /// Takes charge of a server already running on `dir`.
+    pub fn adopt(server: ServerProcess, dir: tempfile::TempDir) -> Self {
+        Self { server, _dir: dir }
+    }
+
+    /// A new connected client; panics if there is none within 20 s.
+    pub async fn client(&self) -> Client {
+        match tokio::time::timeout(Duration::from_secs(20), self.server.client()).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => panic!("connect: {e:#}"),
+            Err(_) => panic!("connect: no connection within 20 s"),
+        }
+    }
+
+    /// Panics, showing the server's last 40 log lines, if it is no longer running.
+    pub fn assert_alive(&mut self) {
+        if !self.server.is_running() {
+            let log = self.server.stderr.lock().unwrap();
+            let lines: Vec<&str> = log.lines().collect();
+            panic!("the server died:\n{}", lines[lines.len().saturating_sub(40)..].join("\n"));
+        }
+    }
+}
+
 /// A `kB` field of `/proc/<pid>/status`.
 pub fn proc_status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use qpq_proto::frame::{REQUEST_HEADER_LEN, RequestHeader, ResponseHeader};
 use qpq_proto::{MAX_PAYLOAD, Message, Status, frame, method, v1};
-use qpq_tests::{CallError, Client, ServerProcess, identity, message_id, read_response};
+use qpq_tests::{CallError, Client, TempServer, identity, message_id, read_response};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -29,34 +29,6 @@ const STREAM_REFUSED: u32 = 1;
 // ---------------------------------------------------------------------------------------------
 // Harness helpers (local to this file; tests/src/lib.rs is shared).
 // ---------------------------------------------------------------------------------------------
-
-/// A server on a fresh temporary data directory. The server is declared first so it is killed
-/// before the directory is removed.
-struct Harness {
-    server: ServerProcess,
-    _dir: tempfile::TempDir,
-}
-
-impl Harness {
-    fn start(extra: &[&str]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let server = ServerProcess::start(dir.path(), extra).unwrap();
-        Self { server, _dir: dir }
-    }
-
-    async fn client(&self) -> Client {
-        bounded("connect", self.server.client()).await.unwrap()
-    }
-
-    /// Asserts the server process is still running, showing its last log lines if not.
-    fn assert_alive(&mut self) {
-        if !self.server.is_running() {
-            let log = self.server.stderr.lock().unwrap();
-            let lines: Vec<&str> = log.lines().collect();
-            panic!("the server died:\n{}", lines[lines.len().saturating_sub(40)..].join("\n"));
-        }
-    }
-}
 
 /// Awaits `f`, failing the test if it takes longer than [`STEP`].
 async fn bounded<F: Future>(what: &str, f: F) -> F::Output {
@@ -136,7 +108,7 @@ struct Bystander {
 }
 
 impl Bystander {
-    async fn new(h: &Harness) -> Self {
+    async fn new(h: &TempServer) -> Self {
         let (sender, recipient) = (h.client().await, h.client().await);
         let (sender_key, recipient_key) = (identity(), identity());
         bounded("register", sender.register("bystander-s", "pw sender", &sender_key, ""))
@@ -194,7 +166,7 @@ impl Bystander {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_frames_get_error_responses_and_others_are_served() {
-    let mut h = Harness::start(&[]);
+    let mut h = TempServer::start(&[]);
     let by = Bystander::new(&h).await;
     let attacker = h.client().await;
     by.served("before garbage").await;
@@ -288,7 +260,7 @@ async fn garbage_frames_get_error_responses_and_others_are_served() {
 async fn oversized_length_is_refused_before_the_payload_is_read() {
     // The default request timeout is 10 s: an answer well before that proves the server did not
     // wait for (or read) the 4 MiB + 1 payload.
-    let mut h = Harness::start(&[]);
+    let mut h = TempServer::start(&[]);
     let by = Bystander::new(&h).await;
     let attacker = h.client().await;
     let too_big = MAX_PAYLOAD + 1;
@@ -347,7 +319,7 @@ async fn oversized_length_is_refused_before_the_payload_is_read() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_method_ids_get_unknown_method() {
-    let mut h = Harness::start(&[]);
+    let mut h = TempServer::start(&[]);
     let by = Bystander::new(&h).await;
     // Unauthenticated and authenticated callers get the same answer.
     let stranger = h.client().await;
@@ -379,7 +351,7 @@ async fn unknown_method_ids_get_unknown_method() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unauthenticated_calls_are_unauthorized() {
-    let mut h = Harness::start(&[]);
+    let mut h = TempServer::start(&[]);
     let by = Bystander::new(&h).await;
     let anon = h.client().await;
     let kp = {
@@ -471,7 +443,7 @@ async fn unauthenticated_calls_are_unauthorized() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reading_or_acking_another_users_queue_is_forbidden() {
-    let mut h = Harness::start(&[]);
+    let mut h = TempServer::start(&[]);
     let by = Bystander::new(&h).await;
     let mallory = h.client().await;
     let mallory_key = identity();
@@ -560,7 +532,7 @@ async fn reading_or_acking_another_users_queue_is_forbidden() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_protobuf_bodies_are_bad_requests() {
-    let mut h = Harness::start(&[]);
+    let mut h = TempServer::start(&[]);
     let by = Bystander::new(&h).await;
     let anon = h.client().await;
     // (method, body, what is wrong with it)
@@ -671,7 +643,7 @@ fn flood(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_stream_flood_blocks_beyond_the_limit_and_others_are_served() {
-    let mut h = Harness::start(&["--set", "limits.max_streams_per_connection=16"]);
+    let mut h = TempServer::start(&["--set", "limits.max_streams_per_connection=16"]);
     let by = Bystander::new(&h).await;
     // A fresh connection: quinn announces returned stream credit only in batches (an eighth of
     // the limit), so after earlier RPCs fewer than 16 new streams could open at once.
@@ -704,7 +676,7 @@ async fn silent_stream_flood_blocks_beyond_the_limit_and_others_are_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_stream_flood_times_out_and_frees_stream_slots() {
-    let mut h = Harness::start(&[
+    let mut h = TempServer::start(&[
         "--set",
         "limits.max_streams_per_connection=16",
         "--set",
@@ -777,7 +749,7 @@ async fn login_start(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn login_brute_force_is_rate_limited_per_user() {
-    let mut h = Harness::start(&[
+    let mut h = TempServer::start(&[
         "--set",
         "limits.auth_per_user_burst=3",
         "--set",
@@ -852,7 +824,7 @@ async fn login_brute_force_is_rate_limited_per_user() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_the_per_ip_limit_are_refused() {
-    let mut h = Harness::start(&["--set", "limits.max_connections_per_ip=2"]);
+    let mut h = TempServer::start(&["--set", "limits.max_connections_per_ip=2"]);
     // The bystander's two connections use up the allowance of 127.0.0.1.
     let mut by = Bystander::new(&h).await;
     by.served("at the connection limit").await;
@@ -899,7 +871,7 @@ async fn connections_beyond_the_per_ip_limit_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_senders_get_deadline_exceeded_and_others_are_served() {
-    let mut h = Harness::start(&["--set", "limits.request_timeout_secs=1"]);
+    let mut h = TempServer::start(&["--set", "limits.request_timeout_secs=1"]);
     let by = Bystander::new(&h).await;
     let slow = h.client().await;
 
@@ -979,7 +951,7 @@ fn server_rss_kib(data_dir: &std::path::Path) -> u64 {
 async fn slow_readers_do_not_pin_server_memory() {
     const CONNS: usize = 3;
     const STREAMS: u32 = 12;
-    let mut h = Harness::start(&["--set", "limits.request_timeout_secs=2"]);
+    let mut h = TempServer::start(&["--set", "limits.request_timeout_secs=2"]);
     let by = Bystander::new(&h).await;
     let attacker = h.client().await;
     let key = identity();

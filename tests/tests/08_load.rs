@@ -11,41 +11,20 @@ use std::time::{Duration, Instant};
 
 use qpq_proto::frame::{self, REQUEST_HEADER_LEN};
 use qpq_proto::{MAX_PAYLOAD, Status, method, v1};
-use qpq_tests::{CallError, Client, ServerProcess, identity, message_id, read_response};
+use qpq_tests::{
+    CallError, Client, ServerProcess, TempServer, identity, message_id, read_response,
+};
 
 const MIB: u64 = 1 << 20;
 
-/// A server on a fresh temporary data directory (declared first: killed before the directory
-/// is removed).
-struct Server {
-    process: ServerProcess,
-    _dir: tempfile::TempDir,
-}
-
-impl Server {
-    fn start(extra: &[&str]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let process = ServerProcess::start(dir.path(), extra).unwrap();
-        Self { process, _dir: dir }
-    }
-
-    async fn client(&self) -> Client {
-        within(Duration::from_secs(20), "connect", self.process.client()).await.unwrap()
-    }
-
-    /// A registered, logged-in client; returns it with its identity key and session token.
-    async fn user(&self, name: &str) -> (Client, [u8; 32], Vec<u8>) {
-        let c = self.client().await;
-        let key = identity();
-        let pw = format!("pw {name}");
-        within(STEP, "register", c.register(name, &pw, &key, "")).await.unwrap();
-        let token = within(STEP, "login", c.login(name, &pw, &key)).await.unwrap();
-        (c, key, token)
-    }
-
-    fn assert_alive(&mut self) {
-        assert!(self.process.is_running(), "server died:\n{}", self.process.stderr.lock().unwrap());
-    }
+/// A registered, logged-in client of `s`; returns it with its identity key and session token.
+async fn user(s: &TempServer, name: &str) -> (Client, [u8; 32], Vec<u8>) {
+    let c = s.client().await;
+    let key = identity();
+    let pw = format!("pw {name}");
+    within(STEP, "register", c.register(name, &pw, &key, "")).await.unwrap();
+    let token = within(STEP, "login", c.login(name, &pw, &key)).await.unwrap();
+    (c, key, token)
 }
 
 const STEP: Duration = Duration::from_secs(15);
@@ -178,11 +157,11 @@ async fn spent_memory_budget_turns_new_work_away_and_connected_clients_keep_work
         &["--set", "limits.request_timeout_secs=30", "--set", "limits.sweep_interval_secs=1"],
         |base| (base + conns + HELD * STALLED as u64) * 8 / 7,
     );
-    let mut s = Server { process, _dir: dir };
-    let (alice, _, _) = s.user("alice").await;
-    let (bob, bob_key, bob_token) = s.user("bob").await;
+    let mut s = TempServer::adopt(process, dir);
+    let (alice, _, _) = user(&s, "alice").await;
+    let (bob, bob_key, bob_token) = user(&s, "bob").await;
     round_trip(&alice, &bob, &bob_key, "before the load").await;
-    let rss_before = s.process.rss_kib().unwrap();
+    let rss_before = s.server.rss_kib().unwrap();
 
     let mut uploaders = Vec::new();
     for _ in 0..4 {
@@ -199,7 +178,7 @@ async fn spent_memory_budget_turns_new_work_away_and_connected_clients_keep_work
         Some((Status::RateLimited, e)) => assert!(e.retry_after_ms >= 1000, "retry hint: {e:?}"),
         other => panic!("an upload past 90 % of the budget got {other:?}"),
     }
-    let rss_loaded = s.process.rss_kib().unwrap();
+    let rss_loaded = s.server.rss_kib().unwrap();
     // At 87.5 %, a new connection is told to come back later...
     let newcomer = s.client().await;
     match within(STEP, "resume while busy", newcomer.resume(&bob_token)).await {
@@ -219,7 +198,7 @@ async fn spent_memory_budget_turns_new_work_away_and_connected_clients_keep_work
     }
     // The operator sees it in the log (checked once a sweep interval, here 1 s).
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !s.process.stderr.lock().unwrap().contains("memory budget reached") {
+    while !s.server.stderr.lock().unwrap().contains("memory budget reached") {
         assert!(Instant::now() < deadline, "no log line for the refusals");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -272,7 +251,7 @@ async fn large_requests_waiting_for_a_place_are_bounded_and_held_against_the_bud
         start_with_budget(dir.path(), &["--set", "limits.request_timeout_secs=30"], |base| {
             (base + conns + 2 * STALLED as u64 + 5 * MIB / 2) * 10 / 9 + 100
         });
-    let mut s = Server { process, _dir: dir };
+    let mut s = TempServer::adopt(process, dir);
     let (u, v) = (s.client().await, s.client().await);
     let quiet = Duration::from_millis(500);
     let mut open = Vec::new();
@@ -329,14 +308,13 @@ async fn large_requests_waiting_for_a_place_are_bounded_and_held_against_the_bud
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_pushes_is_disconnected_and_loses_nothing() {
     const MESSAGES: usize = 150;
-    let mut s = Server::start(&[]);
-    let (sender, _, _) = s.user("sender").await;
-    let deaf =
-        Client::connect_ignoring_pushes(s.process.addr, &s.process.fingerprint).await.unwrap();
+    let mut s = TempServer::start(&[]);
+    let (sender, _, _) = user(&s, "sender").await;
+    let deaf = Client::connect_ignoring_pushes(s.server.addr, &s.server.fingerprint).await.unwrap();
     let deaf_key = identity();
     within(STEP, "register", deaf.register("deaf", "pw deaf", &deaf_key, "")).await.unwrap();
     let token = within(STEP, "login", deaf.login("deaf", "pw deaf", &deaf_key)).await.unwrap();
-    let rss_before = s.process.rss_kib().unwrap();
+    let rss_before = s.server.rss_kib().unwrap();
 
     let started = Instant::now();
     let payload = vec![0xA5u8; 32 * 1024];
@@ -345,7 +323,7 @@ async fn a_client_that_never_reads_pushes_is_disconnected_and_loses_nothing() {
             .await
             .unwrap_or_else(|e| panic!("enqueue {i}: {e}"));
     }
-    let rss_pushing = s.process.rss_kib().unwrap();
+    let rss_pushing = s.server.rss_kib().unwrap();
     let closed = within(Duration::from_secs(30), "slow consumer close", deaf.conn.closed()).await;
     let took = started.elapsed();
     assert!(
@@ -423,25 +401,25 @@ async fn black_hole(
 async fn handshake_flood_is_bounded_and_real_clients_connect() {
     const SOURCES: u8 = 40;
     const PER_SOURCE: usize = 10;
-    let mut s = Server::start(&[
+    let mut s = TempServer::start(&[
         "--set",
         "limits.max_handshakes=16",
         "--log",
         "qpq_server_lite=debug,info",
     ]);
-    let (alice, _, _) = s.user("alice").await;
-    let (bob, bob_key, _) = s.user("bob").await;
-    let rss_before = s.process.rss_kib().unwrap();
+    let (alice, _, _) = user(&s, "alice").await;
+    let (bob, bob_key, _) = user(&s, "bob").await;
+    let rss_before = s.server.rss_kib().unwrap();
 
     // 400 half-open handshakes from 40 loopback addresses (127.0.0.2 ..).
     let mut flooders = Vec::new();
     let mut holes = Vec::new();
     for i in 0..SOURCES {
         let ip = std::net::Ipv4Addr::new(127, 0, 0, 2 + i);
-        let (hole, forwarding) = black_hole(SocketAddr::from((ip, 0)), s.process.addr).await;
+        let (hole, forwarding) = black_hole(SocketAddr::from((ip, 0)), s.server.addr).await;
         holes.push(forwarding);
         for _ in 0..PER_SOURCE {
-            let crypto = qpq_core::client::net::pinned_crypto(&s.process.fingerprint).unwrap();
+            let crypto = qpq_core::client::net::pinned_crypto(&s.server.fingerprint).unwrap();
             let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
             ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
             let connecting = ep.connect(hole, "localhost").unwrap();
@@ -450,14 +428,14 @@ async fn handshake_flood_is_bounded_and_real_clients_connect() {
     }
     let flood_started = Instant::now();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let rss_flood = s.process.rss_kib().unwrap();
+    let rss_flood = s.server.rss_kib().unwrap();
     // Connected clients are served throughout.
     round_trip(&alice, &bob, &bob_key, "during the flood").await;
     // A new client is refused while the half-open handshakes hold every place, and gets in
     // once they time out (10 s), as a client retrying with backoff would.
     let mut refused = 0;
     let carol = loop {
-        match s.process.client().await {
+        match s.server.client().await {
             Ok(c) => break c,
             Err(e) => {
                 refused += 1;
@@ -474,7 +452,7 @@ async fn handshake_flood_is_bounded_and_real_clients_connect() {
     within(STEP, "login", carol.login("carol", "pw carol", &key)).await.unwrap();
     println!("new client refused {refused} times, in after {:?}", flood_started.elapsed());
     assert!(refused > 0, "a new client got in while the half-open handshakes held every place");
-    let log = s.process.stderr.lock().unwrap().clone();
+    let log = s.server.stderr.lock().unwrap().clone();
     assert!(log.contains("address validation required"), "no Retry was asked for");
     assert!(log.contains("too many handshakes in progress"), "the handshake cap never applied");
     let grown = rss_flood.saturating_sub(rss_before);
