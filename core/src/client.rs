@@ -18,4 +18,4 @@ pub mod net;
 pub use engine::{
     Client, ClientError, ConnState, Event, GroupInfo, ProgressHook, RegisterOptions, Transfer,
 };
-pub use history::{ConvKind, Conversation, HistoryEntry, StoredFile};
+pub use history::{ConvKind, Conversation, HistoryEntry};

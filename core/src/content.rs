@@ -62,8 +62,8 @@ pub enum Body {
     },
 }
 
-/// An encrypted file stored on the server.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// An encrypted file stored on the server (also what history keeps of a file message).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FileOffer {
     /// Blob id: SHA-256 of the ciphertext.
     pub blob_id: [u8; 32],

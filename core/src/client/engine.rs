@@ -11,7 +11,7 @@ use rand::{Rng, RngCore};
 use tokio::sync::{broadcast, mpsc};
 
 use super::files::{self, FileCryptoError};
-use super::history::{ConvKind, Conversation, HistoryEntry, StoredFile, conv_prefix, message_key};
+use super::history::{ConvKind, Conversation, HistoryEntry, conv_prefix, message_key};
 use super::net::{Connection, NetError, Push};
 use crate::content::{Body, Content, ContentError, FileOffer};
 use crate::identity::{Identity, hex, safety_number};
@@ -1724,7 +1724,7 @@ impl Client {
 
     /// The file offer of a history entry.
     pub fn offer_of(entry: &HistoryEntry) -> Option<FileOffer> {
-        entry.file.as_ref().map(|f: &StoredFile| FileOffer::from(f))
+        entry.file.clone()
     }
 }
 

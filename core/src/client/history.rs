@@ -54,7 +54,7 @@ pub struct HistoryEntry {
     /// Message replied to.
     pub reply_to: Option<[u8; 16]>,
     /// A file offer.
-    pub file: Option<StoredFile>,
+    pub file: Option<FileOffer>,
     /// Edited at least once.
     pub edited: bool,
     /// Deleted by its sender.
@@ -69,53 +69,6 @@ pub struct HistoryEntry {
     pub pending: bool,
 }
 
-/// A file offer kept in history.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StoredFile {
-    /// Blob id.
-    pub blob_id: [u8; 32],
-    /// Plaintext size.
-    pub size: u64,
-    /// Ciphertext size.
-    pub ciphertext_size: u64,
-    /// File name.
-    pub name: String,
-    /// Media type.
-    pub media_type: String,
-    /// Content key.
-    pub key: [u8; 32],
-    /// SHA-256 of the plaintext.
-    pub sha256: [u8; 32],
-}
-
-impl From<&FileOffer> for StoredFile {
-    fn from(f: &FileOffer) -> Self {
-        Self {
-            blob_id: f.blob_id,
-            size: f.size,
-            ciphertext_size: f.ciphertext_size,
-            name: f.name.clone(),
-            media_type: f.media_type.clone(),
-            key: f.key,
-            sha256: f.sha256,
-        }
-    }
-}
-
-impl From<&StoredFile> for FileOffer {
-    fn from(f: &StoredFile) -> Self {
-        Self {
-            blob_id: f.blob_id,
-            size: f.size,
-            ciphertext_size: f.ciphertext_size,
-            name: f.name.clone(),
-            media_type: f.media_type.clone(),
-            key: f.key,
-            sha256: f.sha256,
-        }
-    }
-}
-
 impl HistoryEntry {
     /// A history entry for a text or file message; `None` for bodies that only change
     /// other entries (edits, reactions, receipts, typing, metadata).
@@ -123,7 +76,7 @@ impl HistoryEntry {
         let (text, reply_to, file) = match &c.body {
             Body::Text { body, reply_to } => (body.clone(), *reply_to, None),
             Body::File(f) => {
-                (format!("[file] {} ({} bytes)", f.name, f.size), None, Some(StoredFile::from(f)))
+                (format!("[file] {} ({} bytes)", f.name, f.size), None, Some(f.clone()))
             }
             _ => return None,
         };

@@ -1,6 +1,7 @@
 //! Whole-screen snapshots on ratatui's TestBackend.
 
-use qpq_core::client::{ConnState, ConvKind, Conversation, HistoryEntry, StoredFile};
+use qpq_core::client::{ConnState, ConvKind, Conversation, HistoryEntry};
+use qpq_core::content::FileOffer;
 
 use ratatui::Terminal;
 use ratatui::backend::TestBackend;
@@ -74,7 +75,7 @@ fn with_history() -> App {
     let mut reply = entry(3, 3, "@alice which firmware?", 3);
     reply.reply_to = Some([2; 16]);
     let mut file = entry(4, 1, "[file] notes.pdf", 4);
-    file.file = Some(StoredFile {
+    file.file = Some(FileOffer {
         blob_id: [0; 32],
         size: 1_572_864,
         ciphertext_size: 1_573_248,
