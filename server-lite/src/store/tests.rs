@@ -239,3 +239,49 @@ async fn a_discarded_upload_leaves_no_expiry_that_could_hit_a_later_one() {
     assert_eq!(r.blobs, 1);
     assert!(store.download_blob(id, 0, 10).await.unwrap().is_none());
 }
+
+#[tokio::test]
+async fn one_commit_per_epoch_per_order_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let bob = user(&store, "bob", 2).await;
+    let order = |epoch| CommitOrder { key: [7; 32], epoch, ttl_ms: 10_000, max_keys: 2 };
+    let stored = |seq| Ordered::Stored(vec![EnqueueOutcome::Stored { seq, duplicate: false }]);
+
+    // The first commit seen for a key takes its epoch, whatever it is.
+    let r = store.enqueue_ordered(vec![item(bob, b"c5", Some(1), u64::MAX)], LIMITS, 1, order(5));
+    assert_eq!(r.await.unwrap(), stored(1));
+    // A second commit made in epoch 5 comes too late: nothing stored.
+    let r = store.enqueue_ordered(vec![item(bob, b"c5'", Some(2), u64::MAX)], LIMITS, 2, order(5));
+    assert_eq!(r.await.unwrap(), Ordered::Conflict { next_epoch: 6 });
+    assert_eq!(store.queued_count(&bob).unwrap(), 1);
+    // The first one sent again (its answer was lost) is a repeat, not a conflict.
+    let r = store.enqueue_ordered(vec![item(bob, b"c5", Some(1), u64::MAX)], LIMITS, 3, order(5));
+    let repeat = Ordered::Stored(vec![EnqueueOutcome::Stored { seq: 1, duplicate: true }]);
+    assert_eq!(r.await.unwrap(), repeat);
+    // The commit made in epoch 6 goes; one from the future does not.
+    let r = store.enqueue_ordered(vec![item(bob, b"c6", Some(3), u64::MAX)], LIMITS, 4, order(6));
+    assert_eq!(r.await.unwrap(), stored(2));
+    let r = store.enqueue_ordered(vec![item(bob, b"c9", Some(4), u64::MAX)], LIMITS, 5, order(9));
+    assert_eq!(r.await.unwrap(), Ordered::Conflict { next_epoch: 7 });
+
+    // Keys are bounded: a third is refused while two are kept...
+    let other = |key, epoch| CommitOrder { key: [key; 32], ..order(epoch) };
+    let r = store.enqueue_ordered(vec![item(bob, b"o", Some(5), u64::MAX)], LIMITS, 6, other(8, 0));
+    assert_eq!(r.await.unwrap(), stored(3));
+    let r = store.enqueue_ordered(vec![item(bob, b"p", Some(6), u64::MAX)], LIMITS, 7, other(9, 0));
+    assert_eq!(r.await.unwrap(), Ordered::Full);
+    // ... and a record goes once its last commit is older than its lifetime: key 7's last
+    // commit was at 4 (expires 10,004), key 8's at 6 (10,006).
+    let r = store.sweep(10_004, u64::MAX).await.unwrap();
+    assert_eq!(r, SweepReport::default(), "order records are not counted as messages");
+    let r = store.enqueue_ordered(vec![item(bob, b"p", Some(6), u64::MAX)], LIMITS, 8, other(9, 0));
+    assert_eq!(r.await.unwrap(), stored(4));
+    // Key 7 was forgotten: it is a new key now (refused while keys 8 and 9 fill the store),
+    // and with room, any epoch is taken again.
+    let r = store.enqueue_ordered(vec![item(bob, b"c2", Some(7), u64::MAX)], LIMITS, 9, order(2));
+    assert_eq!(r.await.unwrap(), Ordered::Full);
+    let roomy = CommitOrder { max_keys: 3, ..order(2) };
+    let r = store.enqueue_ordered(vec![item(bob, b"c2", Some(7), u64::MAX)], LIMITS, 10, roomy);
+    assert_eq!(r.await.unwrap(), stored(5));
+}
