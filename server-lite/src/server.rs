@@ -239,7 +239,7 @@ fn transport(config: &Config) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(l.max_streams_per_connection));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
-    t.stream_receive_window(quinn::VarInt::from_u32(STREAM_WINDOW));
+    t.stream_receive_window(quinn::VarInt::from_u32(1 << 20));
     t.receive_window(quinn::VarInt::from_u32(2 << 20));
     t.send_window(2 << 20);
     t.datagram_receive_buffer_size(None);
@@ -415,7 +415,7 @@ async fn serve_connection(
     let (push_tx, push_rx) = mpsc::channel::<Queued>(PUSH_QUEUE);
     let pusher = tokio::spawn(push_loop(conn.clone(), push_rx));
     let ctx = Arc::new(Conn::new(shared.clone(), conn.clone(), conn_id, ip, push_tx));
-    let large_requests = Arc::new(LargeRequests::new());
+    let large_requests = Arc::new(tokio::sync::Semaphore::new(LARGE_REQUESTS_PER_CONNECTION));
     loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
@@ -474,33 +474,14 @@ impl Drop for InFlight {
     }
 }
 
-/// Requests over [`budget::LARGE_REQUEST`] bytes one connection may be receiving at once;
-/// as many more may wait for a place.
+/// Requests over [`budget::LARGE_REQUEST`] bytes one connection may be receiving at once; a
+/// further one is refused at once rather than left waiting, since what the client sends for a
+/// waiting request would sit in quinn's buffers (up to the stream window) outside the budget.
 const LARGE_REQUESTS_PER_CONNECTION: usize = 2;
-/// Bytes a client may send on one stream ahead of what the server has read: what quinn
-/// buffers for a request that waits for a large-request place.
-const STREAM_WINDOW: u32 = 1 << 20;
-
-/// One connection's places for requests over [`budget::LARGE_REQUEST`] bytes.
-struct LargeRequests {
-    /// Large requests being read or waiting to be: a request finding none left is refused.
-    admitted: tokio::sync::Semaphore,
-    /// Large requests being read.
-    places: tokio::sync::Semaphore,
-}
-
-impl LargeRequests {
-    fn new() -> Self {
-        Self {
-            admitted: tokio::sync::Semaphore::new(2 * LARGE_REQUESTS_PER_CONNECTION),
-            places: tokio::sync::Semaphore::new(LARGE_REQUESTS_PER_CONNECTION),
-        }
-    }
-}
 
 async fn serve_stream(
     ctx: Arc<Conn>,
-    large_requests: Arc<LargeRequests>,
+    large_requests: Arc<tokio::sync::Semaphore>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
@@ -547,63 +528,32 @@ async fn serve_stream(
     };
     // The body is held against the memory budget as it arrives; large ones (uploads) also
     // need one of the connection's large-request places, so one peer cannot take it all.
-    // While a large one waits for its place, quinn buffers what the client sends for it (up
-    // to the stream window), so that much is held against the budget until the place is got;
-    // and only as many may wait as may be read.
     let large = u64::from(header.len) > budget::LARGE_REQUEST;
-    let too_many = || {
-        RpcError::retry(
-            Status::RateLimited,
-            "too many large requests on this connection",
-            budget::RETRY_REQUEST,
-        )
-    };
-    let admitted = if large {
-        match large_requests.admitted.try_acquire() {
+    let _large_place = if large {
+        match large_requests.try_acquire() {
             Ok(p) => Some(p),
             Err(_) => {
+                // Refusing at once (STOP_SENDING discards what quinn buffered for it) rather
+                // than waiting keeps a waiting request's bytes from sitting outside the budget.
                 let _ = recv.stop(quinn::VarInt::from_u32(STREAM_REFUSED));
-                return respond(&mut send, header.request_id, Err(too_many()), timeout).await;
+                let e = RpcError::retry(
+                    Status::RateLimited,
+                    "too many large requests on this connection",
+                    budget::RETRY_REQUEST,
+                );
+                return respond(&mut send, header.request_id, Err(e), timeout).await;
             }
         }
     } else {
         None
     };
     let priority = if large { Priority::LargeRequest } else { Priority::Request };
-    let waiting = if large { u64::from(header.len.min(STREAM_WINDOW)) } else { 0 };
-    let mut memory = match ctx.shared.budget.reserve(waiting, priority) {
+    let mut memory = match ctx.shared.budget.reserve(0, priority) {
         Ok(r) => r,
         Err(e) => {
             return refuse_for_memory(&mut send, &mut recv, header.request_id, e, timeout).await;
         }
     };
-    let _large_place = match admitted {
-        Some(admitted) => {
-            // A request reset while it waits gives its place in the queue and its memory back
-            // at once (quinn drops what it buffered for it).
-            let reset = async {
-                if let Ok(None) = recv.received_reset().await {
-                    std::future::pending::<()>().await;
-                }
-            };
-            let place = tokio::time::timeout(timeout, large_requests.places.acquire());
-            tokio::select! {
-                got = place => match got {
-                    Ok(Ok(p)) => Some((admitted, p)),
-                    Ok(Err(_)) => return,
-                    Err(_) => {
-                        let _ = recv.stop(quinn::VarInt::from_u32(STREAM_REFUSED));
-                        let e = Err(too_many());
-                        return respond(&mut send, header.request_id, e, timeout).await;
-                    }
-                },
-                () = reset => return,
-            }
-        }
-        None => None,
-    };
-    // From here on the body is read as it arrives and each chunk is held as it is read.
-    memory.shrink_to(0);
     let read = read_body(&mut recv, header.len as usize, &mut memory, priority);
     let body = match tokio::time::timeout(timeout, read).await {
         Ok(Ok(body)) => body,
@@ -643,10 +593,9 @@ async fn serve_stream(
         None
     };
     // Decoding copies a large body's bytes field (an upload's chunk, a message's payload) once
-    // more for as long as the handler runs: that is held too, up to the whole budget.
-    if body.len() as u64 > budget::LARGE_REQUEST
-        && let Err(e) = memory.grow(body.len() as u64, Priority::Request)
-    {
+    // more for as long as the handler runs: that is held too, at the large-request ceiling, so
+    // uploads never eat into the room kept for small messages.
+    if large && let Err(e) = memory.grow(body.len() as u64, Priority::LargeRequest) {
         drop(body);
         return refuse_for_memory(&mut send, &mut recv, header.request_id, e, timeout).await;
     }
