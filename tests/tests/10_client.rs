@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use qpq_core::client::{Client, ClientError, Event, RegisterOptions};
+use qpq_core::content::Body;
 use qpq_core::mls::GroupError;
 use qpq_core::vault::{KdfParams, Space, Vault, VaultError};
 use qpq_proto::{method, v1};
@@ -517,10 +518,45 @@ async fn two_admins_committing_at_once_do_not_fork_the_group() {
     assert_eq!(texts(&bob, &team), ["all on one epoch"]);
 }
 
+/// Sends `body` into `conv` as `name`, past its client's own checks (a modified client): the
+/// content is encrypted with the MLS state in `name`'s vault and enqueued over a raw
+/// connection. `name`'s `Client` must be dropped first.
+async fn forge(server: &ServerProcess, dir: &Path, name: &str, conv: &[u8], body: Body) {
+    use qpq_core::content::Content;
+    use qpq_core::identity::Identity;
+    use qpq_core::mls::Mls;
+
+    let pass = format!("{name} passphrase");
+    let vault = Arc::new(Vault::open(&store(dir, name), pass.as_bytes()).unwrap());
+    let seed: [u8; 32] =
+        vault.get(Space::Account, b"seed").unwrap().unwrap().as_slice().try_into().unwrap();
+    let token = vault.get(Space::Account, b"token").unwrap().unwrap().to_vec();
+    let mls = Mls::new(vault, Identity::from_seed(&seed));
+    let (ciphertext, to) = mls.encrypt(conv, &Content::new(body, 1).encode().unwrap()).unwrap();
+    let raw = server.client().await.unwrap();
+    raw.resume(&token).await.unwrap();
+    let req = v1::BatchEnqueueRequest {
+        recipient_keys: to.iter().map(|k| k.to_vec()).collect(),
+        payload: ciphertext,
+        message_id: message_id().to_vec(),
+        ..Default::default()
+    };
+    let _: v1::BatchEnqueueResponse = raw.call(method::BATCH_ENQUEUE, &req).await.unwrap();
+}
+
+/// Syncs `c` and returns whether it reported a rejected message mentioning `needle`.
+async fn syncs_rejecting(c: &mut Client, needle: &str) -> bool {
+    let mut events = c.subscribe();
+    c.sync().await.unwrap();
+    let mut rejected = false;
+    while let Ok(e) = events.try_recv() {
+        rejected |= matches!(&e, Event::Rejected { reason } if reason.contains(needle));
+    }
+    rejected
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_an_admin_renames_a_group_and_nobody_renames_a_dm() {
-    use qpq_core::content::Body;
-
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProcess::start(&dir.path().join("server"), &[]).unwrap();
     let mut alice = account(&server, dir.path(), "alice").await;
@@ -530,35 +566,35 @@ async fn only_an_admin_renames_a_group_and_nobody_renames_a_dm() {
     alice.add_members(&team, &["bob".into(), "carol".into()]).await.unwrap();
     bob.sync().await.unwrap();
     carol.sync().await.unwrap();
+    let dm = bob.dm("carol").await.unwrap();
+    carol.sync().await.unwrap();
     let name = |c: &Client, conv: &[u8]| c.conversation(conv).unwrap().unwrap().name;
-    assert_eq!(name(&carol, &team), "team");
+    let dm_name = name(&carol, &dm);
+    let meta = |name: &str| Body::Meta { name: name.into(), topic: String::new() };
 
-    // Bob is a member but no admin; a modified client sends the rename anyway.
-    bob.send(&team, Body::Meta { name: "bob's now".into(), topic: String::new() }).await.unwrap();
+    // Bob is a member but no admin, and a DM has no name to set: his client refuses both.
+    match bob.send(&team, meta("bob's now")).await {
+        Err(ClientError::Group(GroupError::NotAdmin)) => {}
+        other => panic!("a non-admin's rename got {other:?}"),
+    }
+    assert!(matches!(bob.send(&dm, meta("renamed")).await, Err(ClientError::Invalid(_))));
+    assert_eq!(name(&bob, &team), "team", "not even bob's own copy changes");
+    // A modified client sends them anyway: the others reject them and change nothing.
+    drop(bob);
+    forge(&server, dir.path(), "bob", &team, meta("bob's now")).await;
     for c in [&mut alice, &mut carol] {
-        let mut events = c.subscribe();
-        c.sync().await.unwrap();
-        let mut rejected = false;
-        while let Ok(e) = events.try_recv() {
-            rejected |= matches!(&e, Event::Rejected { reason } if reason.contains("admin"));
-        }
-        assert!(rejected, "{} did not reject the rename", c.username());
+        assert!(syncs_rejecting(c, "not an admin").await, "{} took the rename", c.username());
         assert_eq!(name(c, &team), "team", "{} took a non-admin's rename", c.username());
     }
+    forge(&server, dir.path(), "bob", &dm, meta("renamed")).await;
+    assert!(syncs_rejecting(&mut carol, "direct conversation").await);
+    assert_eq!(name(&carol, &dm), dm_name);
 
     // The admin's rename is taken.
     alice.rename(&team, "core team", Some("weekly sync")).await.unwrap();
     carol.sync().await.unwrap();
     let c = carol.conversation(&team).unwrap().unwrap();
     assert_eq!((c.name.as_str(), c.topic.as_str()), ("core team", "weekly sync"));
-
-    // A DM has no name to set: the peer's Meta renames nothing.
-    let dm = alice.dm("carol").await.unwrap();
-    carol.sync().await.unwrap();
-    let before = name(&carol, &dm);
-    alice.send(&dm, Body::Meta { name: "renamed".into(), topic: String::new() }).await.unwrap();
-    carol.sync().await.unwrap();
-    assert_eq!(name(&carol, &dm), before);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

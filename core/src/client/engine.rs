@@ -1030,6 +1030,17 @@ impl Client {
     /// the MLS state), then tries to deliver it. Returns the message id. Offline, the message
     /// stays in the outbox and goes out on the next connect.
     pub async fn send(&mut self, conv: &[u8], body: Body) -> Result<[u8; 16], ClientError> {
+        // Receivers take a name or topic only from a group's admin: do not show one locally
+        // that they will reject.
+        if matches!(body, Body::Meta { .. }) {
+            if !self.conversation(conv)?.is_some_and(|c| c.kind == ConvKind::Group) {
+                return Err(ClientError::Invalid("only groups have names".into()));
+            }
+            let me = self.identity_key();
+            if !self.mls.members(conv)?.iter().any(|m| m.identity == me && m.admin) {
+                return Err(GroupError::NotAdmin.into());
+            }
+        }
         let content = Content::new(body, now_ms());
         let bytes = content.encode()?;
         let me = self.identity_key();
@@ -1495,12 +1506,17 @@ impl Client {
                                 self.save_conversation(&c)?;
                                 events.push(Event::Conversation { conv: group_id });
                             }
-                            _ => events.push(Event::Rejected {
-                                reason: format!(
-                                    "{} tried to rename a conversation without being its admin",
-                                    self.cached_name(&sender).unwrap_or_else(|| hex(&sender[..6]))
-                                ),
-                            }),
+                            _ => {
+                                let who =
+                                    self.cached_name(&sender).unwrap_or_else(|| hex(&sender[..6]));
+                                let reason = match group {
+                                    Some(_) => {
+                                        format!("{who} tried to rename the group, not an admin")
+                                    }
+                                    None => format!("{who} tried to rename a direct conversation"),
+                                };
+                                events.push(Event::Rejected { reason });
+                            }
                         }
                     }
                     Body::Typing { active } => {
@@ -1674,7 +1690,8 @@ impl Client {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "download".into());
         let dest = dir.join(&safe_name);
-        let part = dir.join(format!(".{safe_name}.{}.qpq-part", hex(&offer.blob_id[..8])));
+        // Named after the blob, not the offered name: unique, and never too long.
+        let part = dir.join(format!(".{}.qpq-part", hex(&offer.blob_id)));
         let (mut intact, resumed_from) = self.fetch_blob(offer, &part, true).await?;
         if !intact && resumed_from > 0 {
             std::fs::remove_file(&part)?;
@@ -1690,7 +1707,15 @@ impl Client {
             files::open(&offer.key, &offer.sha256, input, output)?;
             Ok(())
         })();
-        let _ = std::fs::remove_file(&part);
+        // The part goes once it is decrypted, or if it cannot be (the offer is bad); after a
+        // local failure (disk full, no permission) it stays, so the next try needs no download.
+        let bad_offer = matches!(
+            result,
+            Err(ClientError::File(FileCryptoError::Tampered | FileCryptoError::HashMismatch))
+        );
+        if result.is_ok() || bad_offer {
+            let _ = std::fs::remove_file(&part);
+        }
         if result.is_err() {
             let _ = std::fs::remove_file(&dest);
         }
@@ -1708,9 +1733,13 @@ impl Client {
         resume: bool,
     ) -> Result<(bool, u64), ClientError> {
         use sha2::Digest;
-        use std::io::{Read, Write};
-        let mut out =
-            std::fs::OpenOptions::new().read(true).append(true).create(true).open(part)?;
+        use std::io::{Read, Seek, Write};
+        let mut out = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(part)?;
         let mut hash = sha2::Sha256::new();
         let mut offset = out.metadata()?.len();
         if !resume || offset > offer.ciphertext_size {
@@ -1726,6 +1755,7 @@ impl Client {
             }
             hash.update(&buf[..n]);
         }
+        out.seek(std::io::SeekFrom::Start(offset))?;
         let resumed_from = offset;
         while offset < offer.ciphertext_size {
             let req = v1::DownloadBlobRequest {
