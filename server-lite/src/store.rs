@@ -27,9 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use accounts::{LoginRecord, RegisterOutcome, ResumeOutcome, SessionInfo};
 pub use blobs::{BlobChunk, BlobLimits, UploadOutcome, hex};
-pub use delivery::{
-    CommitOrder, EnqueueItem, EnqueueOutcome, Ordered, QueueLimits, StoredEnvelope, queue_key,
-};
+pub use delivery::{EnqueueItem, EnqueueOutcome, QueueLimits, StoredEnvelope, queue_key};
 pub use keys::KeyPackagePop;
 pub use records::Invite;
 pub use sweep::SweepReport;
@@ -220,7 +218,6 @@ fn migrate(db: &Database) -> Result<(), StoreError> {
     txn.open_table(QUEUE_NEXT)?;
     txn.open_table(USAGE)?;
     txn.open_table(DEDUP)?;
-    txn.open_table(COMMIT_ORDER)?;
     txn.open_table(EXPIRY)?;
     txn.open_table(BLOBS)?;
     txn.open_table(INVITES)?;

@@ -209,42 +209,6 @@ async fn batch_enqueue_fans_out_in_one_call() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ordered_batch_enqueue_takes_one_commit_per_epoch() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(dir.path(), &[]).unwrap();
-    let alice = user(&server, "alice").await;
-    let bob = user(&server, "bob").await;
-    let carol = user(&server, "carol").await;
-    let commit = |from: &[u8], epoch: u64, mid: [u8; 16]| v1::BatchEnqueueRequest {
-        recipient_keys: vec![carol.id.to_vec()],
-        payload: [from, b" commits"].concat(),
-        message_id: mid.to_vec(),
-        order_key: vec![0x0d; 32],
-        order_epoch: epoch,
-        ..Default::default()
-    };
-    let first = commit(b"alice", 4, message_id());
-    let _: v1::BatchEnqueueResponse = alice.c.call(method::BATCH_ENQUEUE, &first).await.unwrap();
-    // Bob's commit from the same epoch loses: Conflict, and carol never sees it.
-    let late = commit(b"bob", 4, message_id());
-    let r = bob.c.call::<_, v1::BatchEnqueueResponse>(method::BATCH_ENQUEUE, &late).await;
-    assert_eq!(status(r), Status::Conflict);
-    // Alice's, sent again (a lost answer), is a repeat, not a conflict.
-    let again: v1::BatchEnqueueResponse =
-        alice.c.call(method::BATCH_ENQUEUE, &first).await.unwrap();
-    assert_eq!(again.duplicates, vec![true]);
-    // The next epoch's commit goes through.
-    let next = commit(b"bob", 5, message_id());
-    let _: v1::BatchEnqueueResponse = bob.c.call(method::BATCH_ENQUEUE, &next).await.unwrap();
-    let got: Vec<Vec<u8>> = carol.c.fetch(0).await.unwrap().into_iter().map(|e| e.data).collect();
-    assert_eq!(got, [b"alice commits".to_vec(), b"bob commits".to_vec()]);
-    // An order key must be 32 bytes.
-    let bad = v1::BatchEnqueueRequest { order_key: vec![1; 31], ..commit(b"x", 6, message_id()) };
-    let r = bob.c.call::<_, v1::BatchEnqueueResponse>(method::BATCH_ENQUEUE, &bad).await;
-    assert_eq!(status(r), Status::BadRequest);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ttl_expiry_and_sweep() {
     let dir = tempfile::tempdir().unwrap();
     let server =

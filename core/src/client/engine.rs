@@ -63,9 +63,6 @@ pub enum ClientError {
     /// Something local is inconsistent.
     #[error("{0}")]
     Invalid(String),
-    /// Another member's change to the group reached the server first; ours was not made.
-    #[error("another member changed the group at the same moment; nothing was changed: try again")]
-    CommitRace,
     /// Local file I/O.
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
@@ -952,23 +949,12 @@ impl Client {
     /// Sends a commit to the current members and the Welcome to new ones; merges the commit
     /// only once the server took it, and drops it if the server refused.
     async fn deliver_commit(&mut self, conv: &[u8], out: Outgoing) -> Result<(), ClientError> {
-        // The server takes one commit per epoch of this group (the order key names the group
-        // without revealing it); a commit that loses the race is abandoned, not merged, so the
-        // members cannot fork onto two different next epochs.
-        if !out.commit_to.is_empty() {
-            let order = (order_key(conv), self.mls.epoch(conv)?);
-            let sent = self
-                .batch_enqueue_ordered(&out.commit_to, out.commit.clone(), random_id(), Some(order))
-                .await;
-            if let Err(e) = sent {
-                self.mls.abandon(conv)?;
-                return Err(match e {
-                    ClientError::Net(n) if n.status() == Some(Status::Conflict) => {
-                        ClientError::CommitRace
-                    }
-                    e => e,
-                });
-            }
+        if !out.commit_to.is_empty()
+            && let Err(e) =
+                self.batch_enqueue(&out.commit_to, out.commit.clone(), random_id()).await
+        {
+            self.mls.abandon(conv)?;
+            return Err(e);
         }
         // The commit is on the server: merge it, and queue the Welcome in the same vault
         // transaction, so a lost connection now delays the Welcome instead of losing it.
@@ -999,26 +985,12 @@ impl Client {
         payload: Vec<u8>,
         message_id: [u8; 16],
     ) -> Result<(), ClientError> {
-        self.batch_enqueue_ordered(to, payload, message_id, None).await
-    }
-
-    /// [`Self::batch_enqueue`], for a commit with its group's order key and epoch.
-    async fn batch_enqueue_ordered(
-        &mut self,
-        to: &[[u8; 32]],
-        payload: Vec<u8>,
-        message_id: [u8; 16],
-        order: Option<([u8; 32], u64)>,
-    ) -> Result<(), ClientError> {
-        let (order_key, order_epoch) = order.map_or((Vec::new(), 0), |(k, e)| (k.to_vec(), e));
         let req = v1::BatchEnqueueRequest {
             recipient_keys: to.iter().map(|k| k.to_vec()).collect(),
             payload,
             channel_id: Vec::new(),
             ttl_secs: 0,
             message_id: message_id.to_vec(),
-            order_key,
-            order_epoch,
         };
         let _: v1::BatchEnqueueResponse = self.call(method::BATCH_ENQUEUE, &req).await?;
         Ok(())
@@ -1155,7 +1127,6 @@ impl Client {
                 channel_id: Vec::new(),
                 ttl_secs: 0,
                 message_id: item.message_id.to_vec(),
-                ..Default::default()
             };
             let r: Result<v1::BatchEnqueueResponse, NetError> =
                 self.connection()?.call(method::BATCH_ENQUEUE, &req, Duration::ZERO).await;
@@ -1795,16 +1766,6 @@ fn target_of(body: &Body) -> [u8; 16] {
         Body::Receipt { up_to } => *up_to,
         _ => [0; 16],
     }
-}
-
-/// The key under which the server orders a group's commits: a hash of the group id, so the
-/// server can tell a group's commits apart from another's without learning the id.
-fn order_key(group_id: &[u8]) -> [u8; 32] {
-    use sha2::Digest;
-    let mut h = sha2::Sha256::new();
-    h.update(b"qpq-lite commit order v1\0");
-    h.update(group_id);
-    h.finalize().into()
 }
 
 fn random_id() -> [u8; 16] {

@@ -7,10 +7,7 @@ use qpq_proto::{MAX_PAYLOAD, Message, Status, frame, method, v1};
 
 use super::{Bound, Conn, RpcError, RpcResult, id16, key32, ok};
 use crate::hub::PushFrame;
-use crate::store::{
-    CommitOrder, EnqueueItem, EnqueueOutcome, Ordered, QueueLimits, StoredEnvelope, now_ms,
-    queue_key,
-};
+use crate::store::{EnqueueItem, EnqueueOutcome, QueueLimits, StoredEnvelope, now_ms, queue_key};
 
 /// Largest stored payload: leaves room for the envelope so a message always fits in one
 /// response or push frame.
@@ -59,11 +56,6 @@ pub(super) async fn enqueue(ctx: &Conn, req: v1::EnqueueRequest) -> RpcResult {
     }
 }
 
-/// How long the server remembers a group's commit order after its last commit.
-const ORDER_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
-/// Groups whose commit order the server keeps at most (~64 bytes each with the expiry entry).
-const MAX_ORDER_KEYS: u64 = 100_000;
-
 pub(super) async fn batch_enqueue(ctx: &Conn, req: v1::BatchEnqueueRequest) -> RpcResult {
     let _me = ctx.principal()?;
     let max = ctx.shared.config.limits.max_batch_recipients as usize;
@@ -89,44 +81,13 @@ pub(super) async fn batch_enqueue(ctx: &Conn, req: v1::BatchEnqueueRequest) -> R
             format!("payload x recipients is {batch_bytes} bytes, more than {max_bytes}"),
         ));
     }
-    let order = match req.order_key.len() {
-        0 => None,
-        _ => Some(CommitOrder {
-            key: key32("order_key", &req.order_key)?,
-            epoch: req.order_epoch,
-            ttl_ms: ORDER_TTL.as_millis() as u64,
-            max_keys: MAX_ORDER_KEYS,
-        }),
-    };
     let payload = Arc::new(req.payload);
     let items = recipients
         .iter()
         .map(|r| item(ctx, *r, &req.channel_id, &req.message_id, payload.clone(), req.ttl_secs))
         .collect::<Result<Vec<_>, _>>()?;
     let now = now_ms();
-    let store = &ctx.shared.store;
-    let outcomes = match order {
-        None => store.enqueue(items.clone(), limits(ctx), now).await?,
-        Some(order) => match store.enqueue_ordered(items.clone(), limits(ctx), now, order).await? {
-            Ordered::Stored(outcomes) => outcomes,
-            Ordered::Conflict { next_epoch } => {
-                return Err(RpcError::new(
-                    Status::Conflict,
-                    format!(
-                        "another commit took epoch {}; the group is at epoch {next_epoch}",
-                        order.epoch
-                    ),
-                ));
-            }
-            Ordered::Full => {
-                return Err(RpcError::retry(
-                    Status::Unavailable,
-                    "the server orders as many groups as it can",
-                    Duration::from_secs(60),
-                ));
-            }
-        },
-    };
+    let outcomes = ctx.shared.store.enqueue(items.clone(), limits(ctx), now).await?;
     let mut resp = v1::BatchEnqueueResponse::default();
     for (item, outcome) in items.iter().zip(&outcomes) {
         match outcome {

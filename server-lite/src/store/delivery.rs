@@ -1,6 +1,6 @@
 //! Delivery queues: durable, per (recipient, channel), ordered by a server-assigned seq.
 
-use redb::{ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
+use redb::{ReadableTable, Table, WriteTransaction};
 
 use super::records::{Queued, Usage};
 use super::tables::*;
@@ -35,33 +35,6 @@ pub enum EnqueueOutcome {
     UnknownRecipient,
     /// The recipient's queue is at its message or byte limit.
     QueueFull,
-}
-
-/// The commit ordering a BatchEnqueue asks for: one commit per epoch per group.
-#[derive(Debug, Clone, Copy)]
-pub struct CommitOrder {
-    /// The group's order key (opaque to the server).
-    pub key: [u8; 32],
-    /// The epoch the commit was made in.
-    pub epoch: u64,
-    /// How long the record lasts after its last commit, ms.
-    pub ttl_ms: u64,
-    /// Records the server keeps at most; a new key past it is refused.
-    pub max_keys: u64,
-}
-
-/// What an ordered enqueue did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Ordered {
-    /// The commit took its epoch (or is a repeat of one that did): per-recipient outcomes.
-    Stored(Vec<EnqueueOutcome>),
-    /// Another commit already took this epoch; the group is at `next_epoch`. Nothing stored.
-    Conflict {
-        /// The epoch the next commit must be made in.
-        next_epoch: u64,
-    },
-    /// The server keeps as many order records as it may. Nothing stored.
-    Full,
 }
 
 /// Limits applied while enqueueing.
@@ -106,48 +79,17 @@ impl Store {
         now_ms: u64,
     ) -> Result<Vec<EnqueueOutcome>, StoreError> {
         self.write(move |txn| {
-            let mut t = EnqueueTables::open(txn)?;
-            items.iter().map(|item| enqueue_one(&mut t, item, &limits, now_ms)).collect()
-        })
-        .await
-    }
-
-    /// [`Self::enqueue`] for an MLS commit: stored only if no other commit took `order`'s
-    /// epoch for its key, in the same transaction that moves the key to the next epoch. A
-    /// repeat of a stored request (its message id already recorded) is not checked again.
-    pub async fn enqueue_ordered(
-        &self,
-        items: Vec<EnqueueItem>,
-        limits: QueueLimits,
-        now_ms: u64,
-        order: CommitOrder,
-    ) -> Result<Ordered, StoreError> {
-        self.write(move |txn| {
-            let mut t = EnqueueTables::open(txn)?;
-            let repeat = match items.first().and_then(dedup_key) {
-                Some(dk) => t.dedup.get(dk.as_slice())?.is_some(),
-                None => false,
+            // Tables are opened once per job: opening and closing a table costs a lookup and a
+            // write to redb's table of tables, which dominated a 100-recipient batch.
+            let mut t = EnqueueTables {
+                identities: txn.open_table(IDENTITIES)?,
+                dedup: txn.open_table(DEDUP)?,
+                usage: txn.open_table(USAGE)?,
+                next: txn.open_table(QUEUE_NEXT)?,
+                queues: txn.open_table(QUEUES)?,
+                expiry: txn.open_table(EXPIRY)?,
             };
-            if !repeat {
-                let mut orders = txn.open_table(COMMIT_ORDER)?;
-                let current = orders.get(order.key.as_slice())?.map(|v| v.value().0);
-                match current {
-                    Some(next) if next != order.epoch => {
-                        return Ok(Ordered::Conflict { next_epoch: next });
-                    }
-                    None if orders.len()? >= order.max_keys => return Ok(Ordered::Full),
-                    _ => {}
-                }
-                let expires = now_ms.saturating_add(order.ttl_ms);
-                orders.insert(order.key.as_slice(), (order.epoch.saturating_add(1), expires))?;
-                let r = [&[EXPIRE_ORDER][..], &order.key].concat();
-                t.expiry.insert((expires, r.as_slice()), ())?;
-            }
-            let outcomes = items
-                .iter()
-                .map(|item| enqueue_one(&mut t, item, &limits, now_ms))
-                .collect::<Result<_, _>>()?;
-            Ok(Ordered::Stored(outcomes))
+            items.iter().map(|item| enqueue_one(&mut t, item, &limits, now_ms)).collect()
         })
         .await
     }
@@ -264,27 +206,6 @@ struct EnqueueTables<'t> {
     expiry: Table<'t, (u64, &'static [u8]), ()>,
 }
 
-impl<'t> EnqueueTables<'t> {
-    /// Opens them, once per job: opening and closing a table costs a lookup and a write to
-    /// redb's table of tables, which dominated a 100-recipient batch.
-    fn open(txn: &'t WriteTransaction) -> Result<Self, StoreError> {
-        Ok(Self {
-            identities: txn.open_table(IDENTITIES)?,
-            dedup: txn.open_table(DEDUP)?,
-            usage: txn.open_table(USAGE)?,
-            next: txn.open_table(QUEUE_NEXT)?,
-            queues: txn.open_table(QUEUES)?,
-            expiry: txn.open_table(EXPIRY)?,
-        })
-    }
-}
-
-/// The dedup key of an item with a message id: queue key || message id.
-fn dedup_key(item: &EnqueueItem) -> Option<Vec<u8>> {
-    (!item.message_id.is_empty())
-        .then(|| [queue_key(&item.recipient, &item.channel).as_slice(), &item.message_id].concat())
-}
-
 fn enqueue_one(
     t: &mut EnqueueTables<'_>,
     item: &EnqueueItem,
@@ -295,7 +216,8 @@ fn enqueue_one(
         return Ok(EnqueueOutcome::UnknownRecipient);
     }
     let qk = queue_key(&item.recipient, &item.channel);
-    let dedup_key = dedup_key(item);
+    let dedup_key =
+        (!item.message_id.is_empty()).then(|| [qk.as_slice(), &item.message_id].concat());
     if let Some(dk) = &dedup_key
         && let Some(seq) = t.dedup.get(dk.as_slice())?
     {

@@ -114,15 +114,6 @@ fn expire_in(
                 }
             }
             EXPIRE_DEDUP if txn.open_table(DEDUP)?.remove(rest)?.is_some() => report.dedup += 1,
-            EXPIRE_ORDER => {
-                // Each commit moves the record's expiry on; only the entry that matches it now
-                // removes the record.
-                let mut orders = txn.open_table(COMMIT_ORDER)?;
-                let current = orders.get(rest)?.map(|v| v.value().1);
-                if current == Some(*at) {
-                    orders.remove(rest)?;
-                }
-            }
             EXPIRE_BLOB => {
                 let meta = txn.open_table(BLOBS)?.get(rest)?.map(|v| Blob::decode(v.value()));
                 // Only the entry that matches the blob's current expiry removes it: a stale

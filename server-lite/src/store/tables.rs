@@ -35,10 +35,6 @@ pub(crate) const USAGE: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new
 pub(crate) const DEDUP: TableDefinition<'_, &[u8], u64> = TableDefinition::new("dedup");
 /// (expires_at_ms, kind byte || reference) -> (); the TTL sweep walks it in time order.
 pub(crate) const EXPIRY: TableDefinition<'_, (u64, &[u8]), ()> = TableDefinition::new("expiry");
-/// order key (32 opaque bytes a group's clients derive) -> (next epoch, expires at ms): the
-/// one commit per epoch a group's BatchEnqueues may carry.
-pub(crate) const COMMIT_ORDER: TableDefinition<'_, &[u8], (u64, u64)> =
-    TableDefinition::new("commit_order");
 /// blob id (SHA-256 of content) -> [`super::records::Blob`].
 pub(crate) const BLOBS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("blobs");
 /// invite code -> [`super::records::Invite`].
@@ -53,5 +49,3 @@ pub(crate) const EXPIRE_MESSAGE: u8 = 0;
 pub(crate) const EXPIRE_DEDUP: u8 = 1;
 /// [`EXPIRY`] kind: a blob; reference is the blob id.
 pub(crate) const EXPIRE_BLOB: u8 = 2;
-/// [`EXPIRY`] kind: a commit order record; reference is the [`COMMIT_ORDER`] key.
-pub(crate) const EXPIRE_ORDER: u8 = 3;
