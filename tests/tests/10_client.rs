@@ -395,39 +395,58 @@ async fn tampered_ciphertext_is_rejected_and_the_group_keeps_working() {
     assert_eq!(texts(&bob, &dm), ["still fine"]);
 }
 
+/// alice, bob and carol, and the group "team" alice made with the other two in it (all synced).
+async fn team_of_three(server: &ServerProcess, dir: &Path) -> (Client, Client, Client, Vec<u8>) {
+    let mut alice = account(server, dir, "alice").await;
+    let mut bob = account(server, dir, "bob").await;
+    let mut carol = account(server, dir, "carol").await;
+    let team = alice.create_group("team").await.unwrap();
+    alice.add_members(&team, &["bob".into(), "carol".into()]).await.unwrap();
+    bob.sync().await.unwrap();
+    carol.sync().await.unwrap();
+    (alice, bob, carol, team)
+}
+
+/// What an attacker holding `name`'s device has: its vault (MLS state), its identity, and a
+/// raw protocol connection logged in with its session token. `name`'s `Client` must be
+/// dropped first.
+struct Stolen {
+    vault: Arc<Vault>,
+    identity: qpq_core::identity::Identity,
+    raw: qpq_tests::Client,
+}
+
+async fn stolen(server: &ServerProcess, dir: &Path, name: &str) -> Stolen {
+    let pass = format!("{name} passphrase");
+    let vault = Arc::new(Vault::open(&store(dir, name), pass.as_bytes()).unwrap());
+    let seed: [u8; 32] =
+        vault.get(Space::Account, b"seed").unwrap().unwrap().as_slice().try_into().unwrap();
+    let token = vault.get(Space::Account, b"token").unwrap().unwrap().to_vec();
+    let raw = server.client().await.unwrap();
+    raw.resume(&token).await.unwrap();
+    Stolen { vault, identity: qpq_core::identity::Identity::from_seed(&seed), raw }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_commit_from_a_non_admin_is_rejected_by_the_others() {
     use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
     use openmls::prelude::{GroupId, MlsGroup, MlsMessageBodyIn, MlsMessageIn, ProtocolVersion};
     use openmls_traits::OpenMlsProvider as _;
-    use qpq_core::identity::Identity;
     use qpq_core::mls::QpqProvider;
 
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProcess::start(&dir.path().join("server"), &[]).unwrap();
-    let mut alice = account(&server, dir.path(), "alice").await;
-    let mut bob = account(&server, dir.path(), "bob").await;
-    let mut carol = account(&server, dir.path(), "carol").await;
     let dave = account(&server, dir.path(), "dave").await;
     let dave_key = dave.identity_key();
     drop(dave);
-    let team = alice.create_group("team").await.unwrap();
-    alice.add_members(&team, &["bob".into(), "carol".into()]).await.unwrap();
-    bob.sync().await.unwrap();
-    carol.sync().await.unwrap();
+    let (mut alice, bob, mut carol, team) = team_of_three(&server, dir.path()).await;
     let epoch = alice.group_info(&team).await.unwrap().epoch;
     drop(bob);
 
     // Bob's device is compromised: the attacker uses his keys and MLS state directly to commit
     // an Add of dave, which his own client would refuse to make.
-    let vault = Arc::new(Vault::open(&store(dir.path(), "bob"), b"bob passphrase").unwrap());
-    let seed: [u8; 32] =
-        vault.get(Space::Account, b"seed").unwrap().unwrap().as_slice().try_into().unwrap();
-    let token = vault.get(Space::Account, b"token").unwrap().unwrap().to_vec();
-    let identity = Identity::from_seed(&seed);
-    let provider = QpqProvider::new(vault.clone());
-    let raw = server.client().await.unwrap();
-    raw.resume(&token).await.unwrap();
+    let Stolen { vault, identity, raw } = stolen(&server, dir.path(), "bob").await;
+    let provider = QpqProvider::new(vault);
     let kp: v1::FetchKeyPackageResponse = raw
         .call(
             method::FETCH_KEY_PACKAGE,
@@ -476,18 +495,11 @@ async fn a_forged_commit_from_a_non_admin_is_rejected_by_the_others() {
 /// connection. `name`'s `Client` must be dropped first.
 async fn forge(server: &ServerProcess, dir: &Path, name: &str, conv: &[u8], body: Body) {
     use qpq_core::content::Content;
-    use qpq_core::identity::Identity;
     use qpq_core::mls::Mls;
 
-    let pass = format!("{name} passphrase");
-    let vault = Arc::new(Vault::open(&store(dir, name), pass.as_bytes()).unwrap());
-    let seed: [u8; 32] =
-        vault.get(Space::Account, b"seed").unwrap().unwrap().as_slice().try_into().unwrap();
-    let token = vault.get(Space::Account, b"token").unwrap().unwrap().to_vec();
-    let mls = Mls::new(vault, Identity::from_seed(&seed));
+    let Stolen { vault, identity, raw } = stolen(server, dir, name).await;
+    let mls = Mls::new(vault, identity);
     let (ciphertext, to) = mls.encrypt(conv, &Content::new(body, 1).encode().unwrap()).unwrap();
-    let raw = server.client().await.unwrap();
-    raw.resume(&token).await.unwrap();
     let req = v1::BatchEnqueueRequest {
         recipient_keys: to.iter().map(|k| k.to_vec()).collect(),
         payload: ciphertext,
@@ -512,13 +524,7 @@ async fn syncs_rejecting(c: &mut Client, needle: &str) -> bool {
 async fn only_an_admin_renames_a_group_and_nobody_renames_a_dm() {
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProcess::start(&dir.path().join("server"), &[]).unwrap();
-    let mut alice = account(&server, dir.path(), "alice").await;
-    let mut bob = account(&server, dir.path(), "bob").await;
-    let mut carol = account(&server, dir.path(), "carol").await;
-    let team = alice.create_group("team").await.unwrap();
-    alice.add_members(&team, &["bob".into(), "carol".into()]).await.unwrap();
-    bob.sync().await.unwrap();
-    carol.sync().await.unwrap();
+    let (mut alice, mut bob, mut carol, team) = team_of_three(&server, dir.path()).await;
     let dm = bob.dm("carol").await.unwrap();
     carol.sync().await.unwrap();
     let name = |c: &Client, conv: &[u8]| c.conversation(conv).unwrap().unwrap().name;
@@ -574,13 +580,7 @@ async fn a_changed_server_certificate_is_a_loud_error() {
 async fn leaving_takes_effect_when_an_admin_commits_it() {
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProcess::start(&dir.path().join("server"), &[]).unwrap();
-    let mut alice = account(&server, dir.path(), "alice").await;
-    let mut bob = account(&server, dir.path(), "bob").await;
-    let mut carol = account(&server, dir.path(), "carol").await;
-    let team = alice.create_group("team").await.unwrap();
-    alice.add_members(&team, &["bob".into(), "carol".into()]).await.unwrap();
-    bob.sync().await.unwrap();
-    carol.sync().await.unwrap();
+    let (mut alice, mut bob, mut carol, team) = team_of_three(&server, dir.path()).await;
 
     bob.leave(&team).await.unwrap();
     assert!(bob.conversation(&team).unwrap().is_none(), "bob forgot the group");
