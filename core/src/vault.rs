@@ -10,7 +10,8 @@
 //! through one redb write transaction that commits when the closure returns `Ok`: an MLS
 //! operation and the history it produces land together or not at all.
 
-use std::path::Path;
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use argon2::{Algorithm, Argon2, Params, Version};
@@ -89,16 +90,22 @@ impl Default for KdfParams {
     }
 }
 
-/// A vault that could not be opened or used.
+/// A vault that could not be opened or used. Each says what happened and what to do.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum VaultError {
-    /// The passphrase does not open this vault.
-    #[error("wrong passphrase for this store")]
+    /// The passphrase does not open this vault. Nothing was changed.
+    #[error("wrong passphrase for this store (nothing was changed; try again)")]
     WrongPassphrase,
-    /// The file exists but is not a qpq vault, or its header is damaged.
-    #[error("not a qpq store, or its header is damaged: {0}")]
-    NotAVault(&'static str),
+    /// The file exists but is not a qpq store at all.
+    #[error("not a qpq store: {0}")]
+    NotAVault(String),
+    /// The file is a qpq store, but damaged beyond what recovery can repair.
+    #[error(
+        "the store is damaged and could not be recovered: {0}; restore it from a backup or \
+         move it aside and register again"
+    )]
+    Corrupt(String),
     /// Written by a newer qpq.
     #[error("store format {0} is newer than this build supports; upgrade qpq")]
     TooNew(u32),
@@ -106,12 +113,18 @@ pub enum VaultError {
     #[error("a store already exists at this path")]
     Exists,
     /// Another process has the store open.
-    #[error("the store is open in another qpq process")]
-    Locked,
+    #[error("the store is in use by {holder}; close that first, or wait for it to end")]
+    Locked {
+        /// Who holds it, as that process recorded it (pid, command, since when).
+        holder: String,
+    },
     /// A sealed value failed authentication: the file was modified outside qpq.
     #[error("stored value failed authentication (tampered or corrupt)")]
     Tampered,
-    /// redb failed.
+    /// Reading or writing the file failed (permissions, disk full, I/O error).
+    #[error("store I/O error: {0}")]
+    Io(String),
+    /// redb failed in use.
     #[error("database error: {0}")]
     Db(String),
     /// The KDF or cipher refused its parameters.
@@ -128,12 +141,30 @@ macro_rules! db_err {
         }
     )*};
 }
-db_err!(redb::StorageError, redb::TableError, redb::TransactionError, redb::CommitError);
+db_err!(redb::TableError, redb::TransactionError, redb::CommitError);
+
+impl From<redb::StorageError> for VaultError {
+    fn from(e: redb::StorageError) -> Self {
+        match e {
+            redb::StorageError::Corrupted(d) => Self::Corrupt(d),
+            redb::StorageError::Io(e) => Self::Io(e.to_string()),
+            e => Self::Db(e.to_string()),
+        }
+    }
+}
 
 impl From<redb::DatabaseError> for VaultError {
     fn from(e: redb::DatabaseError) -> Self {
         match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => Self::Locked,
+            redb::DatabaseError::DatabaseAlreadyOpen
+            | redb::DatabaseError::LockProtocolMismatch => {
+                Self::Locked { holder: "another process".into() }
+            }
+            redb::DatabaseError::UpgradeRequired(v) => {
+                Self::Corrupt(format!("unsupported database file format {v}"))
+            }
+            redb::DatabaseError::RepairAborted => Self::Corrupt("repair did not finish".into()),
+            redb::DatabaseError::Storage(s) => s.into(),
             e => Self::Db(e.to_string()),
         }
     }
@@ -144,6 +175,8 @@ pub struct Vault {
     db: Database,
     cipher: ChaCha20Poly1305,
     batch: Mutex<Option<WriteTransaction>>,
+    /// The `<store>.owner` file naming this process while it holds the store.
+    owner: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Vault {
@@ -152,17 +185,45 @@ impl std::fmt::Debug for Vault {
     }
 }
 
+impl Drop for Vault {
+    fn drop(&mut self) {
+        if let Some(owner) = &self.owner {
+            let _ = std::fs::remove_file(owner);
+        }
+    }
+}
+
+/// What a redb file starts with.
+const REDB_MAGIC: &[u8] = b"redb";
+
 impl Vault {
     /// Creates a new vault at `path` sealed with `passphrase`.
     pub fn create(path: &Path, passphrase: &[u8], params: KdfParams) -> Result<Self, VaultError> {
         if path.exists() {
             return Err(VaultError::Exists);
         }
+        let db = Database::create(path)?;
+        let mut vault = Self::initialise(db, passphrase, params)?;
+        vault.owner = claim(path);
+        Ok(vault)
+    }
+
+    /// Like [`Vault::create`] on any redb storage backend (tests use one that can lose power).
+    #[doc(hidden)]
+    pub fn create_with_backend(
+        backend: impl redb::StorageBackend,
+        passphrase: &[u8],
+        params: KdfParams,
+    ) -> Result<Self, VaultError> {
+        let db = redb::Builder::new().create_with_backend(backend)?;
+        Self::initialise(db, passphrase, params)
+    }
+
+    fn initialise(db: Database, passphrase: &[u8], params: KdfParams) -> Result<Self, VaultError> {
         let mut salt = [0u8; 16];
         rand::rngs::OsRng.fill_bytes(&mut salt);
         let key = derive(passphrase, &salt, params)?;
         let cipher = ChaCha20Poly1305::new(Key::from_slice(key.as_slice()));
-        let db = Database::create(path)?;
         let txn = db.begin_write()?;
         {
             let mut h = txn.open_table(HEADER)?;
@@ -180,47 +241,65 @@ impl Vault {
             txn.open_table(space.table())?;
         }
         txn.commit()?;
-        Ok(Self { db, cipher, batch: Mutex::new(None) })
+        Ok(Self { db, cipher, batch: Mutex::new(None), owner: None })
     }
 
-    /// Opens the vault at `path` with `passphrase`. A wrong passphrase is
-    /// [`VaultError::WrongPassphrase`] and changes nothing.
+    /// Opens the vault at `path` with `passphrase`.
+    ///
+    /// A store left behind by a crash, a kill or a power cut is recovered (redb's repair) and
+    /// opens with everything that was committed. A wrong passphrase is
+    /// [`VaultError::WrongPassphrase`] and changes nothing logical (on an intact store it
+    /// writes nothing at all). A store held by another process is [`VaultError::Locked`],
+    /// naming that process.
     pub fn open(path: &Path, passphrase: &[u8]) -> Result<Self, VaultError> {
-        if !path.exists() {
-            return Err(VaultError::NotAVault("no such file"));
-        }
-        // Check the passphrase on a read-only handle first: a wrong one must not touch the file.
-        let ro = Database::builder().open_read_only(path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => VaultError::Locked,
-            _ => VaultError::NotAVault("not a redb file"),
-        })?;
-        let (params, salt, check) = {
-            let txn = ro.begin_read()?;
-            let h = txn.open_table(HEADER).map_err(|_| VaultError::NotAVault("no header"))?;
-            let get = |k: &str| -> Result<Vec<u8>, VaultError> {
-                Ok(h.get(k)?.ok_or(VaultError::NotAVault("incomplete header"))?.value().to_vec())
-            };
-            let format = u32_at(&get("format")?, 0)?;
-            if format > FORMAT_VERSION {
-                return Err(VaultError::TooNew(format));
+        let mut head = [0u8; 4];
+        match std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut head)) {
+            Ok(()) if head == REDB_MAGIC => {}
+            Ok(()) => return Err(VaultError::NotAVault("the file is not a qpq store".into())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(VaultError::NotAVault("no such file".into()));
             }
-            let kdf = get("kdf")?;
-            let params = KdfParams {
-                memory_kib: u32_at(&kdf, 0)?,
-                iterations: u32_at(&kdf, 4)?,
-                parallelism: u32_at(&kdf, 8)?,
-            };
-            (params, get("salt")?, get("check")?)
-        };
-        let key = derive(passphrase, &salt, params)?;
-        let cipher = ChaCha20Poly1305::new(Key::from_slice(key.as_slice()));
-        match open_sealed(&cipher, "header", b"check", &check) {
-            Ok(p) if p.as_slice() == CHECK_PLAINTEXT => {}
-            _ => return Err(VaultError::WrongPassphrase),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Err(VaultError::NotAVault("the file is empty or truncated".into()));
+            }
+            Err(e) => return Err(VaultError::Io(e.to_string())),
         }
-        drop(ro);
-        let db = Database::open(path)?;
-        Ok(Self { db, cipher, batch: Mutex::new(None) })
+        let locked = |e: VaultError| match e {
+            VaultError::Locked { .. } => VaultError::Locked { holder: holder(path) },
+            e => e,
+        };
+        // Check the passphrase on a read-only handle first: on an intact store a wrong one
+        // must not touch the file. A store that was not closed cleanly refuses read-only
+        // handles until it is repaired, which only a writable open does.
+        let db = match redb::Builder::new().open_read_only(path) {
+            Ok(ro) => {
+                Header::read(&ro)?.unlock(passphrase)?;
+                drop(ro);
+                Database::builder().open(path).map_err(|e| locked(e.into()))?
+            }
+            Err(redb::DatabaseError::RepairAborted) => {
+                Database::builder().open(path).map_err(|e| locked(e.into()))?
+            }
+            Err(e) => return Err(locked(e.into())),
+        };
+        let mut vault = Self::unlock(db, passphrase)?;
+        vault.owner = claim(path);
+        Ok(vault)
+    }
+
+    /// Like [`Vault::open`] on any redb storage backend (tests use one that can lose power).
+    #[doc(hidden)]
+    pub fn open_with_backend(
+        backend: impl redb::StorageBackend,
+        passphrase: &[u8],
+    ) -> Result<Self, VaultError> {
+        let db = redb::Builder::new().create_with_backend(backend)?;
+        Self::unlock(db, passphrase)
+    }
+
+    fn unlock(db: Database, passphrase: &[u8]) -> Result<Self, VaultError> {
+        let cipher = Header::read(&db)?.unlock(passphrase)?;
+        Ok(Self { db, cipher, batch: Mutex::new(None), owner: None })
     }
 
     /// Reads and opens the value at `key`.
@@ -363,6 +442,109 @@ impl Vault {
     }
 }
 
+/// The plaintext header: format, KDF parameters, salt and the sealed check value.
+struct Header {
+    params: KdfParams,
+    salt: Vec<u8>,
+    check: Vec<u8>,
+}
+
+impl Header {
+    fn read(db: &impl ReadableDatabase) -> Result<Self, VaultError> {
+        let txn = db.begin_read()?;
+        let h = txn.open_table(HEADER).map_err(|e| match e {
+            redb::TableError::TableDoesNotExist(_) => {
+                VaultError::NotAVault("a redb file without a qpq header".into())
+            }
+            e => e.into(),
+        })?;
+        let get = |k: &str| -> Result<Vec<u8>, VaultError> {
+            Ok(h.get(k)?
+                .ok_or_else(|| VaultError::Corrupt(format!("header field {k:?} is missing")))?
+                .value()
+                .to_vec())
+        };
+        let format = u32_at(&get("format")?, 0)?;
+        if format > FORMAT_VERSION {
+            return Err(VaultError::TooNew(format));
+        }
+        let kdf = get("kdf")?;
+        let params = KdfParams {
+            memory_kib: u32_at(&kdf, 0)?,
+            iterations: u32_at(&kdf, 4)?,
+            parallelism: u32_at(&kdf, 8)?,
+        };
+        Ok(Self { params, salt: get("salt")?, check: get("check")? })
+    }
+
+    /// The cipher of this passphrase, if it opens the check value.
+    fn unlock(&self, passphrase: &[u8]) -> Result<ChaCha20Poly1305, VaultError> {
+        let key = derive(passphrase, &self.salt, self.params)?;
+        let cipher = ChaCha20Poly1305::new(Key::from_slice(key.as_slice()));
+        match open_sealed(&cipher, "header", b"check", &self.check) {
+            Ok(p) if p.as_slice() == CHECK_PLAINTEXT => Ok(cipher),
+            _ => Err(VaultError::WrongPassphrase),
+        }
+    }
+}
+
+/// The path of the file naming the process that holds the store at `path`.
+fn owner_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".owner");
+    path.with_file_name(name)
+}
+
+static HOLDER_LABEL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// How this process names itself to another one that finds the store locked (for example
+/// `qpq tail --follow`); without it, the executable's name. Never include message text.
+pub fn set_holder_label(label: &str) {
+    let _ = HOLDER_LABEL.set(label.to_string());
+}
+
+/// Records this process as the store's holder, so another one refused with
+/// [`VaultError::Locked`] can say who holds it. Best effort: the lock itself is redb's.
+fn claim(path: &Path) -> Option<PathBuf> {
+    let owner = owner_path(path);
+    let label = HOLDER_LABEL.get().cloned().unwrap_or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_default()
+    });
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let text = format!("pid {}\ncommand {label}\nsince {since}\n", std::process::id());
+    std::fs::write(&owner, text).ok().map(|()| owner)
+}
+
+/// Who holds the store at `path`, as its holder recorded it.
+fn holder(path: &Path) -> String {
+    let Ok(text) = std::fs::read_to_string(owner_path(path)) else {
+        return "another process".into();
+    };
+    let field = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(k).map(|v| v.trim().to_string()))
+            .unwrap_or_default()
+    };
+    let (pid, command) = (field("pid "), field("command "));
+    let since = field("since ").parse::<u64>().ok().and_then(|s| {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?;
+        Some(now.as_secs().saturating_sub(s))
+    });
+    let mut out = format!("process {pid}");
+    if !command.is_empty() {
+        out.push_str(&format!(" (`{command}`)"));
+    }
+    if let Some(age) = since {
+        out.push_str(&format!(", open for {age} s"));
+    }
+    out
+}
+
 /// Which keys of a prefix [`read_raw`] returns.
 #[derive(Clone, Copy)]
 enum Walk<'a> {
@@ -460,7 +642,7 @@ fn u32_at(b: &[u8], at: usize) -> Result<u32, VaultError> {
     b.get(at..at + 4)
         .and_then(|s| s.try_into().ok())
         .map(u32::from_be_bytes)
-        .ok_or(VaultError::NotAVault("short header field"))
+        .ok_or_else(|| VaultError::Corrupt("short header field".into()))
 }
 
 #[cfg(test)]
