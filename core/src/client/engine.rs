@@ -365,6 +365,16 @@ impl Client {
         self.server
     }
 
+    /// Uses another address for the account's server from now on in this process (it moved,
+    /// or a test restarted it on another port). Not stored; the pinned certificate still has
+    /// to match.
+    pub fn set_server(&mut self, addr: SocketAddr) {
+        if addr != self.server {
+            self.server = addr;
+            self.conn = None;
+        }
+    }
+
     /// The pinned certificate fingerprint.
     pub fn pinned_fingerprint(&self) -> Option<&str> {
         self.pin.as_deref()
@@ -790,10 +800,15 @@ impl Client {
             return Ok(c.id);
         }
         let kp = self.fetch_key_package(&peer, username).await?;
-        let id = self.mls.create(Kind::Dm)?;
-        self.new_conversation(id.clone(), ConvKind::Dm, username.to_string(), Some(peer))?;
-        let out = self.mls.add(&id, &[kp])?;
-        self.deliver_commit(&id, out).await?;
+        // The group, its conversation and the pending add of the peer land together: a crash
+        // leaves no DM that the peer was never added to.
+        let (id, pending) = self.vault.atomic(|| -> Result<_, ClientError> {
+            let id = self.mls.create(Kind::Dm)?;
+            self.new_conversation(id.clone(), ConvKind::Dm, username.to_string(), Some(peer))?;
+            let pending = self.stage_commit(&id, self.mls.add(&id, &[kp])?, false, None)?;
+            Ok((id, pending))
+        })?;
+        self.deliver_commit(pending).await?;
         Ok(id)
     }
 
@@ -802,9 +817,11 @@ impl Client {
         if self.conversations()?.iter().any(|c| c.name == name) {
             return Err(ClientError::Invalid(format!("a conversation named {name:?} exists")));
         }
-        let id = self.mls.create(Kind::Group)?;
-        self.new_conversation(id.clone(), ConvKind::Group, name.to_string(), None)?;
-        Ok(id)
+        self.vault.atomic(|| -> Result<_, ClientError> {
+            let id = self.mls.create(Kind::Group)?;
+            self.new_conversation(id.clone(), ConvKind::Group, name.to_string(), None)?;
+            Ok(id)
+        })
     }
 
     /// Adds users to a group (admins only); they get a Welcome, everyone else the commit.
@@ -818,25 +835,24 @@ impl Client {
             let id = self.resolve(u).await?;
             kps.push(self.fetch_key_package(&id, u).await?);
         }
-        let out = self.mls.add(conv, &kps)?;
-        self.deliver_commit(conv, out).await?;
-        // Tell the newcomers the group's name and topic.
-        if let Some(c) = self.conversation(conv)?
-            && c.kind == ConvKind::Group
-        {
-            self.send(conv, Body::Meta { name: c.name.clone(), topic: c.topic.clone() }).await?;
-        }
-        self.log_system(conv, format!("{} added {}", self.username, usernames.join(", ")))?;
-        Ok(())
+        self.settle_commits(conv).await?;
+        let system = format!("{} added {}", self.username, usernames.join(", "));
+        // Once merged, the newcomers are told the group's name and topic.
+        let pending = self
+            .vault
+            .atomic(|| self.stage_commit(conv, self.mls.add(conv, &kps)?, true, Some(system)))?;
+        self.deliver_commit(pending).await
     }
 
     /// Removes a user (admins only).
     pub async fn remove_member(&mut self, conv: &[u8], username: &str) -> Result<(), ClientError> {
         let id = self.resolve(username).await?;
-        let out = self.mls.remove(conv, &[id])?;
-        self.deliver_commit(conv, out).await?;
-        self.log_system(conv, format!("{} removed {username}", self.username))?;
-        Ok(())
+        self.settle_commits(conv).await?;
+        let system = format!("{} removed {username}", self.username);
+        let pending = self.vault.atomic(|| {
+            self.stage_commit(conv, self.mls.remove(conv, &[id])?, false, Some(system))
+        })?;
+        self.deliver_commit(pending).await
     }
 
     /// Makes a member an admin or not (admins only).
@@ -847,6 +863,7 @@ impl Client {
         admin: bool,
     ) -> Result<(), ClientError> {
         let id = self.resolve(username).await?;
+        self.settle_commits(conv).await?;
         let members = self.mls.members(conv)?;
         if !members.iter().any(|m| m.identity == id) {
             return Err(GroupError::NotMember.into());
@@ -857,17 +874,21 @@ impl Client {
         if admin {
             admins.push(id);
         }
-        let out = self.mls.set_admins(conv, admins)?;
-        self.deliver_commit(conv, out).await?;
         let verb = if admin { "promoted" } else { "demoted" };
-        self.log_system(conv, format!("{} {verb} {username}", self.username))?;
-        Ok(())
+        let system = format!("{} {verb} {username}", self.username);
+        let pending = self.vault.atomic(|| {
+            self.stage_commit(conv, self.mls.set_admins(conv, admins)?, false, Some(system))
+        })?;
+        self.deliver_commit(pending).await
     }
 
     /// Rotates our keys in a conversation.
     pub async fn rotate_keys(&mut self, conv: &[u8]) -> Result<(), ClientError> {
-        let out = self.mls.self_update(conv)?;
-        self.deliver_commit(conv, out).await
+        self.settle_commits(conv).await?;
+        let pending = self
+            .vault
+            .atomic(|| self.stage_commit(conv, self.mls.self_update(conv)?, false, None))?;
+        self.deliver_commit(pending).await
     }
 
     /// Renames a group and sets its topic (sent to all members).
@@ -946,36 +967,140 @@ impl Client {
         Ok(r.package)
     }
 
-    /// Sends a commit to the current members and the Welcome to new ones; merges the commit
-    /// only once the server took it, and drops it if the server refused.
-    async fn deliver_commit(&mut self, conv: &[u8], out: Outgoing) -> Result<(), ClientError> {
-        if !out.commit_to.is_empty()
-            && let Err(e) =
-                self.batch_enqueue(&out.commit_to, out.commit.clone(), random_id()).await
-        {
-            self.mls.abandon(conv)?;
-            return Err(e);
-        }
-        // The commit is on the server: merge it, and queue the Welcome in the same vault
-        // transaction, so a lost connection now delays the Welcome instead of losing it.
-        self.vault.atomic(|| -> Result<(), ClientError> {
-            self.mls.confirm(conv)?;
-            if let (Some(welcome), false) = (&out.welcome, out.welcome_to.is_empty()) {
-                self.queue(conv, &out.welcome_to, welcome.clone(), random_id())?;
-            }
-            Ok(())
-        })?;
-        match self.flush_outbox().await {
+    /// Records a commit we just made as pending, in the caller's vault transaction (the one
+    /// that made it): from here on a crash leaves the record, and the next flush delivers it.
+    fn stage_commit(
+        &self,
+        conv: &[u8],
+        out: Outgoing,
+        announce: bool,
+        system: Option<String>,
+    ) -> Result<PendingCommit, ClientError> {
+        let keys = |v: &[[u8; 32]]| v.iter().map(|k| k.to_vec()).collect();
+        let pending = PendingCommit {
+            conv: conv.to_vec(),
+            commit: out.commit,
+            commit_to: keys(&out.commit_to),
+            message_id: random_id(),
+            welcome: out.welcome,
+            welcome_to: keys(&out.welcome_to),
+            welcome_id: random_id(),
+            announce,
+            system,
+        };
+        self.vault.put(Space::State, &commit_key(conv), &json(&pending)?)?;
+        Ok(pending)
+    }
+
+    /// Delivers a staged commit after whatever the outbox already holds (those messages were
+    /// encrypted in the epoch the commit ends), merges it once the server has it, then sends
+    /// the Welcome. A network failure leaves it pending for the next flush, never abandoned:
+    /// the server may hold it.
+    async fn deliver_commit(&mut self, pending: PendingCommit) -> Result<(), ClientError> {
+        self.flush_items().await?;
+        let conv = pending.conv.clone();
+        self.send_commit(pending).await?;
+        match self.flush_items().await {
             Ok(_) | Err(ClientError::Net(_)) => {}
             Err(e) => return Err(e),
         }
-        self.emit(Event::Conversation { conv: conv.to_vec() });
+        self.emit(Event::Conversation { conv });
         Ok(())
     }
 
-    fn log_system(&self, conv: &[u8], text: String) -> Result<(), ClientError> {
-        let entry = self.append(conv, |seq| HistoryEntry::system(seq, text, now_ms()), false)?;
-        self.emit(Event::Message { conv: conv.to_vec(), entry });
+    /// Resolves any commit of ours still pending in `conv` before we make another one there.
+    async fn settle_commits(&mut self, conv: &[u8]) -> Result<(), ClientError> {
+        if self.vault.get(Space::State, &commit_key(conv))?.is_some() {
+            self.flush_outbox().await?;
+        }
+        Ok(())
+    }
+
+    /// Sends one pending commit under its message id (a repeat is a duplicate the server
+    /// recognises), then merges it, queues its Welcome and follow-ups and drops the record in
+    /// one vault transaction. A refusal for good drops the commit; a transient failure keeps it.
+    async fn send_commit(&mut self, pending: PendingCommit) -> Result<(), ClientError> {
+        let conv = pending.conv.clone();
+        let key = commit_key(&conv);
+        match self.mls.has_pending_commit(&conv) {
+            Ok(true) => {}
+            // Left, or superseded by a commit we processed from someone else.
+            Ok(false) | Err(GroupError::UnknownGroup) => {
+                self.vault.delete(Space::State, &key)?;
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let to = keys32(&pending.commit_to);
+        if !to.is_empty() {
+            let req = v1::BatchEnqueueRequest {
+                recipient_keys: pending.commit_to.clone(),
+                payload: pending.commit.clone(),
+                channel_id: Vec::new(),
+                ttl_secs: 0,
+                message_id: pending.message_id.to_vec(),
+            };
+            if self.conn.as_ref().is_none_or(|c| c.is_closed()) {
+                return Err(ClientError::Net(NetError::Connection("offline".into())));
+            }
+            let r: Result<v1::BatchEnqueueResponse, NetError> =
+                self.connection()?.call(method::BATCH_ENQUEUE, &req, Duration::ZERO).await;
+            match r {
+                Ok(_) => {}
+                Err(e @ (NetError::Connection(_) | NetError::Timeout)) => {
+                    self.conn = None;
+                    return Err(e.into());
+                }
+                Err(e) if e.is_transient() || e.status() == Some(Status::Unauthorized) => {
+                    return Err(e.into());
+                }
+                Err(e) => {
+                    self.vault.atomic(|| -> Result<(), ClientError> {
+                        self.mls.abandon(&conv)?;
+                        self.vault.delete(Space::State, &key)?;
+                        Ok(())
+                    })?;
+                    return Err(e.into());
+                }
+            }
+        }
+        // The commit is on the server: merge it, and queue the Welcome (and the group's name
+        // for newcomers) in the same vault transaction, so a crash now delays them instead of
+        // losing them.
+        let me = self.identity_key();
+        let entry = self.vault.atomic(|| -> Result<Option<HistoryEntry>, ClientError> {
+            self.mls.confirm(&conv)?;
+            if let (Some(welcome), false) = (&pending.welcome, pending.welcome_to.is_empty()) {
+                self.queue(
+                    &conv,
+                    &keys32(&pending.welcome_to),
+                    welcome.clone(),
+                    pending.welcome_id,
+                )?;
+            }
+            if pending.announce
+                && let Some(c) = self.conversation(&conv)?
+                && c.kind == ConvKind::Group
+            {
+                let meta = Content::new(Body::Meta { name: c.name, topic: c.topic }, now_ms());
+                self.record_send(&conv, &me, &meta)?;
+            }
+            self.vault.delete(Space::State, &key)?;
+            pending
+                .system
+                .as_ref()
+                .map(|text| {
+                    self.append(
+                        &conv,
+                        |seq| HistoryEntry::system(seq, text.clone(), now_ms()),
+                        false,
+                    )
+                })
+                .transpose()
+        })?;
+        if let Some(entry) = entry {
+            self.emit(Event::Message { conv: conv.clone(), entry });
+        }
         Ok(())
     }
 
@@ -1013,37 +1138,21 @@ impl Client {
                 return Err(GroupError::NotAdmin.into());
             }
         }
+        // A message encrypted while our own commit is pending would be readable by the
+        // membership that commit ends: settle the commit first (it needs the server).
+        if self.vault.get(Space::State, &commit_key(conv))?.is_some() {
+            let _ = self.flush_outbox().await;
+            if self.vault.get(Space::State, &commit_key(conv))?.is_some() {
+                return Err(ClientError::Invalid(
+                    "a change to this group is still on its way to the server; send again once \
+                     online"
+                        .into(),
+                ));
+            }
+        }
         let content = Content::new(body, now_ms());
-        let bytes = content.encode()?;
         let me = self.identity_key();
-        let entry = self.vault.atomic(|| -> Result<Option<HistoryEntry>, ClientError> {
-            if let Body::Meta { name, topic } = &content.body
-                && let Some(mut c) = self.conversation(conv)?
-            {
-                c.name = name.clone();
-                c.topic = topic.clone();
-                self.save_conversation(&c)?;
-            }
-            let (ciphertext, to) = self.mls.encrypt(conv, &bytes)?;
-            let entry = match HistoryEntry::from_content(0, &me, &content, now_ms()) {
-                Some(_) => Some(self.append(
-                    conv,
-                    |seq| {
-                        let mut e = HistoryEntry::from_content(seq, &me, &content, now_ms())
-                            .unwrap_or_else(|| HistoryEntry::system(seq, String::new(), 0));
-                        e.pending = !to.is_empty();
-                        e
-                    },
-                    false,
-                )?),
-                None => None,
-            };
-            self.apply_own(conv, &content)?;
-            if !to.is_empty() {
-                self.queue(conv, &to, ciphertext, content.message_id)?;
-            }
-            Ok(entry)
-        })?;
+        let entry = self.vault.atomic(|| self.record_send(conv, &me, &content))?;
         if let Some(entry) = entry {
             self.emit(Event::Message { conv: conv.to_vec(), entry });
         }
@@ -1052,6 +1161,43 @@ impl Client {
             Err(e) => return Err(e),
         }
         Ok(content.message_id)
+    }
+
+    /// Encrypts `content` and records it: its history entry (pending), its own effect, its
+    /// outbox item. Runs inside the caller's vault transaction, with the MLS state it spends.
+    fn record_send(
+        &self,
+        conv: &[u8],
+        me: &[u8; 32],
+        content: &Content,
+    ) -> Result<Option<HistoryEntry>, ClientError> {
+        let bytes = content.encode()?;
+        if let Body::Meta { name, topic } = &content.body
+            && let Some(mut c) = self.conversation(conv)?
+        {
+            c.name = name.clone();
+            c.topic = topic.clone();
+            self.save_conversation(&c)?;
+        }
+        let (ciphertext, to) = self.mls.encrypt(conv, &bytes)?;
+        let entry = match HistoryEntry::from_content(0, me, content, now_ms()) {
+            Some(_) => Some(self.append(
+                conv,
+                |seq| {
+                    let mut e = HistoryEntry::from_content(seq, me, content, now_ms())
+                        .unwrap_or_else(|| HistoryEntry::system(seq, String::new(), 0));
+                    e.pending = !to.is_empty();
+                    e
+                },
+                false,
+            )?),
+            None => None,
+        };
+        self.apply_own(conv, content)?;
+        if !to.is_empty() {
+            self.queue(conv, &to, ciphertext, content.message_id)?;
+        }
+        Ok(entry)
     }
 
     /// Puts a payload in the outbox (inside the caller's vault transaction, if any).
@@ -1111,8 +1257,31 @@ impl Client {
         Ok(self.vault.scan(Space::Outbox, b"")?.len())
     }
 
-    /// Delivers queued messages in order; stops at the first network failure.
+    /// Delivers what waits for the server: queued messages in order, then our pending
+    /// commits (which a crash or a lost connection may have left), then what merging them
+    /// queued (Welcomes). Stops at the first network failure.
     pub async fn flush_outbox(&mut self) -> Result<usize, ClientError> {
+        let mut sent = self.flush_items().await?;
+        let pending = self.vault.scan(Space::State, COMMIT_PREFIX)?;
+        if pending.is_empty() {
+            return Ok(sent);
+        }
+        for (_, value) in pending {
+            let pending: PendingCommit = unjson(&value)?;
+            let conv = pending.conv.clone();
+            match self.send_commit(pending).await {
+                Ok(()) => self.emit(Event::Conversation { conv }),
+                Err(e) if keeps_pending(&e) => return Err(e),
+                Err(e) => self
+                    .emit(Event::Rejected { reason: format!("group change not delivered: {e}") }),
+            }
+        }
+        sent += self.flush_items().await?;
+        Ok(sent)
+    }
+
+    /// Delivers the outbox's items in order; stops at the first network failure.
+    async fn flush_items(&mut self) -> Result<usize, ClientError> {
         let mut sent = 0;
         for (key, value) in self.vault.scan(Space::Outbox, b"")? {
             let item: OutboxItem = unjson(&value)?;
@@ -1389,8 +1558,17 @@ impl Client {
         proposals.dedup();
         for conv in proposals {
             // Someone left: as an admin, make it take effect.
-            if let Some(out) = self.mls.commit_pending(&conv)? {
-                self.deliver_commit(&conv, out).await?;
+            if self.vault.get(Space::State, &commit_key(&conv))?.is_some() {
+                continue; // one commit of ours at a time; the next sync gets back to it
+            }
+            let pending = self.vault.atomic(|| -> Result<_, ClientError> {
+                match self.mls.commit_pending(&conv)? {
+                    Some(out) => Ok(Some(self.stage_commit(&conv, out, false, None)?)),
+                    None => Ok(None),
+                }
+            })?;
+            if let Some(pending) = pending {
+                self.deliver_commit(pending).await?;
             }
         }
         self.name_dms().await
@@ -1656,11 +1834,6 @@ impl Client {
         dir: &Path,
     ) -> Result<PathBuf, ClientError> {
         std::fs::create_dir_all(dir)?;
-        let safe_name = Path::new(&offer.name)
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "download".into());
-        let dest = dir.join(&safe_name);
         // Named after the blob, not the offered name: unique, and never too long.
         let part = dir.join(format!(".{}.qpq-part", hex(&offer.blob_id)));
         let (mut intact, resumed_from) = self.fetch_blob(offer, &part, true).await?;
@@ -1672,11 +1845,17 @@ impl Client {
             let _ = std::fs::remove_file(&part);
             return Err(FileCryptoError::Tampered.into());
         }
-        let result = (|| -> Result<(), ClientError> {
+        // Decrypted into a file of our own, synced, and only then given its name: a crash never
+        // leaves a truncated file under the offered name, and nothing existing is touched.
+        let out = dir.join(format!(".{}.qpq-out", hex(&offer.blob_id)));
+        let result = (|| -> Result<PathBuf, ClientError> {
             let input = std::io::BufReader::new(std::fs::File::open(&part)?);
-            let output = std::io::BufWriter::new(std::fs::File::create(&dest)?);
-            files::open(&offer.key, &offer.sha256, input, output)?;
-            Ok(())
+            let file = std::fs::File::create(&out)?;
+            let mut output = std::io::BufWriter::new(file);
+            files::open(&offer.key, &offer.sha256, input, &mut output)?;
+            let file = output.into_inner().map_err(|e| e.into_error())?;
+            file.sync_all()?;
+            Ok(files::place(&out, dir, &offer.name)?)
         })();
         // The part goes once it is decrypted, or if it cannot be (the offer is bad); after a
         // local failure (disk full, no permission) it stays, so the next try needs no download.
@@ -1688,10 +1867,9 @@ impl Client {
             let _ = std::fs::remove_file(&part);
         }
         if result.is_err() {
-            let _ = std::fs::remove_file(&dest);
+            let _ = std::fs::remove_file(&out);
         }
-        result?;
-        Ok(dest)
+        result
     }
 
     /// Completes `part` with the offer's ciphertext, from what it already holds if `resume`
@@ -1787,6 +1965,49 @@ fn media_type(path: &Path) -> String {
         _ => "application/octet-stream",
     }
     .to_string()
+}
+
+/// `state` keys of pending commits: `commit/ ‖ group id`.
+const COMMIT_PREFIX: &[u8] = b"commit/";
+
+fn commit_key(conv: &[u8]) -> Vec<u8> {
+    [COMMIT_PREFIX, conv].concat()
+}
+
+fn keys32(keys: &[Vec<u8>]) -> Vec<[u8; 32]> {
+    keys.iter().filter_map(|k| k.as_slice().try_into().ok()).collect()
+}
+
+/// Whether a failed commit delivery leaves the commit pending (the server may still take it,
+/// or may already hold it) rather than dropped.
+fn keeps_pending(e: &ClientError) -> bool {
+    match e {
+        ClientError::Net(n) => n.is_transient() || n.status() == Some(Status::Unauthorized),
+        ClientError::NeedLogin => true,
+        _ => false,
+    }
+}
+
+/// A commit of ours that the server may or may not hold yet. Stored under
+/// `state/commit/‖group id` in the vault transaction that creates the commit and removed in
+/// the one that merges or drops it, so a crash at any point leaves either nothing or this
+/// record; the next flush sends it again under the same message id (the server recognises the
+/// repeat) and merges it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PendingCommit {
+    conv: Vec<u8>,
+    commit: Vec<u8>,
+    commit_to: Vec<Vec<u8>>,
+    message_id: [u8; 16],
+    welcome: Option<Vec<u8>>,
+    welcome_to: Vec<Vec<u8>>,
+    welcome_id: [u8; 16],
+    /// Tell newcomers the group's name and topic once merged.
+    #[serde(default)]
+    announce: bool,
+    /// The system line our history gets once merged.
+    #[serde(default)]
+    system: Option<String>,
 }
 
 /// A message waiting for the server.

@@ -130,6 +130,61 @@ pub fn open(
     Ok(size)
 }
 
+/// The longest file name [`safe_file_name`] returns, in bytes (file systems allow 255).
+const MAX_NAME: usize = 200;
+
+/// A name a peer offered, made safe to create in a download directory: only its last path
+/// component; separators, control and bidi-override characters replaced by `_`; no leading
+/// dot (no hidden files, no `.bashrc`, no `..`); never empty; at most 200 bytes.
+pub fn safe_file_name(offered: &str) -> String {
+    let last = offered.rsplit(['/', '\\']).next().unwrap_or("");
+    let mut name: String = last
+        .chars()
+        .map(|c| {
+            let bidi = matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}');
+            if c.is_control() || bidi || c == '/' || c == '\\' { '_' } else { c }
+        })
+        .collect();
+    let trimmed = name.trim_start_matches(['.', ' ']).trim_end_matches([' ', '.']);
+    name = if trimmed.is_empty() { "download".to_string() } else { trimmed.to_string() };
+    if name.len() > MAX_NAME {
+        let mut end = MAX_NAME;
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        name.truncate(end);
+    }
+    name
+}
+
+/// Gives the finished file `from` its name in `dir`: the safe form of `offered`, or if that
+/// exists `stem (1).ext`, `stem (2).ext`, ... An existing file is never replaced (the name is
+/// taken with a hard link, which fails rather than overwrite); `from` is removed afterwards.
+pub fn place(
+    from: &std::path::Path,
+    dir: &std::path::Path,
+    offered: &str,
+) -> std::io::Result<std::path::PathBuf> {
+    let name = safe_file_name(offered);
+    let (stem, ext) = match name.rfind('.') {
+        Some(i) if i > 0 => (&name[..i], &name[i..]),
+        _ => (name.as_str(), ""),
+    };
+    for n in 0..1000u32 {
+        let candidate =
+            if n == 0 { dir.join(&name) } else { dir.join(format!("{stem} ({n}){ext}")) };
+        match std::fs::hard_link(from, &candidate) {
+            Ok(()) => {
+                std::fs::remove_file(from)?;
+                return Ok(candidate);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::new(std::io::ErrorKind::AlreadyExists, "no free name for the download"))
+}
+
 fn read_segment(r: &mut impl Read) -> std::io::Result<Vec<u8>> {
     read_exact_or_less(r, SEGMENT)
 }
@@ -150,6 +205,41 @@ fn read_exact_or_less(r: &mut impl Read, n: usize) -> std::io::Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn offered_names_are_made_safe() {
+        assert_eq!(safe_file_name("notes.pdf"), "notes.pdf");
+        assert_eq!(safe_file_name(".bashrc"), "bashrc");
+        assert_eq!(safe_file_name("../../etc/passwd"), "passwd");
+        assert_eq!(safe_file_name("..\\..\\boot.ini"), "boot.ini");
+        assert_eq!(safe_file_name(".."), "download");
+        assert_eq!(safe_file_name(""), "download");
+        assert_eq!(safe_file_name("a\nb\x1b[31m.txt"), "a_b_[31m.txt");
+        assert_eq!(safe_file_name("invoice\u{202E}fdp.exe"), "invoice_fdp.exe");
+        let long = "é".repeat(300);
+        let safe = safe_file_name(&long);
+        assert!(safe.len() <= MAX_NAME && safe.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn placing_a_file_never_replaces_one() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("notes.pdf"), b"mine").unwrap();
+        std::fs::write(dir.path().join("bashrc"), b"mine too").unwrap();
+        let mut placed = Vec::new();
+        for (offered, body) in [("notes.pdf", "one"), ("notes.pdf", "two"), (".bashrc", "three")] {
+            let tmp = dir.path().join(".tmp");
+            std::fs::write(&tmp, body).unwrap();
+            placed.push(place(&tmp, dir.path(), offered).unwrap());
+            assert!(!tmp.exists());
+        }
+        let names: Vec<String> =
+            placed.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+        assert_eq!(names, ["notes (1).pdf", "notes (2).pdf", "bashrc (1)"]);
+        assert_eq!(std::fs::read(dir.path().join("notes.pdf")).unwrap(), b"mine");
+        assert_eq!(std::fs::read(dir.path().join("bashrc")).unwrap(), b"mine too");
+        assert_eq!(std::fs::read(&placed[1]).unwrap(), b"two");
+    }
 
     #[test]
     fn round_trip_at_segment_boundaries_and_tamper_detection() {

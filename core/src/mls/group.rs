@@ -404,6 +404,11 @@ impl Mls {
         })
     }
 
+    /// Whether we have a commit of our own waiting for the server's answer.
+    pub fn has_pending_commit(&self, group_id: &[u8]) -> Result<bool, GroupError> {
+        Ok(self.load(group_id)?.pending_commit().is_some())
+    }
+
     /// Drops our own pending commit (the server refused it).
     pub fn abandon(&self, group_id: &[u8]) -> Result<(), GroupError> {
         self.atomic(|| {
