@@ -22,6 +22,10 @@ struct Cli {
     /// terminal UI.
     #[arg(long, env = "QPQ_HOME", global = true)]
     home: Option<PathBuf>,
+    /// Server address: where `register` creates the account; for an existing account, where
+    /// to reach its server for this run (if it moved). The pinned certificate must still match.
+    #[arg(long, env = "QPQ_SERVER", global = true)]
+    server: Option<SocketAddr>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -30,9 +34,6 @@ struct Cli {
 enum Command {
     /// Create an account on a server (and the local encrypted store).
     Register {
-        /// Server address.
-        #[arg(long, env = "QPQ_SERVER", default_value = "127.0.0.1:5001")]
-        server: SocketAddr,
         /// Username.
         #[arg(long, short)]
         username: String,
@@ -138,6 +139,7 @@ enum GroupCommand {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    qpq_core::vault::set_holder_label(&holder_label(&cli));
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -145,13 +147,44 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let result = runtime.block_on(async {
+        let signals = crate::signals::watch()?;
+        run(cli, signals).await
+    });
+    // Dropping the runtime drops every task still holding the store, which closes it cleanly.
+    drop(runtime);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("qpq: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => match e.downcast_ref::<crate::signals::Interrupted>() {
+            Some(i) => ExitCode::from(i.exit_code()),
+            None => {
+                eprintln!("qpq: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
+}
+
+/// How another qpq refused by the store's lock names this one: the subcommand only (its
+/// arguments may be message text).
+fn holder_label(cli: &Cli) -> String {
+    let sub = match &cli.command {
+        None => "terminal UI",
+        Some(Command::Register { .. }) => "register",
+        Some(Command::Login) => "login",
+        Some(Command::Whoami) => "whoami",
+        Some(Command::Dm { .. }) => "dm",
+        Some(Command::Group(_)) => "group",
+        Some(Command::Send { .. }) => "send",
+        Some(Command::Sync) => "sync",
+        Some(Command::Tail { follow: true, .. }) => "tail --follow",
+        Some(Command::Tail { .. }) => "tail",
+        Some(Command::Unread { .. }) => "unread",
+        Some(Command::SendFile { .. }) => "send-file",
+        Some(Command::Download { .. }) => "download",
+        Some(Command::Verify { .. }) => "verify",
+    };
+    format!("qpq {sub}")
 }
 
 fn home(cli_home: Option<PathBuf>) -> PathBuf {
@@ -168,19 +201,21 @@ fn store_path(home: &Path) -> PathBuf {
     home.join("account.qpq")
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli, signals: crate::signals::Signals) -> anyhow::Result<()> {
     let home = home(cli.home);
     let Some(command) = cli.command else {
         let store = store_path(&home);
-        return crate::tui_main::run(home, store).await;
+        return crate::tui_main::run(home, store, signals).await;
     };
-    if let Command::Register { server, username, invite, pin } = command {
+    if let Command::Register { username, invite, pin } = command {
+        let server = cli.server.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 5001)));
         let store = store_path(&home);
         if store.exists() {
             bail!("{} already holds an account; use another --home", home.display());
         }
-        let passphrase = secret("QPQ_PASSPHRASE", "New passphrase for the local store: ")?;
-        let password = secret("QPQ_PASSWORD", &format!("Password for {username}: "))?;
+        let passphrase =
+            ask(&signals, "QPQ_PASSPHRASE", "New passphrase for the local store: ").await?;
+        let password = ask(&signals, "QPQ_PASSWORD", &format!("Password for {username}: ")).await?;
         let mut client = Client::register(RegisterOptions {
             store,
             passphrase,
@@ -192,51 +227,85 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             kdf: KdfParams::default(),
         })
         .await?;
-        println!("registered {username} on {server}");
-        println!("identity {}", hex(&client.identity_key()));
-        if let Some(fp) = client.pinned_fingerprint() {
-            println!("server certificate pinned: sha256:{fp}");
-        }
+        let shown = (|| -> std::io::Result<()> {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "registered {username} on {server}")?;
+            writeln!(out, "identity {}", hex(&client.identity_key()))?;
+            if let Some(fp) = client.pinned_fingerprint() {
+                writeln!(out, "server certificate pinned: sha256:{fp}")?;
+            }
+            Ok(())
+        })();
         client.disconnect().await;
-        return Ok(());
+        return Ok(shown?);
     }
     let store = store_path(&home);
     if !store.exists() {
         bail!("no account in {}; run `qpq register` first", home.display());
     }
-    let passphrase = secret("QPQ_PASSPHRASE", "Passphrase: ")?;
+    let passphrase = ask(&signals, "QPQ_PASSPHRASE", "Passphrase: ").await?;
     let mut client = Client::open(&store, &passphrase)?;
+    if let Some(server) = cli.server {
+        client.set_server(server);
+    }
     if matches!(command, Command::Whoami) {
-        println!("username {}", client.username());
-        println!("identity {}", hex(&client.identity_key()));
-        println!("server {}", client.server());
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "username {}", client.username())?;
+        writeln!(out, "identity {}", hex(&client.identity_key()))?;
+        writeln!(out, "server {}", client.server())?;
         if let Some(fp) = client.pinned_fingerprint() {
-            println!("pinned sha256:{fp}");
+            writeln!(out, "pinned sha256:{fp}")?;
         }
-        println!("outbox {}", client.outbox_len()?);
+        writeln!(out, "outbox {}", client.outbox_len()?)?;
         return Ok(());
     }
+    // From here on the store is open: a signal or a lost terminal ends the command at its
+    // next await point, and the store and the connection are closed cleanly below. Whatever
+    // was cut short is as safe as after a crash (vault transactions never span an await).
+    let mut stop = signals.clone();
+    let result = tokio::select! {
+        r = connect_and_act(&mut client, command, &signals) => r,
+        i = stop.interrupted() => Err(i.into()),
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), client.disconnect()).await;
+    drop(client);
+    result
+}
+
+async fn connect_and_act(
+    client: &mut Client,
+    command: Command,
+    signals: &crate::signals::Signals,
+) -> anyhow::Result<()> {
     if matches!(command, Command::Login) {
-        let password = secret("QPQ_PASSWORD", &format!("Password for {}: ", client.username()))?;
+        let password =
+            ask(signals, "QPQ_PASSWORD", &format!("Password for {}: ", client.username())).await?;
         client.login(&password).await?;
-        println!("logged in as {}", client.username());
-        client.disconnect().await;
+        writeln!(std::io::stdout(), "logged in as {}", client.username())?;
         return Ok(());
     }
     match client.connect().await {
         Ok(()) => {}
         Err(ClientError::NeedLogin) => {
-            let password = secret(
+            let password = ask(
+                signals,
                 "QPQ_PASSWORD",
                 &format!("Session expired. Password for {}: ", client.username()),
-            )?;
+            )
+            .await?;
             client.login(&password).await?;
         }
         Err(e) => return Err(e.into()),
     }
-    let result = act(&mut client, command).await;
-    client.disconnect().await;
-    result
+    act(client, command).await
+}
+
+/// `println!` that returns the error instead of panicking when stdout is gone (a closed pipe,
+/// a terminal that went away with its SSH session).
+macro_rules! say {
+    ($($t:tt)*) => {
+        writeln!(std::io::stdout().lock(), $($t)*)
+    };
 }
 
 async fn act(client: &mut Client, command: Command) -> anyhow::Result<()> {
@@ -264,12 +333,12 @@ async fn act(client: &mut Client, command: Command) -> anyhow::Result<()> {
         Command::Group(g) => group(client, g).await?,
         Command::Sync => {
             let unread: u32 = client.conversations()?.iter().map(|c| c.unread).sum();
-            println!("{unread} unread");
+            say!("{unread} unread")?;
         }
         Command::Tail { conversation, lines, follow } => {
             let conv = client.find_conversation(&conversation)?;
             for e in client.history(&conv.id, lines)? {
-                print_entry(client, &e);
+                print_entry(client, &e)?;
             }
             client.mark_read(&conv.id)?;
             if follow {
@@ -280,7 +349,7 @@ async fn act(client: &mut Client, command: Command) -> anyhow::Result<()> {
                         if let Event::Message { conv: c, entry } = ev
                             && c == conv.id
                         {
-                            print_entry(client, &entry);
+                            print_entry(client, &entry)?;
                         }
                     }
                     std::io::stdout().flush()?;
@@ -303,17 +372,17 @@ async fn act(client: &mut Client, command: Command) -> anyhow::Result<()> {
                         })
                     })
                     .collect();
-                println!("{}", serde_json::Value::Array(list));
+                say!("{}", serde_json::Value::Array(list))?;
             } else {
                 for c in convs {
-                    println!("{:>4}  {}", c.unread, c.name);
+                    say!("{:>4}  {}", c.unread, c.name)?;
                 }
             }
         }
         Command::SendFile { conversation, path } => {
             let conv = client.find_conversation(&conversation)?.id;
             let offer = client.send_file(&conv, &path).await?;
-            println!("sent {} ({} bytes)", offer.name, offer.size);
+            say!("sent {} ({} bytes)", offer.name, offer.size)?;
         }
         Command::Download { conversation, name, dir } => {
             let conv = client.find_conversation(&conversation)?.id;
@@ -327,14 +396,14 @@ async fn act(client: &mut Client, command: Command) -> anyhow::Result<()> {
                 .context("no such file offer in this conversation")?;
             let offer = Client::offer_of(&entry).context("no file")?;
             let path = client.download(&offer, &dir).await?;
-            println!("saved {}", path.display());
+            say!("saved {}", path.display())?;
         }
         Command::Verify { user } => {
             let n = client.safety_number(&user).await?;
-            println!("safety number with {user}:\n{n}");
-            println!(
+            say!("safety number with {user}:\n{n}")?;
+            say!(
                 "Compare it with {user} in person or on a call; it matches only if no one is in between."
-            );
+            )?;
         }
         Command::Register { .. } | Command::Login | Command::Whoami => {}
     }
@@ -345,7 +414,7 @@ async fn group(client: &mut Client, g: GroupCommand) -> anyhow::Result<()> {
     match g {
         GroupCommand::Create { name } => {
             client.create_group(&name).await?;
-            println!("created {name}");
+            say!("created {name}")?;
         }
         GroupCommand::Add { group, users } => {
             let conv = client.find_conversation(&group)?.id;
@@ -378,24 +447,23 @@ async fn group(client: &mut Client, g: GroupCommand) -> anyhow::Result<()> {
         GroupCommand::Info { group } => {
             let conv = client.find_conversation(&group)?.id;
             let info = client.group_info(&conv).await?;
-            println!("name {}", info.conversation.name);
+            say!("name {}", info.conversation.name)?;
             if !info.conversation.topic.is_empty() {
-                println!("topic {}", info.conversation.topic);
+                say!("topic {}", info.conversation.topic)?;
             }
-            println!("epoch {}", info.epoch);
-            println!("verification {}", info.verification_code);
+            say!("epoch {}", info.epoch)?;
+            say!("verification {}", info.verification_code)?;
             for (id, name, admin) in info.members {
-                println!("member {name}{} {}", if admin { " (admin)" } else { "" }, hex(&id[..8]));
+                say!("member {name}{} {}", if admin { " (admin)" } else { "" }, hex(&id[..8]))?;
             }
         }
     }
     Ok(())
 }
 
-fn print_entry(client: &Client, e: &qpq_core::client::HistoryEntry) {
+fn print_entry(client: &Client, e: &qpq_core::client::HistoryEntry) -> std::io::Result<()> {
     if e.system {
-        println!("* {}", e.text);
-        return;
+        return say!("* {}", e.text);
     }
     let who =
         client.cached_name(&e.sender).unwrap_or_else(|| hex(&e.sender[..e.sender.len().min(6)]));
@@ -406,17 +474,32 @@ fn print_entry(client: &Client, e: &qpq_core::client::HistoryEntry) {
     if let Some(f) = &e.file {
         line = format!("[{who}] file {} ({} bytes)", f.name, f.size);
     }
-    println!("{line}");
+    say!("{line}")
 }
 
-/// A secret from `var`, or typed at the terminal without echo.
-fn secret(var: &str, prompt: &str) -> anyhow::Result<String> {
+/// A secret from `var`, or typed at the terminal without echo. The prompt runs on a blocking
+/// thread, so a signal still ends the command while it waits.
+async fn ask(signals: &crate::signals::Signals, var: &str, prompt: &str) -> anyhow::Result<String> {
     if let Ok(v) = std::env::var(var) {
         return Ok(v);
     }
     if !std::io::stdin().is_terminal() {
         bail!("{var} is not set and stdin is not a terminal");
     }
+    let (var, prompt) = (var.to_string(), prompt.to_string());
+    let mut stop = signals.clone();
+    tokio::select! {
+        r = tokio::task::spawn_blocking(move || secret(&var, &prompt)) => r?,
+        i = stop.interrupted() => {
+            let _ = crossterm::terminal::disable_raw_mode();
+            Err(i.into())
+        }
+    }
+}
+
+/// Reads a secret at the terminal without echo.
+fn secret(var: &str, prompt: &str) -> anyhow::Result<String> {
+    let _ = var;
     eprint!("{prompt}");
     std::io::stderr().flush()?;
     crossterm::terminal::enable_raw_mode()?;

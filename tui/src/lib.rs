@@ -6,6 +6,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod login;
+pub mod signals;
 pub mod tui_main;
 pub mod ui;
 pub mod worker;

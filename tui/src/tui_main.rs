@@ -18,12 +18,26 @@ use tokio::sync::mpsc;
 use crate::app::{Action, App, Command};
 use crate::config::Config;
 use crate::login::{Form, FormAction, Stage};
+use crate::signals::Signals;
 use crate::{ui, worker};
 
-/// Runs the UI for the account in `home` until the user quits.
-pub async fn run(home: PathBuf, store: PathBuf) -> anyhow::Result<()> {
+/// Restores the terminal however the UI ends: quit, error, signal or a dropped future.
+struct TerminalGuard;
+
+impl Drop for TerminalGuard {
+    fn drop(&mut self) {
+        let _ = crossterm::execute!(std::io::stdout(), DisableMouseCapture, DisableBracketedPaste);
+        ratatui::restore();
+    }
+}
+
+/// Runs the UI for the account in `home` until the user quits, a stop signal arrives (SIGHUP
+/// from a dropped SSH session, SIGTERM, SIGINT) or the terminal goes away; each way the worker
+/// closes the store and the connection and the terminal is restored.
+pub async fn run(home: PathBuf, store: PathBuf, signals: Signals) -> anyhow::Result<()> {
     let config = Config::load()?;
     let mut terminal = ratatui::init();
+    let _guard = TerminalGuard;
     let _ = crossterm::execute!(std::io::stdout(), EnableBracketedPaste);
     let (key_tx, mut keys) = mpsc::channel::<TermEvent>(256);
     std::thread::Builder::new().name("qpq-input".into()).spawn(move || {
@@ -33,16 +47,13 @@ pub async fn run(home: PathBuf, store: PathBuf) -> anyhow::Result<()> {
             }
         }
     })?;
-    let result = async {
-        let Some(client) = setup(&mut terminal, &mut keys, &home, &store).await? else {
-            return Ok(());
-        };
-        main_loop(&mut terminal, &mut keys, client, config).await
-    }
-    .await;
-    let _ = crossterm::execute!(std::io::stdout(), DisableBracketedPaste);
-    ratatui::restore();
-    result
+    let mut stop = signals.clone();
+    let setup = tokio::select! {
+        r = setup(&mut terminal, &mut keys, &home, &store) => r?,
+        i = stop.interrupted() => return Err(i.into()),
+    };
+    let Some(client) = setup else { return Ok(()) };
+    main_loop(&mut terminal, &mut keys, client, config, signals).await
 }
 
 async fn next_key(keys: &mut mpsc::Receiver<TermEvent>) -> Option<crossterm::event::KeyEvent> {
@@ -152,6 +163,7 @@ async fn main_loop(
     keys: &mut mpsc::Receiver<TermEvent>,
     client: Client,
     config: Config,
+    mut signals: Signals,
 ) -> anyhow::Result<()> {
     let (cmd_tx, cmd_rx) = mpsc::channel(256);
     let (ev_tx, mut events) = mpsc::channel(1024);
@@ -162,8 +174,13 @@ async fn main_loop(
     let (mouse, hyperlinks) = (config.mouse, config.hyperlinks);
     let mut app = App::new(config);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
-    loop {
-        let frame = terminal.draw(|f| ui::draw(f, &app))?;
+    // Every way out leaves through the end of this loop, so the worker always gets to close
+    // the store and the connection.
+    let outcome: anyhow::Result<()> = loop {
+        let frame = match terminal.draw(|f| ui::draw(f, &app)) {
+            Ok(f) => f,
+            Err(e) => break Err(anyhow::Error::new(e).context("the terminal went away")),
+        };
         if hyperlinks {
             write_links(frame.buffer);
         }
@@ -171,7 +188,7 @@ async fn main_loop(
             notify(&alert);
         }
         if app.quit {
-            break;
+            break Ok(());
         }
         let action = tokio::select! {
             ev = keys.recv() => match ev {
@@ -183,12 +200,14 @@ async fn main_loop(
                     _ => continue,
                 },
                 Some(_) => continue, // resize and the rest: just redraw
-                None => break,
+                // The input thread ended: the terminal is gone (EIO on a hung-up tty).
+                None => break Ok(()),
             },
             ev = events.recv() => match ev {
                 Some(e) => Action::Worker(e),
-                None => break,
+                None => break Ok(()),
             },
+            i = signals.interrupted() => break Err(i.into()),
             _ = tick.tick() => Action::Tick(Instant::now()),
         };
         for cmd in app.update(action) {
@@ -203,13 +222,16 @@ async fn main_loop(
                 }
             }
         }
-    }
+    };
     if mouse {
         let _ = crossterm::execute!(std::io::stdout(), DisableMouseCapture);
     }
+    let _ = cmd_tx.try_send(Command::Quit);
     drop(cmd_tx);
-    let _ = tokio::time::timeout(Duration::from_secs(2), worker).await;
-    Ok(())
+    // The worker finishes its current command, disconnects and drops the client (closing the
+    // store). Past the deadline the runtime drops it, which closes the store all the same.
+    let _ = tokio::time::timeout(Duration::from_secs(3), worker).await;
+    outcome
 }
 
 /// Rewrites every `http(s)://` run on screen as an OSC 8 hyperlink (same text, same place), so
