@@ -1,6 +1,6 @@
 //! Known-answer tests of the cryptography qpq-core relies on, against independently written
-//! vectors in `../shared/vectors` (see its README.md and MANIFEST.json), driven through the same
-//! entry points our code uses wherever those are reachable from outside:
+//! vectors copied into `tests/vectors` (sources and snapshot commits in its README.md),
+//! driven through the same entry points our code uses wherever those are reachable from outside:
 //!
 //! - X-Wing (our MLS ciphersuite's KEM) through `openmls_rust_crypto::RustCrypto` as
 //!   `OpenMlsCrypto`, and through the `x-wing` crate underneath it for what the provider does not
@@ -14,13 +14,16 @@
 //!   and the RFC 9497 OPRF (mode 0) vectors through voprf.
 //!
 //! Every test counts the cases it ran and compares the count with the number the file holds, so
-//! an empty or truncated file fails instead of passing silently.
+//! an empty or truncated file fails instead of passing silently; and every vector file must match
+//! its sha256 in `tests/vectors/SHA256SUMS` (`vector_files_match_sha256sums`).
 #![cfg(feature = "mls")]
 
 #[path = "kat/support.rs"]
 mod support;
 
+use std::collections::BTreeSet;
 use std::marker::PhantomData;
+use std::path::Path;
 
 use openmls_rust_crypto::RustCrypto;
 use openmls_traits::crypto::OpenMlsCrypto;
@@ -30,7 +33,7 @@ use openmls_traits::types::{
 };
 use support::{
     Expect, HpkeSchedule, ScriptedRng, array_field, as_array, expect, hex_field, load,
-    opt_hex_field, str_field, u64_field, wide_scalar, wycheproof_tests,
+    opt_hex_field, str_field, u64_field, vectors_dir, wide_scalar, wycheproof_tests,
 };
 
 /// The MLS ciphersuite qpq uses.
@@ -44,6 +47,63 @@ const OUR_CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_MLKEM768X25519_AES128G
 const XWING_HPKE_KEM_ID: u16 = 0x647a;
 const HPKE_KDF_HKDF_SHA256: u16 = 0x0001;
 const HPKE_AEAD_AES128GCM: u16 = 0x0001;
+
+// ------------------------------------------------------------------------------------------------
+// 0. The vector files themselves
+// ------------------------------------------------------------------------------------------------
+
+/// The files `tests/vectors/SHA256SUMS` lists: this file, the passive-client tests in
+/// `mls_storage.rs` and the `pq_tls` unit tests read them all.
+const VECTOR_FILES: usize = 14;
+
+/// Every file in `tests/vectors` (but the README and SHA256SUMS itself) is listed in SHA256SUMS
+/// (`sha256sum` format) and has that sha256, so a corrupted, truncated, missing or unlisted copy
+/// fails here by name before any case count could hide it.
+#[test]
+fn vector_files_match_sha256sums() {
+    use sha2::{Digest, Sha256};
+
+    let dir = vectors_dir();
+    let sums_path = dir.join("SHA256SUMS");
+    let sums = std::fs::read_to_string(&sums_path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", sums_path.display()));
+    let (mut listed, mut wrong) = (BTreeSet::new(), Vec::new());
+    for line in sums.lines().filter(|l| !l.trim().is_empty()) {
+        let (want, name) =
+            line.split_once("  ").unwrap_or_else(|| panic!("SHA256SUMS: bad line {line:?}"));
+        assert!(listed.insert(name.to_owned()), "SHA256SUMS lists {name} twice");
+        let path = dir.join(name);
+        let bytes = std::fs::read(&path)
+            .unwrap_or_else(|e| panic!("cannot read test vectors {}: {e}", path.display()));
+        let got = hex::encode(Sha256::digest(&bytes));
+        if got != want {
+            wrong.push(format!("{name}: sha256 {got}, SHA256SUMS says {want}"));
+        }
+    }
+    let wrong = wrong.join("\n");
+    assert!(wrong.is_empty(), "vector files differ from tests/vectors/SHA256SUMS:\n{wrong}");
+
+    let mut present = BTreeSet::new();
+    files_under(&dir, &dir, &mut present);
+    present.remove("README.md");
+    present.remove("SHA256SUMS");
+    assert_eq!(present, listed, "tests/vectors holds exactly the files SHA256SUMS lists");
+    assert_eq!(listed.len(), VECTOR_FILES);
+}
+
+/// The files under `dir`, as `/`-separated paths relative to `root`.
+fn files_under(root: &Path, dir: &Path, out: &mut BTreeSet<String>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files_under(root, &path, out);
+        } else {
+            let rel = path.strip_prefix(root).unwrap();
+            let parts: Vec<_> = rel.components().map(|c| c.as_os_str().to_string_lossy()).collect();
+            out.insert(parts.join("/"));
+        }
+    }
+}
 
 // ------------------------------------------------------------------------------------------------
 // 1. X-Wing

@@ -2,8 +2,8 @@
 //!
 //! - A two-party X-Wing group whose state survives closing and reopening both vaults.
 //! - `Vault::atomic` around MLS operations: an `Err` leaves the stored MLS state untouched.
-//! - The MLS passive-client known-answer tests (mlswg/mls-implementations, in
-//!   `../shared/vectors/mls` beside the repository) run through the vault-backed provider.
+//! - The MLS passive-client known-answer tests (mlswg/mls-implementations, copied into
+//!   `tests/vectors/mls`; see its README.md) run through the vault-backed provider.
 //! - The list semantics of the storage trait (proposal queue, own leaf nodes, epoch key pairs).
 //!
 //! Run with `cargo test -p qpq-core --features mls --test mls_storage`.
@@ -360,7 +360,7 @@ fn an_error_inside_atomic_rolls_back_the_mls_writes() {
 // (c) Passive-client KATs through the vault-backed provider
 // --------------------------------------------------------------------------------------------
 
-const VECTORS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/vectors/mls");
+const VECTORS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors/mls");
 
 /// One passive-client test vector (mlswg/mls-implementations `test-vectors.md`). Binary values
 /// are hex; MLS structures are TLS-encoded.

@@ -2,9 +2,11 @@
 //!
 //! These need the static binaries of `cross/build.sh` (`target/cross/bin/TRIPLE/`) and
 //! qemu-user-static, and they run only when `QPQTEST_CROSS=1`, which `cross/ci.sh` sets after
-//! building: stale cross binaries must not fail a plain `cargo test --workspace`. With
-//! `QPQTEST_CROSS=1`, a missing binary or emulator is a failure. The OpenWrt test also needs
-//! root (it chroots into the scratch install) and a static busybox; without them it skips.
+//! building: stale cross binaries must not fail a plain `cargo test --workspace`. Without it they
+//! are ignored, with that reason (`build.rs` sets `qpq_no_cross`). With `QPQTEST_CROSS=1`, a
+//! missing binary or emulator is a failure. The OpenWrt test also needs root (it chroots into the
+//! scratch install; ignored when cargo does not run as root, cfg `qpq_not_root`) and a static
+//! busybox (a failure without it; `cross/ci.sh` installs busybox-static).
 #![allow(clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader};
@@ -37,10 +39,8 @@ const PACKAGES: [(&str, &str, &str); 2] = [
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(qpq_no_cross, ignore = "needs QPQTEST_CROSS=1 and the cross binaries: bash cross/ci.sh")]
 async fn cross_servers_serve_a_native_client() {
-    if !enabled() {
-        return;
-    }
     for (target, qemu) in TARGETS {
         let bin = cross_dir().join("bin").join(target).join("qpq-server-lite");
         let runner =
@@ -76,14 +76,12 @@ async fn cross_servers_serve_a_native_client() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(qpq_no_cross, ignore = "needs QPQTEST_CROSS=1 and the cross binaries: bash cross/ci.sh")]
+#[cfg_attr(
+    all(not(qpq_no_cross), qpq_not_root),
+    ignore = "chroots into the scratch OpenWrt install: run cargo as root"
+)]
 async fn openwrt_package_installs_and_serves() {
-    if !enabled() {
-        return;
-    }
-    if !is_root() {
-        println!("skipped: the OpenWrt install test chroots into its scratch root; run as root");
-        return;
-    }
     for (arch, target, qemu) in PACKAGES {
         openwrt_package(arch, target, qemu).await;
     }
@@ -348,20 +346,9 @@ impl Procd {
     }
 }
 
-/// Whether the cross tests run; prints why not.
-fn enabled() -> bool {
-    if std::env::var_os("QPQTEST_CROSS").is_some_and(|v| v == "1") {
-        return true;
-    }
-    println!(
-        "skipped: cross tests run with QPQTEST_CROSS=1 after cross/build.sh (bash cross/ci.sh does both)"
-    );
-    false
-}
-
-/// `what` is required once the cross tests are enabled.
+/// `what` is required once the cross tests run.
 fn require<T>(found: Option<T>, what: &str) -> T {
-    found.unwrap_or_else(|| panic!("QPQTEST_CROSS=1 but {what} is missing; run bash cross/ci.sh"))
+    found.unwrap_or_else(|| panic!("{what} is missing; bash cross/ci.sh builds and installs it"))
 }
 
 fn workspace() -> PathBuf {
@@ -377,11 +364,6 @@ fn cross_dir() -> PathBuf {
 fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())
-}
-
-fn is_root() -> bool {
-    let out = Command::new("id").arg("-u").output().unwrap();
-    String::from_utf8_lossy(&out.stdout).trim() == "0"
 }
 
 /// Runs `cmd`, failing the test with its output unless it succeeds; returns stdout.

@@ -31,7 +31,11 @@ fn every_benchmark_runs_quick() {
         assert!(stdout.contains(needle), "{needle:?} missing in:\n{stdout}");
     }
     if stdout.contains("mosquitto not installed") {
-        eprintln!("mosquitto is not installed: the baseline was skipped");
+        // Only the comparison is missing; every qpq benchmark above ran and was checked.
+        println!(
+            "NOT RUN: the mosquitto baseline and the qpq / mosquitto ratios (mosquitto is not \
+             installed: apt-get install mosquitto); all other benchmarks ran"
+        );
     } else {
         assert!(stdout.contains("ratio qpq / mosquitto"), "no mosquitto ratio in:\n{stdout}");
     }

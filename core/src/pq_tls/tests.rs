@@ -1,10 +1,11 @@
 //! Round trips, malformed shares, interop with ring's X25519, and known answers.
 //!
-//! The known-answer tests run independently written vectors from `../shared/vectors` (see its
-//! README.md) through the same functions the TLS handshake calls, with the randomness those
-//! vectors fix: NIST ACVP ML-KEM-768 keyGen and encapDecap, Wycheproof ML-KEM-768 encaps and
-//! X25519, and the RFC 7748 §6.1 X25519 key pairs for the X25519 half. Every test counts its
-//! cases, so a truncated or empty file fails instead of passing.
+//! The known-answer tests run independently written vectors from `core/tests/vectors` (sources
+//! in its README.md, sha256 checked by `tests/kat.rs`) through the same functions the TLS
+//! handshake calls, with the randomness those vectors fix: NIST ACVP ML-KEM-768 keyGen and
+//! encapDecap, Wycheproof ML-KEM-768 encaps and X25519, and the RFC 7748 §6.1 X25519 key pairs
+//! for the X25519 half. Every test counts its cases, so a truncated or empty file fails instead
+//! of passing.
 
 use std::path::PathBuf;
 
@@ -324,9 +325,9 @@ const fn hex32(s: &str) -> [u8; 32] {
     out
 }
 
-/// `../shared/vectors` beside the workspace root, as `tests/kat.rs` finds it.
+/// A file of `core/tests/vectors`, as `tests/kat.rs` finds it.
 fn load(rel: &str) -> Value {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/vectors").join(rel);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/vectors").join(rel);
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("cannot read test vectors {}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))

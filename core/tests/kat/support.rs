@@ -6,9 +6,10 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 
-/// `../shared/vectors` beside the workspace root (CI keeps the same relative layout).
+/// `core/tests/vectors`: the copies of the vector files, with their sources in its README.md and
+/// their sha256 in its SHA256SUMS (checked by `vector_files_match_sha256sums` in kat.rs).
 pub fn vectors_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/vectors")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/vectors")
 }
 
 /// Parses one vector file, with a message that names the path when it is missing.
