@@ -23,5 +23,8 @@ pub mod identity;
 pub mod mls;
 pub mod opaque;
 pub mod pq_tls;
+/// Test support (a redb backend that loses unsynced writes on a power cut); not API.
+#[doc(hidden)]
+pub mod testing;
 #[cfg(feature = "mls")]
 pub mod vault;

@@ -112,6 +112,26 @@ impl Store {
             .set_cache_size(cache_bytes)
             .set_concurrency_mode(ConcurrencyMode::MultiWriter)
             .create(path)?;
+        Self::start(db, blob_dir)
+    }
+
+    /// Like [`Store::open`] on any redb storage backend, in the same mode and with the same
+    /// migration and writer thread (tests use a backend that can lose power).
+    #[doc(hidden)]
+    pub fn open_with_backend(
+        backend: impl redb::StorageBackend,
+        blob_dir: &Path,
+        cache_bytes: usize,
+    ) -> Result<Self, StoreError> {
+        let db = Database::builder()
+            .set_cache_size(cache_bytes)
+            .set_concurrency_mode(ConcurrencyMode::MultiWriter)
+            .create_with_backend(backend)?;
+        Self::start(db, blob_dir)
+    }
+
+    /// Migrates `db`, creates `blob_dir` and starts the writer thread.
+    fn start(db: Database, blob_dir: &Path) -> Result<Self, StoreError> {
         migrate(&db)?;
         std::fs::create_dir_all(blob_dir)?;
         let db = Arc::new(db);
