@@ -202,8 +202,19 @@ impl Vault {
         if path.exists() {
             return Err(VaultError::Exists);
         }
-        let db = Database::create(path)?;
+        // Built under a temporary name and renamed into place once its header is committed,
+        // so a crash while creating leaves no half-made store under the real name.
+        let mut tmp = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+        tmp.push(".creating");
+        let tmp = path.with_file_name(tmp);
+        match std::fs::remove_file(&tmp) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(VaultError::Io(e.to_string())),
+        }
+        let db = Database::create(&tmp)?;
         let mut vault = Self::initialise(db, passphrase, params)?;
+        std::fs::rename(&tmp, path).map_err(|e| VaultError::Io(e.to_string()))?;
         vault.owner = claim(path);
         Ok(vault)
     }
@@ -495,6 +506,17 @@ fn owner_path(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
+/// Whether the store at `path` was left open by a process that never closed it (a crash, a
+/// kill, a power cut): the next [`Vault::open`] repairs it. For tests and diagnostics.
+#[doc(hidden)]
+pub fn needs_recovery(path: &Path) -> Result<bool, VaultError> {
+    match redb::Builder::new().open_read_only(path) {
+        Ok(_) => Ok(false),
+        Err(redb::DatabaseError::RepairAborted) => Ok(true),
+        Err(e) => Err(e.into()),
+    }
+}
+
 static HOLDER_LABEL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 /// How this process names itself to another one that finds the store locked (for example
@@ -711,6 +733,42 @@ mod tests {
             .collect();
         assert_eq!(older, vec![4, 5, 6], "the page before 7");
         assert_eq!(v.delete_prefix(Space::State, b"").unwrap(), 2);
+    }
+
+    #[test]
+    fn open_errors_say_what_happened() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.qpq");
+        assert!(matches!(Vault::open(&missing, b"p"), Err(VaultError::NotAVault(_))));
+        let empty = dir.path().join("empty.qpq");
+        std::fs::write(&empty, b"").unwrap();
+        assert!(matches!(Vault::open(&empty, b"p"), Err(VaultError::NotAVault(_))));
+        let text = dir.path().join("text.qpq");
+        std::fs::write(&text, b"just some text, not a database").unwrap();
+        assert!(matches!(Vault::open(&text, b"p"), Err(VaultError::NotAVault(_))));
+        // A redb file that is not a vault.
+        let other = dir.path().join("other.redb");
+        drop(Database::create(&other).unwrap());
+        assert!(matches!(Vault::open(&other, b"p"), Err(VaultError::NotAVault(_))));
+
+        // Held by someone: the refusal names the holder from its note.
+        let path = dir.path().join("v.qpq");
+        set_holder_label("qpq unit-test");
+        let held = Vault::create(&path, b"p", FAST).unwrap();
+        assert!(!dir.path().join("v.qpq.creating").exists());
+        match Vault::open(&path, b"p") {
+            Err(VaultError::Locked { holder }) => {
+                assert!(holder.contains(&std::process::id().to_string()), "{holder}");
+                assert!(holder.contains("qpq unit-test"), "{holder}");
+            }
+            other => panic!("expected Locked, got {other:?}"),
+        }
+        drop(held);
+        assert!(!dir.path().join("v.qpq.owner").exists(), "a clean close removes the note");
+        assert!(!needs_recovery(&path).unwrap());
+        let v = Vault::open(&path, b"p").unwrap();
+        drop(v);
+        assert!(matches!(Vault::open(&path, b"q"), Err(VaultError::WrongPassphrase)));
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! for end-to-end tests. Everything talks to 127.0.0.1 only.
 #![allow(clippy::unwrap_used)]
 
+pub mod tmux;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -1,7 +1,7 @@
 //! The terminal UI's main loop: terminal setup, the first-run and unlock forms, then input,
 //! worker events and ticks feeding [`App::update`], and a redraw after each.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -36,7 +36,13 @@ impl Drop for TerminalGuard {
 /// closes the store and the connection and the terminal is restored.
 pub async fn run(home: PathBuf, store: PathBuf, signals: Signals) -> anyhow::Result<()> {
     let config = Config::load()?;
-    let mut terminal = ratatui::init();
+    if !std::io::stdin().is_terminal() || !std::io::stdout().is_terminal() {
+        anyhow::bail!(
+            "the terminal UI needs a terminal; for scripts use a subcommand (qpq --help)"
+        );
+    }
+    let mut terminal =
+        ratatui::try_init().map_err(|e| anyhow::anyhow!("cannot set up the terminal: {e}"))?;
     let _guard = TerminalGuard;
     let _ = crossterm::execute!(std::io::stdout(), EnableBracketedPaste);
     let (key_tx, mut keys) = mpsc::channel::<TermEvent>(256);

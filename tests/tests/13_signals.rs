@@ -1,0 +1,217 @@
+//! Every way a `qpq` can be ended leaves an account that opens: a terminal that goes away under
+//! the TUI (tmux `kill-session` and `kill-pane`, which hang up the pane), SIGHUP, SIGTERM and
+//! SIGINT to `tail --follow`, and SIGKILL. A clean end is checked, not assumed: the process
+//! exits with 128 + the signal, removes its `account.qpq.owner` note and leaves a store that
+//! needs no repair; after SIGKILL the store does need repair, and opens all the same. A second
+//! `qpq` refused by the lock names the holder; user errors never print a backtrace.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use qpq_core::client::{Client, RegisterOptions};
+use qpq_core::vault::{KdfParams, needs_recovery};
+use qpq_tests::tmux::Tmux;
+use qpq_tests::{ServerProcess, workspace_bin};
+
+const FAST: KdfParams = KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 };
+
+async fn account(server: &ServerProcess, home: &Path, name: &str) {
+    let mut c = Client::register(RegisterOptions {
+        store: home.join("account.qpq"),
+        passphrase: format!("{name}-pass"),
+        server: server.addr,
+        pin: Some(server.fingerprint.clone()),
+        username: name.into(),
+        password: format!("{name}-password"),
+        invite: String::new(),
+        kdf: FAST,
+    })
+    .await
+    .unwrap();
+    c.disconnect().await;
+}
+
+fn qpq(home: &Path, name: &str, args: &[&str]) -> Command {
+    let mut c = Command::new(workspace_bin("qpq"));
+    c.arg("--home")
+        .arg(home)
+        .args(args)
+        .env("QPQ_PASSPHRASE", format!("{name}-pass"))
+        .env("RUST_BACKTRACE", "1")
+        .env_remove("QPQ_HOME")
+        .env_remove("QPQ_SERVER")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
+fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "qpq did not exit within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn wait_gone(pid: u32, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(Instant::now() < deadline, "qpq (pid {pid}) did not exit within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The process closed its store: the note is gone and redb needs no repair.
+fn assert_closed_cleanly(home: &Path, how: &str) {
+    let store = home.join("account.qpq");
+    assert!(!home.join("account.qpq.owner").exists(), "{how}: the owner note was left behind");
+    assert!(!needs_recovery(&store).unwrap(), "{how}: the store was not closed cleanly");
+}
+
+fn assert_opens(home: &Path, name: &str) {
+    let out = qpq(home, name, &["whoami"]).output().unwrap();
+    assert!(out.status.success(), "whoami failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("username {name}")));
+}
+
+fn signal(pid: u32, sig: &str) {
+    assert!(Command::new("kill").args([sig, &pid.to_string()]).status().unwrap().success());
+}
+
+/// Starts `tail --follow` and waits until it holds the store (its owner note names it).
+fn start_tail(home: &Path) -> Child {
+    let mut child = qpq(home, "bob", &["tail", "alice", "--follow"]).spawn().unwrap();
+    let note = home.join("account.qpq.owner");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !std::fs::read_to_string(&note).is_ok_and(|t| t.contains(&child.id().to_string())) {
+        assert!(child.try_wait().unwrap().is_none(), "tail exited early");
+        assert!(Instant::now() < deadline, "tail never opened the store");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Past the open: let it connect and reach its wait.
+    std::thread::sleep(Duration::from_millis(500));
+    child
+}
+
+struct Setup {
+    _server: ServerProcess,
+    _dir: tempfile::TempDir,
+    alice: PathBuf,
+    bob: PathBuf,
+}
+
+async fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(&dir.path().join("server"), &[]).unwrap();
+    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
+    account(&server, &alice, "alice").await;
+    account(&server, &bob, "bob").await;
+    let out = qpq(&alice, "alice", &["dm", "bob", "hello bob"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = qpq(&bob, "bob", &["sync"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    Setup { _server: server, _dir: dir, alice, bob }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_follow_ends_cleanly_on_hangup_terminate_and_interrupt() {
+    let s = setup().await;
+    for (sig, code) in [("-HUP", 129), ("-TERM", 143), ("-INT", 130)] {
+        let mut tail = start_tail(&s.bob);
+        // A second qpq is told who holds the store.
+        let out = qpq(&s.bob, "bob", &["whoami"]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            err.contains(&format!("process {}", tail.id())) && err.contains("qpq tail --follow"),
+            "the refusal does not name the holder: {err}"
+        );
+        signal(tail.id(), sig);
+        let status = wait_exit(&mut tail, Duration::from_secs(10));
+        assert_eq!(status.code(), Some(code), "exit status after {sig}");
+        let out = tail.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains("hello bob"), "tail printed the history: {stdout}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked") && !stderr.contains("backtrace"), "{stderr}");
+        assert_closed_cleanly(&s.bob, sig);
+        assert_opens(&s.bob, "bob");
+    }
+    // The case: SIGKILL. Nothing can run, so the store needs repair, and opens.
+    let mut tail = start_tail(&s.bob);
+    signal(tail.id(), "-KILL");
+    wait_exit(&mut tail, Duration::from_secs(10));
+    assert!(needs_recovery(&s.bob.join("account.qpq")).unwrap(), "SIGKILL left a clean store?");
+    assert_opens(&s.bob, "bob");
+    assert!(!needs_recovery(&s.bob.join("account.qpq")).unwrap(), "opening repaired it");
+    // And it still works end to end.
+    let out = qpq(&s.alice, "alice", &["send", "bob", "after the kill"]).output().unwrap();
+    assert!(out.status.success());
+    let out = qpq(&s.bob, "bob", &["tail", "alice"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("after the kill"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(qpq_no_tmux, ignore = "tmux is not installed: apt-get install tmux")]
+async fn the_tui_closes_the_store_when_its_terminal_goes_away() {
+    let s = setup().await;
+    let tmux = Tmux::new("signals");
+    for (round, how) in ["kill-session", "kill-pane", "SIGTERM"].into_iter().enumerate() {
+        let name = format!("bob{round}");
+        tmux.start(&name, &s.bob);
+        tmux.wait_for(&name, "Passphrase", Duration::from_secs(10));
+        tmux.type_text(&name, "bob-pass");
+        tmux.keys(&name, &["Enter"]);
+        tmux.wait_for(&name, "online", Duration::from_secs(15));
+        tmux.wait_for(&name, "alice", Duration::from_secs(5));
+        let pid = tmux.pane_pid(&name).expect("the pane's pid");
+        match how {
+            "kill-session" => {
+                tmux.run(&["kill-session", "-t", &name]);
+            }
+            "kill-pane" => {
+                // A second window keeps the session, so only the pane's terminal goes away.
+                tmux.run(&["new-window", "-t", &name, "sleep 60"]);
+                tmux.run(&["kill-pane", "-t", &format!("{name}:0.0")]);
+            }
+            _ => signal(pid, "-TERM"),
+        }
+        wait_gone(pid, Duration::from_secs(10));
+        assert_closed_cleanly(&s.bob, how);
+        assert_opens(&s.bob, "bob");
+        tmux.run(&["kill-session", "-t", &name]);
+    }
+}
+
+#[test]
+fn user_errors_print_no_backtrace() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("nobody");
+    std::fs::create_dir_all(&home).unwrap();
+    // No account; no terminal for the UI; not a store; a wrong passphrase.
+    let garbage = dir.path().join("garbage");
+    std::fs::create_dir_all(&garbage).unwrap();
+    std::fs::write(garbage.join("account.qpq"), b"this is not a redb file at all").unwrap();
+    let cases: Vec<(PathBuf, Vec<&str>, &str)> = vec![
+        (home.clone(), vec!["whoami"], "no account"),
+        (home.clone(), vec![], "needs a terminal"),
+        (garbage.clone(), vec!["whoami"], "not a qpq store"),
+        (home.clone(), vec!["send", "x", "y"], "no account"),
+    ];
+    for (home, args, expect) in cases {
+        let out = qpq(&home, "nobody", &args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "qpq {args:?}: {err}");
+        assert!(err.contains(expect), "qpq {args:?} says {err:?}, expected {expect:?}");
+        assert!(
+            !err.contains("panicked") && !err.contains("stack backtrace"),
+            "qpq {args:?} printed a backtrace: {err}"
+        );
+        assert_eq!(err.lines().count(), 1, "one line of error: {err}");
+    }
+}
