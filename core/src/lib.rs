@@ -3,6 +3,8 @@
 //! - [`opaque`]: the OPAQUE cipher suite shared with the server and the client's halves of
 //!   registration and login. The server builds this crate without features and uses only the
 //!   suite type and [`pq_tls`].
+//! - [`credential`]: the qpq MLS credential binding a device key to an account key, checked
+//!   by clients and by the server on KeyPackage upload.
 //! - [`pq_tls`]: the rustls crypto provider of both client and server, with the hybrid
 //!   post-quantum `X25519MLKEM768` TLS key exchange preferred.
 //! - Feature `mls` (sans-I/O apart from the store file): [`vault`], the encrypted per-account
@@ -15,6 +17,7 @@
 
 #[cfg(feature = "client")]
 pub mod client;
+pub mod credential;
 #[cfg(feature = "mls")]
 pub mod content;
 #[cfg(feature = "mls")]
