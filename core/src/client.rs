@@ -16,6 +16,7 @@ mod history;
 pub mod net;
 
 pub use engine::{
-    Client, ClientError, ConnState, Event, GroupInfo, ProgressHook, RegisterOptions, Transfer,
+    Client, ClientError, ConnState, Contact, Event, GroupInfo, ProgressHook, RegisterOptions,
+    Transfer,
 };
 pub use history::{ConvKind, Conversation, HistoryEntry};

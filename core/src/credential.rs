@@ -5,8 +5,9 @@
 //!   Ed25519 signature by the account key (64)` over `"qpq device binding v1" ‖ account key ‖
 //!   device key`. The leaf's signature key must be the device key. Admin lists, safety numbers
 //!   and trust on first use refer to the account key. For now an account has one device, whose
-//!   key is the account key itself (so the binding signature is a self-signature); linked
-//!   devices will carry keys of their own, signed the same way.
+//!   key is the account key itself (so the binding signature is a self-signature, which the
+//!   leaf's own signatures already imply); linked devices will carry keys of their own, signed
+//!   the same way.
 //! - **legacy** (`identity` = 32 bytes, written by v0.1): the account key, which must equal the
 //!   leaf's signature key.
 //!
@@ -88,8 +89,12 @@ pub fn verify(identity: &[u8], signature_key: &[u8]) -> Result<Binding, Credenti
     if signature_key != binding.device {
         return Err(CredentialError::KeyMismatch);
     }
-    if identity.len() == V1_LEN {
-        let key = ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, binding.account);
+    // When the device key is the account key itself (an account's first device), the leaf's
+    // own signatures, which MLS verifies wherever a leaf enters a group, are made with the
+    // account key: they prove the binding, and the self-signature adds nothing.
+    if identity.len() == V1_LEN && binding.account != binding.device {
+        let key =
+            ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, binding.account);
         key.verify(&binding_message(&binding.account, &binding.device), &identity[68..])
             .map_err(|_| CredentialError::BadSignature)?;
     }
@@ -123,6 +128,9 @@ mod tests {
         // The first device: the account key is the device key.
         let own = v1(&alice, public(&alice));
         assert_eq!(verify(&own, &public(&alice)).unwrap().account, public(&alice));
+        // There the leaf's signatures (by the same key) carry the proof, not this field.
+        let unsigned = encode_v1(&public(&alice), &public(&alice), &[0; 64]);
+        assert_eq!(verify(&unsigned, &public(&alice)).unwrap().account, public(&alice));
     }
 
     #[test]

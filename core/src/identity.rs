@@ -36,6 +36,11 @@ impl Identity {
         Zeroizing::new(self.key.to_bytes())
     }
 
+    /// An Ed25519 signature over `message`.
+    pub fn sign_bytes(&self, message: &[u8]) -> [u8; 64] {
+        self.key.sign(message).to_bytes()
+    }
+
     /// The public key: the identity key the server and peers know this device by.
     pub fn public_key(&self) -> [u8; 32] {
         self.key.verifying_key().to_bytes()

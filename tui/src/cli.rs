@@ -107,7 +107,21 @@ enum Command {
     Verify {
         /// The other user.
         user: String,
+        /// Record that you compared it and it matched (`--unmark` takes it back).
+        #[arg(long)]
+        mark: bool,
+        /// Forget that it was verified.
+        #[arg(long, conflicts_with = "mark")]
+        unmark: bool,
     },
+    /// Accept the key the server now gives for a user, after `qpq` warned that it changed
+    /// (check the new safety number with them first).
+    Trust {
+        /// The user.
+        user: String,
+    },
+    /// The users you know, their account keys and whether you verified them.
+    Contacts,
 }
 
 #[derive(Subcommand)]
@@ -183,6 +197,8 @@ fn holder_label(cli: &Cli) -> String {
         Some(Command::SendFile { .. }) => "send-file",
         Some(Command::Download { .. }) => "download",
         Some(Command::Verify { .. }) => "verify",
+        Some(Command::Trust { .. }) => "trust",
+        Some(Command::Contacts) => "contacts",
     };
     format!("qpq {sub}")
 }
@@ -398,12 +414,39 @@ async fn act(client: &mut Client, command: Command) -> anyhow::Result<()> {
             let path = client.download(&offer, &dir).await?;
             say!("saved {}", path.display())?;
         }
-        Command::Verify { user } => {
+        Command::Verify { user, mark, unmark } => {
             let n = client.safety_number(&user).await?;
+            if mark || unmark {
+                client.mark_verified(&user, mark)?;
+            }
+            let verified = client.contact(&user)?.is_some_and(|c| c.verified);
             say!("safety number with {user}:\n{n}")?;
-            say!(
-                "Compare it with {user} in person or on a call; it matches only if no one is in between."
-            )?;
+            if verified {
+                say!("✓ {user} is verified: you compared this number with them.")?;
+            } else {
+                say!(
+                    "Compare it with {user} in person or on a call; it matches only if no one is \
+                     in between. Then record it with `qpq verify {user} --mark`."
+                )?;
+            }
+        }
+        Command::Trust { user } => {
+            let (old, new) = client.trust(&user).await?;
+            match old {
+                Some(old) if old != new => say!(
+                    "{user}: now trusting account {} (was {}); not verified: compare safety \
+                     numbers with `qpq verify {user}`",
+                    hex(&new),
+                    hex(&old)
+                )?,
+                _ => say!("{user}: account {} (unchanged; not verified)", hex(&new))?,
+            }
+        }
+        Command::Contacts => {
+            for (name, c) in client.contacts()? {
+                let mark = if c.verified { "verified" } else { "unverified" };
+                say!("{name}  {}  {mark}", hex(&c.key))?;
+            }
         }
         Command::Register { .. } | Command::Login | Command::Whoami => {}
     }

@@ -60,6 +60,22 @@ pub enum ClientError {
     /// The user has no KeyPackage left on the server.
     #[error("{0} has no KeyPackages left on the server; they need to come online")]
     NoKeyPackage(String),
+    /// The server maps a username to another account key than the one remembered for it
+    /// (trust on first use). Nothing was sent; the user has to look into it.
+    #[error(
+        "WARNING: the server now says {username} is account {presented}, but you have known \
+         {username} as account {pinned}. Someone may be impersonating {username} (or they \
+         registered again). Nothing was sent. Compare safety numbers with {username} in person \
+         or on a call, then accept the new key with `qpq trust {username}`."
+    )]
+    KeyChanged {
+        /// The username.
+        username: String,
+        /// The key remembered for it (hex).
+        pinned: String,
+        /// The key the server gives now (hex).
+        presented: String,
+    },
     /// Something local is inconsistent.
     #[error("{0}")]
     Invalid(String),
@@ -568,10 +584,11 @@ impl Client {
     }
 
     /// The identity key of `username`.
+    ///
+    /// Trust on first use, like SSH's known_hosts: the first key the server gives for a name is
+    /// remembered; a different key later is [`ClientError::KeyChanged`] until the user accepts
+    /// it with [`Client::trust`]. The server is asked every time, so a remapped name is seen.
     pub async fn resolve(&mut self, username: &str) -> Result<[u8; 32], ClientError> {
-        if let Some((id, _)) = self.names.iter().find(|(_, n)| *n == username) {
-            return Ok(*id);
-        }
         let r = self
             .call::<_, v1::ResolveUserResponse>(
                 method::RESOLVE_USER,
@@ -581,6 +598,20 @@ impl Client {
         match r {
             Ok(r) => {
                 let id = key32(&r.identity_key)?;
+                match self.contact(username)? {
+                    Some(c) if c.key != id => {
+                        return Err(ClientError::KeyChanged {
+                            username: username.into(),
+                            pinned: hex(&c.key),
+                            presented: hex(&id),
+                        });
+                    }
+                    Some(_) => {}
+                    None => self.save_contact(
+                        username,
+                        &Contact { key: id, verified: false, since_ms: now_ms() },
+                    )?,
+                }
                 self.remember_name(id, username)?;
                 Ok(id)
             }
@@ -634,7 +665,60 @@ impl Client {
         })
     }
 
+    /// The account key remembered for a username, if any.
+    pub fn contact(&self, username: &str) -> Result<Option<Contact>, ClientError> {
+        self.vault.get(Space::State, &contact_key(username))?.map(|v| unjson(&v)).transpose()
+    }
+
+    /// Every remembered contact, by username.
+    pub fn contacts(&self) -> Result<Vec<(String, Contact)>, ClientError> {
+        self.vault
+            .scan(Space::State, CONTACT_PREFIX)?
+            .into_iter()
+            .map(|(k, v)| {
+                let name = String::from_utf8_lossy(&k[CONTACT_PREFIX.len()..]).into_owned();
+                Ok((name, unjson(&v)?))
+            })
+            .collect()
+    }
+
+    fn save_contact(&self, username: &str, c: &Contact) -> Result<(), ClientError> {
+        self.vault.put(Space::State, &contact_key(username), &json(c)?)?;
+        Ok(())
+    }
+
+    /// Accepts the key the server gives for `username` now (after a [`ClientError::KeyChanged`]
+    /// the user looked into); the contact is unverified again. Returns (old key, new key).
+    pub async fn trust(
+        &mut self,
+        username: &str,
+    ) -> Result<(Option<[u8; 32]>, [u8; 32]), ClientError> {
+        let old = self.contact(username)?.map(|c| c.key);
+        self.vault.delete(Space::State, &contact_key(username))?;
+        match self.resolve(username).await {
+            Ok(new) => Ok((old, new)),
+            Err(e) => {
+                if let Some(key) = old {
+                    self.save_contact(username, &Contact { key, verified: false, since_ms: 0 })?;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Marks a contact verified (its safety number was compared out of band).
+    pub fn mark_verified(&self, username: &str, verified: bool) -> Result<(), ClientError> {
+        let mut c =
+            self.contact(username)?.ok_or_else(|| ClientError::UnknownUser(username.into()))?;
+        c.verified = verified;
+        self.save_contact(username, &c)
+    }
+
     fn remember_name(&mut self, id: [u8; 32], name: &str) -> Result<(), ClientError> {
+        // The server's reverse answer never overrides a name remembered for another key.
+        if self.contact(name)?.is_some_and(|c| c.key != id) {
+            return Ok(());
+        }
         self.names.insert(id, name.to_string());
         self.vault.put(Space::State, &[b"name/".as_slice(), &id].concat(), name.as_bytes())?;
         Ok(())
@@ -805,7 +889,8 @@ impl Client {
         let (id, pending) = self.vault.atomic(|| -> Result<_, ClientError> {
             let id = self.mls.create(Kind::Dm)?;
             self.new_conversation(id.clone(), ConvKind::Dm, username.to_string(), Some(peer))?;
-            let pending = self.stage_commit(&id, self.mls.add(&id, &[kp])?, false, None)?;
+            let pending =
+                self.stage_commit(&id, self.mls.add(&id, &[kp], &[peer])?, false, None)?;
             Ok((id, pending))
         })?;
         self.deliver_commit(pending).await?;
@@ -830,17 +915,18 @@ impl Client {
         conv: &[u8],
         usernames: &[String],
     ) -> Result<(), ClientError> {
-        let mut kps = Vec::new();
+        let (mut kps, mut ids) = (Vec::new(), Vec::new());
         for u in usernames {
             let id = self.resolve(u).await?;
             kps.push(self.fetch_key_package(&id, u).await?);
+            ids.push(id);
         }
         self.settle_commits(conv).await?;
         let system = format!("{} added {}", self.username, usernames.join(", "));
         // Once merged, the newcomers are told the group's name and topic.
-        let pending = self
-            .vault
-            .atomic(|| self.stage_commit(conv, self.mls.add(conv, &kps)?, true, Some(system)))?;
+        let pending = self.vault.atomic(|| {
+            self.stage_commit(conv, self.mls.add(conv, &kps, &ids)?, true, Some(system))
+        })?;
         self.deliver_commit(pending).await
     }
 
@@ -945,9 +1031,29 @@ impl Client {
     }
 
     /// The safety number shared with `username`.
+    ///
+    /// The key that counts is the one in the MLS tree: if we share a DM with `username`, its
+    /// other member's account key, which must be the one remembered for the name.
     pub async fn safety_number(&mut self, username: &str) -> Result<String, ClientError> {
         let peer = self.resolve(username).await?;
-        Ok(safety_number(&self.identity_key(), &peer))
+        let me = self.identity_key();
+        if let Some(dm) = self
+            .conversations()?
+            .into_iter()
+            .find(|c| c.kind == ConvKind::Dm && c.peer.as_deref() == Some(peer.as_slice()))
+        {
+            let members = self.mls.members(&dm.id)?;
+            if let Some(other) = members.iter().find(|m| m.identity != me)
+                && other.identity != peer
+            {
+                return Err(ClientError::KeyChanged {
+                    username: username.into(),
+                    pinned: hex(&peer),
+                    presented: hex(&other.identity),
+                });
+            }
+        }
+        Ok(safety_number(&me, &peer))
     }
 
     async fn fetch_key_package(
@@ -1469,8 +1575,9 @@ impl Client {
                 let Ok(t) = v1::TypingIndicator::decode(p.payload.as_slice()) else {
                     return Ok(());
                 };
-                let result =
-                    self.vault.atomic(|| self.mls.process(&t.payload).map_err(ClientError::from));
+                let result = self
+                    .vault
+                    .atomic(|| self.mls.process_ephemeral(&t.payload).map_err(ClientError::from));
                 if let Ok(Incoming::Application { group_id, sender, plaintext }) = result
                     && let Ok(Content { body: Body::Typing { active }, .. }) =
                         Content::decode(&plaintext)
@@ -1965,6 +2072,25 @@ fn media_type(path: &Path) -> String {
         _ => "application/octet-stream",
     }
     .to_string()
+}
+
+/// `state` keys of remembered contacts: `contact/ ‖ username`.
+const CONTACT_PREFIX: &[u8] = b"contact/";
+
+fn contact_key(username: &str) -> Vec<u8> {
+    [CONTACT_PREFIX, username.as_bytes()].concat()
+}
+
+/// The account key remembered for a username (trust on first use), and whether its safety
+/// number was verified.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Contact {
+    /// The account identity key.
+    pub key: [u8; 32],
+    /// Verified out of band (`qpq verify --mark`).
+    pub verified: bool,
+    /// When it was first seen (ms since the epoch; 0 if accepted again by `trust`).
+    pub since_ms: u64,
 }
 
 /// `state` keys of pending commits: `commit/ ‖ group id`.

@@ -92,7 +92,11 @@ impl Harness {
         let bob = Client::assemble(bob_vault.clone(), bob_identity, "bob".into(), server, None);
 
         let group = alice.create(Kind::Group)?;
-        let added = alice.add(&group, &[bob_mls.key_package()?, carol.key_package()?])?;
+        let added = alice.add(
+            &group,
+            &[bob_mls.key_package()?, carol.key_package()?],
+            &[bob_mls.identity_key(), carol.identity_key()],
+        )?;
         alice.confirm(&group)?;
         let welcome = added.welcome.ok_or(ClientError::Invalid("add made no Welcome".into()))?;
         bob.process_one(&welcome)?;
@@ -109,7 +113,7 @@ impl Harness {
         messages.push(alice.self_update(&group)?.commit);
         alice.abandon(&group)?;
         let dm = alice.create(Kind::Dm)?;
-        let added = alice.add(&dm, &[bob_mls.key_package()?])?;
+        let added = alice.add(&dm, &[bob_mls.key_package()?], &[bob_mls.identity_key()])?;
         alice.confirm(&dm)?;
         messages.extend(added.welcome);
         Ok(Self { bob, bob_vault, alice, alice_vault, group, messages })
@@ -140,7 +144,8 @@ impl Harness {
                     Mode::Push => push(bob, data),
                     Mode::Response => response(bob, alice, group, data),
                     Mode::KeyPackage => {
-                        alice.add(group, &[data.to_vec()]).map(drop).map_err(Into::into)
+                        let who = alice.key_package_account(data).unwrap_or_default();
+                        alice.add(group, &[data.to_vec()], &[who]).map(drop).map_err(Into::into)
                     }
                 };
                 Err(Rollback)
@@ -271,7 +276,8 @@ fn response(bob: &Client, alice: &Mls, group: &[u8], bytes: &[u8]) -> Result<(),
         }
     }
     if let Ok(r) = read_response::<v1::FetchKeyPackageResponse>(1, &header, body) {
-        let _ = alice.add(group, &[r.package]);
+        let who = alice.key_package_account(&r.package).unwrap_or_default();
+        let _ = alice.add(group, &[r.package], &[who]);
     }
     let _ = read_response::<v1::ResolveUserResponse>(1, &header, body);
     let _ = read_response::<v1::ResolveIdentityResponse>(1, &header, body);

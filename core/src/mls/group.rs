@@ -16,6 +16,7 @@ use openmls::prelude::*;
 use openmls_traits::OpenMlsProvider;
 
 use super::QpqProvider;
+use crate::credential;
 use crate::identity::Identity;
 use crate::vault::Vault;
 
@@ -45,6 +46,24 @@ pub enum GroupError {
     /// A KeyPackage from the server was invalid or of another ciphersuite.
     #[error("invalid KeyPackage: {0}")]
     BadKeyPackage(String),
+    /// A KeyPackage belongs to another account than the one asked for: the server (or whoever
+    /// uploaded it) substituted a peer. Nothing was added.
+    #[error(
+        "KEY MISMATCH: the KeyPackage the server returned belongs to account {found}, not to \
+         {expected} that was asked for; nothing was added. The server may be substituting a peer."
+    )]
+    IdentityMismatch {
+        /// The account asked for (hex).
+        expected: String,
+        /// The account in the KeyPackage's credential (hex).
+        found: String,
+    },
+    /// A member's credential does not bind its signature key to an account.
+    #[error("invalid member credential: {0}")]
+    BadCredential(String),
+    /// A proposal broke the admin rule, or is of a kind qpq does not use; it was rejected.
+    #[error("rejected an unauthorized proposal: {0}")]
+    UnauthorizedProposal(String),
     /// A message could not be parsed or processed (tampered, wrong epoch, not for us).
     #[error("rejected MLS message: {0}")]
     Rejected(String),
@@ -209,10 +228,17 @@ pub struct Mls {
 
 impl Mls {
     /// MLS state for `identity`, stored in `vault`.
+    ///
+    /// New leaves carry a v1 [`credential`](crate::credential): the account key vouches for
+    /// the device key, which for an account's first (and for now only) device is the account
+    /// key itself.
     pub fn new(vault: Arc<Vault>, identity: Identity) -> Self {
+        let account = identity.public_key();
+        let signature = identity.sign_bytes(&credential::binding_message(&account, &account));
         let credential = CredentialWithKey {
-            credential: BasicCredential::new(identity.public_key().to_vec()).into(),
-            signature_key: identity.public_key().to_vec().into(),
+            credential: BasicCredential::new(credential::encode_v1(&account, &account, &signature))
+                .into(),
+            signature_key: account.to_vec().into(),
         };
         Self { provider: QpqProvider::new(vault), identity, credential }
     }
@@ -258,12 +284,25 @@ impl Mls {
 
     /// Adds the owners of `key_packages` (serialized `MLSMessage`s as the server returns them).
     /// Admins only (in a DM, every member counts as an admin).
-    pub fn add(&self, group_id: &[u8], key_packages: &[Vec<u8>]) -> Result<Outgoing, GroupError> {
+    ///
+    /// `expected` names, for each KeyPackage, the account the user meant (the identity key the
+    /// server resolved the username to, checked against what we remember of it). A KeyPackage
+    /// whose credential does not bind its leaf to exactly that account is refused with
+    /// [`GroupError::IdentityMismatch`] and nothing is added.
+    pub fn add(
+        &self,
+        group_id: &[u8],
+        key_packages: &[Vec<u8>],
+        expected: &[[u8; 32]],
+    ) -> Result<Outgoing, GroupError> {
+        if key_packages.len() != expected.len() {
+            return Err(GroupError::BadKeyPackage("one expected account per KeyPackage".into()));
+        }
         self.atomic(|| {
             let mut group = self.load(group_id)?;
             self.require_admin(&group)?;
             let mut kps = Vec::with_capacity(key_packages.len());
-            for bytes in key_packages {
+            for (bytes, expected) in key_packages.iter().zip(expected) {
                 let msg = MlsMessageIn::tls_deserialize_exact(bytes.as_slice())
                     .map_err(|e| GroupError::BadKeyPackage(e.to_string()))?;
                 let kp = match msg.extract() {
@@ -274,6 +313,13 @@ impl Mls {
                 };
                 if kp.ciphersuite() != CIPHERSUITE {
                     return Err(GroupError::BadKeyPackage("wrong ciphersuite".into()));
+                }
+                let account = bound_account(kp.leaf_node())?;
+                if account != *expected {
+                    return Err(GroupError::IdentityMismatch {
+                        expected: crate::identity::hex(expected),
+                        found: crate::identity::hex(&account),
+                    });
                 }
                 kps.push(kp);
             }
@@ -289,6 +335,23 @@ impl Mls {
                 welcome_to,
             })
         })
+    }
+
+    /// The account a serialized KeyPackage's credential binds it to, checked (signatures,
+    /// binding). For callers whose KeyPackages come from themselves (benchmarks, fuzzing);
+    /// the client checks a fetched one against the account it resolved instead.
+    pub fn key_package_account(&self, bytes: &[u8]) -> Result<[u8; 32], GroupError> {
+        let msg = MlsMessageIn::tls_deserialize_exact(bytes)
+            .map_err(|e| GroupError::BadKeyPackage(e.to_string()))?;
+        match msg.extract() {
+            MlsMessageBodyIn::KeyPackage(kp) => {
+                let kp = kp
+                    .validate(self.provider.crypto(), ProtocolVersion::Mls10)
+                    .map_err(|e| GroupError::BadKeyPackage(e.to_string()))?;
+                bound_account(kp.leaf_node())
+            }
+            _ => Err(GroupError::BadKeyPackage("not a KeyPackage".into())),
+        }
     }
 
     /// Removes members by identity key. Admins only.
@@ -378,10 +441,41 @@ impl Mls {
     /// Commits the proposals other members left in the queue (a member leaving proposes its
     /// own removal; an admin makes it take effect). `None` if there is nothing to commit or we
     /// are not an admin.
+    ///
+    /// Every stored proposal is a member's own removal (no other kind is accepted), which any
+    /// member may commit. To keep members from racing, one does it: the admin with the lowest
+    /// leaf index among those staying, or, if no admin stays, the member with the lowest leaf
+    /// index among those staying. `None` if that is not us or there is nothing to commit.
     pub fn commit_pending(&self, group_id: &[u8]) -> Result<Option<Outgoing>, GroupError> {
         self.atomic(|| {
             let mut group = self.load(group_id)?;
-            if group.pending_proposals().next().is_none() || self.require_admin(&group).is_err() {
+            let leaving: Vec<LeafNodeIndex> = group
+                .pending_proposals()
+                .filter_map(|p| match p.proposal() {
+                    Proposal::Remove(r) => Some(r.removed()),
+                    _ => None,
+                })
+                .collect();
+            if leaving.is_empty() {
+                return Ok(None);
+            }
+            let policy = GroupPolicy::of(&group);
+            let staying: Vec<(LeafNodeIndex, bool)> = group
+                .members()
+                .filter(|m| !leaving.contains(&m.index))
+                .map(|m| {
+                    let admin = identity_of(&m.credential)
+                        .is_some_and(|id| policy.as_ref().is_some_and(|p| p.is_admin(&id)));
+                    (m.index, admin)
+                })
+                .collect();
+            let chosen = staying
+                .iter()
+                .filter(|(_, admin)| *admin)
+                .map(|(i, _)| *i)
+                .min()
+                .or_else(|| staying.iter().map(|(i, _)| *i).min());
+            if chosen != Some(group.own_leaf_index()) {
                 return Ok(None);
             }
             let commit_to = self.others(&group);
@@ -434,8 +528,18 @@ impl Mls {
         self.atomic(|| {
             let mut group = self.load(group_id)?;
             let to = self.others(&group);
+            // openmls refuses to send while proposals wait for a commit; a member's pending
+            // self-removal must not silence the group. Set them aside for this message and put
+            // them back in the same vault transaction.
+            let waiting: Vec<QueuedProposal> = group.pending_proposals().cloned().collect();
+            if !waiting.is_empty() {
+                group.clear_pending_proposals(self.provider.storage()).map_err(mls)?;
+            }
             let msg =
                 group.create_message(&self.provider, &self.identity, plaintext).map_err(mls)?;
+            for p in waiting {
+                group.store_pending_proposal(self.provider.storage(), p).map_err(mls)?;
+            }
             Ok((msg.tls_serialize_detached().map_err(mls)?, to))
         })
     }
@@ -450,6 +554,27 @@ impl Mls {
                 MlsMessageBodyIn::PrivateMessage(m) => self.process_protocol(m.into()),
                 MlsMessageBodyIn::PublicMessage(m) => self.process_protocol(m.into()),
                 _ => Err(GroupError::Rejected("unexpected MLS message type".into())),
+            }
+        })
+    }
+
+    /// Processes a message from the ephemeral channel (typing indicators): only an application
+    /// message is accepted there. Commits, proposals and Welcomes travel only through the
+    /// durable queue, where they are processed in order and acknowledged once stored.
+    pub fn process_ephemeral(&self, bytes: &[u8]) -> Result<Incoming, GroupError> {
+        self.atomic(|| {
+            let msg = MlsMessageIn::tls_deserialize_exact(bytes)
+                .map_err(|e| GroupError::Rejected(format!("not an MLS message: {e}")))?;
+            let MlsMessageBodyIn::PrivateMessage(m) = msg.extract() else {
+                return Err(GroupError::Rejected("not an application message".into()));
+            };
+            let msg: ProtocolMessage = m.into();
+            if msg.content_type() != ContentType::Application {
+                return Err(GroupError::Rejected("not an application message".into()));
+            }
+            match self.process_protocol(msg)? {
+                app @ Incoming::Application { .. } => Ok(app),
+                _ => Err(GroupError::Rejected("not an application message".into())),
             }
         })
     }
@@ -497,6 +622,11 @@ impl Mls {
         let staged = StagedWelcome::new_from_welcome(&self.provider, &config, welcome, None)
             .map_err(|e| GroupError::Rejected(format!("welcome: {e}")))?;
         let group = staged.into_group(&self.provider).map_err(mls)?;
+        // Every leaf must bind its signature key to its account (the caller's transaction
+        // rolls the join back otherwise).
+        for m in group.members() {
+            bound_account_of(&m.credential, &m.signature_key)?;
+        }
         let group_id = group.group_id().as_slice().to_vec();
         let kind = GroupPolicy::of(&group).map_or(Kind::Group, |p| p.kind);
         let members = self.members(&group_id)?;
@@ -510,16 +640,33 @@ impl Mls {
             .process_message(&self.provider, msg)
             .map_err(|e| GroupError::Rejected(e.to_string()))?;
         let sender = identity_of(processed.credential()).ok_or(GroupError::NotMember)?;
+        let processed_sender = processed.sender().clone();
         match processed.into_content() {
             ProcessedMessageContent::ApplicationMessage(app) => {
                 Ok(Incoming::Application { group_id, sender, plaintext: app.into_bytes() })
             }
             ProcessedMessageContent::ProposalMessage(p) => {
+                // The only proposal qpq members send is their own removal (`leave`); anything
+                // else would wait for an admin's client to commit it on the proposer's behalf.
+                let own_removal = match (p.sender(), p.proposal()) {
+                    (Sender::Member(from), Proposal::Remove(r)) => r.removed() == *from,
+                    _ => false,
+                };
+                if !own_removal {
+                    return Err(GroupError::UnauthorizedProposal(
+                        "a member may only propose its own removal".into(),
+                    ));
+                }
                 group.store_pending_proposal(self.provider.storage(), *p).map_err(mls)?;
                 Ok(Incoming::Proposal { group_id, sender })
             }
             ProcessedMessageContent::StagedCommitMessage(staged) => {
                 let before = GroupPolicy::of(&group);
+                let committer = match processed_sender {
+                    Sender::Member(i) => i,
+                    _ => return Err(GroupError::UnauthorizedCommit),
+                };
+                authorize_commit(&group, before.as_ref(), committer, &staged)?;
                 let removed: Vec<[u8; 32]> = staged
                     .remove_proposals()
                     .filter_map(|r| {
@@ -544,6 +691,7 @@ impl Mls {
                         .map(|u| u.0.clone())
                         .unwrap_or_default(),
                 ) != before;
+                // Belt and braces over the per-proposal checks above.
                 let privileged = !added.is_empty() || policy_changed || !self_removals_only;
                 if privileged && !before.as_ref().is_some_and(|p| p.is_admin(&sender)) {
                     // Not merged: the commit never takes effect here.
@@ -609,9 +757,76 @@ fn capabilities() -> Capabilities {
     )
 }
 
-/// The identity key inside a basic credential.
+/// The account a leaf's credential names (legacy or v1). Leaves are checked with
+/// [`bound_account`] when they enter a group, so this only parses.
 fn identity_of(credential: &Credential) -> Option<[u8; 32]> {
-    BasicCredential::try_from(credential.clone()).ok()?.identity().try_into().ok()
+    let basic = BasicCredential::try_from(credential.clone()).ok()?;
+    credential::parse(basic.identity()).ok().map(|b| b.account)
+}
+
+/// The account a leaf's credential binds its signature key to, checked.
+fn bound_account(leaf: &LeafNode) -> Result<[u8; 32], GroupError> {
+    bound_account_of(leaf.credential(), leaf.signature_key().as_slice())
+}
+
+fn bound_account_of(cred: &Credential, signature_key: &[u8]) -> Result<[u8; 32], GroupError> {
+    let basic = BasicCredential::try_from(cred.clone())
+        .map_err(|_| GroupError::BadCredential("not a basic credential".into()))?;
+    credential::verify(basic.identity(), signature_key)
+        .map(|b| b.account)
+        .map_err(|e| GroupError::BadCredential(e.to_string()))
+}
+
+/// Checks every proposal a commit carries, by value or by reference, against the admin policy
+/// of the epoch it was made in, by its original sender: adds and group context changes only
+/// from an admin; a removal from an admin, or of the proposer itself (which any member may
+/// then commit); no other kinds. Leaves entering or changing must bind their keys to their
+/// accounts, and a member's update may not change its account.
+fn authorize_commit(
+    group: &MlsGroup,
+    policy: Option<&GroupPolicy>,
+    committer: LeafNodeIndex,
+    staged: &StagedCommit,
+) -> Result<(), GroupError> {
+    let account_at = |i: LeafNodeIndex| group.member(i).and_then(identity_of);
+    let is_admin =
+        |i: LeafNodeIndex| account_at(i).is_some_and(|id| policy.is_some_and(|p| p.is_admin(&id)));
+    let deny = |why: &str| Err(GroupError::UnauthorizedProposal(why.to_string()));
+    for q in staged.queued_proposals() {
+        let Sender::Member(from) = *q.sender() else {
+            return deny("proposals from outside the group are not accepted");
+        };
+        match q.proposal() {
+            Proposal::Add(a) => {
+                if !is_admin(from) {
+                    return deny("a non-admin may not add members");
+                }
+                bound_account(a.key_package().leaf_node())?;
+            }
+            Proposal::Remove(r) => {
+                if r.removed() != from && !is_admin(from) {
+                    return deny("a non-admin may only remove itself");
+                }
+            }
+            Proposal::GroupContextExtensions(_) => {
+                if !is_admin(from) {
+                    return deny("a non-admin may not change the group's roles or extensions");
+                }
+            }
+            Proposal::Update(u) => {
+                if bound_account(u.leaf_node())? != account_at(from).unwrap_or_default() {
+                    return deny("an update may not change a member's account");
+                }
+            }
+            _ => return deny("a kind of proposal qpq does not use"),
+        }
+    }
+    if let Some(leaf) = staged.update_path_leaf_node()
+        && Some(bound_account(leaf)?) != account_at(committer)
+    {
+        return deny("a commit may not change the committer's account");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -629,8 +844,13 @@ mod tests {
     /// alice (admin) with bob and carol in a group; returns the group id.
     fn trio(alice: &Mls, bob: &Mls, carol: &Mls) -> Vec<u8> {
         let gid = alice.create(Kind::Group).unwrap();
-        let out =
-            alice.add(&gid, &[bob.key_package().unwrap(), carol.key_package().unwrap()]).unwrap();
+        let out = alice
+            .add(
+                &gid,
+                &[bob.key_package().unwrap(), carol.key_package().unwrap()],
+                &[bob.identity_key(), carol.identity_key()],
+            )
+            .unwrap();
         assert!(out.commit_to.is_empty(), "alice was alone");
         assert_eq!(out.welcome_to.len(), 2);
         alice.confirm(&gid).unwrap();
@@ -654,7 +874,10 @@ mod tests {
             member(dir.path(), "d"),
         );
         let gid = trio(&alice, &bob, &carol);
-        assert!(matches!(bob.add(&gid, &[dave.key_package().unwrap()]), Err(GroupError::NotAdmin)));
+        assert!(matches!(
+            bob.add(&gid, &[dave.key_package().unwrap()], &[dave.identity_key()]),
+            Err(GroupError::NotAdmin)
+        ));
 
         // Bob bypasses his own client's check and commits an Add with raw openmls.
         let dave_kp =
@@ -672,7 +895,7 @@ mod tests {
         let forged = forged.tls_serialize_detached().unwrap();
         let epoch = alice.epoch(&gid).unwrap();
         for m in [&alice, &carol] {
-            assert!(matches!(m.process(&forged), Err(GroupError::UnauthorizedCommit)));
+            assert!(matches!(m.process(&forged), Err(GroupError::UnauthorizedProposal(_))));
             assert_eq!(m.epoch(&gid).unwrap(), epoch, "not merged");
             assert_eq!(m.members(&gid).unwrap().len(), 3);
         }
@@ -736,6 +959,176 @@ mod tests {
         assert_eq!(alice.verification_code(&gid).unwrap(), bob.verification_code(&gid).unwrap());
         // An admin cannot demote everyone.
         assert!(alice.set_admins(&gid, Vec::new()).is_err());
+    }
+
+    fn leaf_of(m: &Mls, gid: &[u8], who: &Mls) -> LeafNodeIndex {
+        m.load(gid)
+            .unwrap()
+            .members()
+            .find(|x| identity_of(&x.credential) == Some(who.identity_key()))
+            .unwrap()
+            .index
+    }
+
+    #[test]
+    fn forged_proposals_by_value_and_by_reference_and_extension_changes_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let (alice, bob, carol) =
+            (member(dir.path(), "a"), member(dir.path(), "b"), member(dir.path(), "c"));
+        let gid = trio(&alice, &bob, &carol);
+        let epoch = alice.epoch(&gid).unwrap();
+        let bob_only = GroupPolicy { kind: Kind::Group, admins: vec![bob.identity_key()] };
+
+        // By reference: bob (not an admin) proposes himself as the only admin, then carol's
+        // removal, hoping an admin's client commits them. Nobody stores either.
+        let mut bobs = bob.load(&gid).unwrap();
+        let (take_over, _) = bobs
+            .propose_group_context_extensions(
+                &bob.provider,
+                bob_only.extensions().unwrap(),
+                &bob.identity,
+            )
+            .unwrap();
+        let carol_leaf = leaf_of(&bob, &gid, &carol);
+        let (kick, _) =
+            bobs.propose_remove_member(&bob.provider, &bob.identity, carol_leaf).unwrap();
+        for forged in [take_over, kick] {
+            let forged = forged.tls_serialize_detached().unwrap();
+            for m in [&alice, &carol] {
+                assert!(
+                    matches!(m.process(&forged), Err(GroupError::UnauthorizedProposal(_))),
+                    "a non-admin's proposal was accepted"
+                );
+            }
+        }
+        assert!(alice.commit_pending(&gid).unwrap().is_none(), "nothing for an admin to commit");
+        assert!(alice.load(&gid).unwrap().pending_proposals().next().is_none());
+
+        // By value: bob commits the same change himself.
+        let mut bobs = bob.load(&gid).unwrap();
+        bobs.clear_pending_proposals(bob.provider.storage()).unwrap();
+        let (forged, _, _) = bobs
+            .update_group_context_extensions(
+                &bob.provider,
+                bob_only.extensions().unwrap(),
+                &bob.identity,
+            )
+            .unwrap();
+        let forged = forged.tls_serialize_detached().unwrap();
+        for m in [&alice, &carol] {
+            assert!(matches!(m.process(&forged), Err(GroupError::UnauthorizedProposal(_))));
+            assert_eq!(m.epoch(&gid).unwrap(), epoch, "not merged");
+        }
+
+        // Another extension, with the admin list left as it is: still an admin's call.
+        let mut bobs = bob.load(&gid).unwrap();
+        bobs.clear_pending_commit(bob.provider.storage()).unwrap();
+        let same = GroupPolicy::of(&bobs).unwrap();
+        let required = RequiredCapabilitiesExtension::new(
+            &[ExtensionType::Unknown(QPQ_GROUP_EXTENSION)],
+            &[],
+            &[],
+        );
+        let sneaky = Extensions::from_vec(vec![
+            Extension::RequiredCapabilities(required),
+            Extension::Unknown(QPQ_GROUP_EXTENSION, UnknownExtension(same.encode())),
+            Extension::Unknown(0xF0B0, UnknownExtension(b"mine".to_vec())),
+        ])
+        .unwrap();
+        if let Ok((forged, _, _)) =
+            bobs.update_group_context_extensions(&bob.provider, sneaky, &bob.identity)
+        {
+            let forged = forged.tls_serialize_detached().unwrap();
+            for m in [&alice, &carol] {
+                assert!(m.process(&forged).is_err(), "a non-admin changed an extension");
+                assert_eq!(m.epoch(&gid).unwrap(), epoch);
+            }
+        }
+
+        // The group still works for the honest members.
+        let (ct, _) = alice.encrypt(&gid, b"still ours").unwrap();
+        assert!(matches!(carol.process(&ct).unwrap(), Incoming::Application { .. }));
+    }
+
+    #[test]
+    fn the_typing_channel_takes_only_application_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let (alice, bob, carol) =
+            (member(dir.path(), "a"), member(dir.path(), "b"), member(dir.path(), "c"));
+        let gid = trio(&alice, &bob, &carol);
+        let epoch = carol.epoch(&gid).unwrap();
+        // A real commit and a real self-removal proposal, sent where typing goes.
+        let commit = alice.self_update(&gid).unwrap().commit;
+        let (proposal, _) = bob.leave(&gid).unwrap();
+        for m in [&commit, &proposal] {
+            assert!(matches!(carol.process_ephemeral(m), Err(GroupError::Rejected(_))));
+        }
+        assert_eq!(carol.epoch(&gid).unwrap(), epoch, "nothing merged from the typing channel");
+        assert!(carol.load(&gid).unwrap().pending_proposals().next().is_none());
+        // The durable queue takes the commit; typing still works.
+        alice.confirm(&gid).unwrap();
+        assert!(matches!(carol.process(&commit).unwrap(), Incoming::Commit { .. }));
+        let (typing, _) = alice.encrypt(&gid, b"typing").unwrap();
+        assert!(matches!(carol.process_ephemeral(&typing).unwrap(), Incoming::Application { .. }));
+    }
+
+    #[test]
+    fn a_pending_self_removal_never_blocks_sending_and_one_member_commits_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (alice, bob, carol) =
+            (member(dir.path(), "a"), member(dir.path(), "b"), member(dir.path(), "c"));
+        let gid = trio(&alice, &bob, &carol);
+        // alice, the only admin, leaves.
+        let (proposal, _) = alice.leave(&gid).unwrap();
+        for m in [&bob, &carol] {
+            assert!(matches!(m.process(&proposal).unwrap(), Incoming::Proposal { .. }));
+        }
+        // Sending goes on while it waits.
+        let (ct, _) = carol.encrypt(&gid, b"bye alice").unwrap();
+        assert!(matches!(bob.process(&ct).unwrap(), Incoming::Application { .. }));
+        // No admin stays: the lowest leaf among those staying (bob, leaf 1) commits it; carol
+        // does not race him. Neither is an admin, and both accept it.
+        assert!(carol.commit_pending(&gid).unwrap().is_none());
+        let out = bob.commit_pending(&gid).unwrap().expect("bob commits the removal");
+        bob.confirm(&gid).unwrap();
+        assert!(matches!(
+            carol.process(&out.commit).unwrap(),
+            Incoming::Commit { ref removed, .. } if removed == &[alice.identity_key()]
+        ));
+        assert_eq!(bob.verification_code(&gid).unwrap(), carol.verification_code(&gid).unwrap());
+        assert_eq!(carol.members(&gid).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_substituted_or_forged_key_package_is_refused_at_add() {
+        let dir = tempfile::tempdir().unwrap();
+        let (alice, bob, mallory) =
+            (member(dir.path(), "a"), member(dir.path(), "b"), member(dir.path(), "m"));
+        let gid = alice.create(Kind::Group).unwrap();
+        // The server hands out mallory's KeyPackage when alice asks for bob's.
+        let err = alice.add(&gid, &[mallory.key_package().unwrap()], &[bob.identity_key()]);
+        assert!(matches!(err, Err(GroupError::IdentityMismatch { .. })), "{err:?}");
+        // mallory's leaf wearing bob's credential (bob's key, mallory's signature key).
+        let forged_cred = CredentialWithKey {
+            credential: BasicCredential::new(credential::encode_v1(
+                &bob.identity_key(),
+                &bob.identity_key(),
+                &[0; 64],
+            ))
+            .into(),
+            signature_key: mallory.identity_key().to_vec().into(),
+        };
+        let forged = KeyPackage::builder()
+            .leaf_node_capabilities(capabilities())
+            .build(CIPHERSUITE, &mallory.provider, &mallory.identity, forged_cred)
+            .unwrap();
+        let forged =
+            MlsMessageOut::from(forged.key_package().clone()).tls_serialize_detached().unwrap();
+        let err = alice.add(&gid, &[forged], &[bob.identity_key()]);
+        assert!(matches!(err, Err(GroupError::BadCredential(_))), "{err:?}");
+        assert_eq!(alice.members(&gid).unwrap().len(), 1, "nobody was added");
+        // The real one works.
+        alice.add(&gid, &[bob.key_package().unwrap()], &[bob.identity_key()]).unwrap();
     }
 
     #[test]

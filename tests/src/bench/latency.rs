@@ -108,7 +108,7 @@ async fn measure(opts: &Opts, root: &Path, storage: &str) -> anyhow::Result<()> 
     let a = Arc::new(Mls::new(vault("alice.qpq")?, Identity::generate()));
     let b = Arc::new(Mls::new(vault("carol.qpq")?, Identity::generate()));
     let group = a.create(Kind::Group)?;
-    let out = a.add(&group, &[b.key_package()?])?;
+    let out = a.add(&group, &[b.key_package()?], &[b.identity_key()])?;
     a.confirm(&group)?;
     let welcome = out.welcome.ok_or_else(|| anyhow::anyhow!("no Welcome"))?;
     common::ensure(matches!(b.process(&welcome)?, Incoming::Joined { .. }), "carol did not join")?;

@@ -166,8 +166,12 @@ impl Group {
                 next_other += 1;
             }
         }
+        let accounts = ordered
+            .iter()
+            .map(|kp| adder.key_package_account(kp))
+            .collect::<Result<Vec<_>, _>>()?;
         let t0 = Instant::now();
-        let out = adder.add(&id, &ordered)?;
+        let out = adder.add(&id, &ordered, &accounts)?;
         adder.confirm(&id)?;
         let setup_add = t0.elapsed();
         let welcome = out.welcome.ok_or_else(|| anyhow::anyhow!("no Welcome"))?;
@@ -217,7 +221,7 @@ impl Group {
             let joiner = Mls::new(vault()?, Identity::generate());
             let kp = joiner.key_package()?;
             let t0 = Instant::now();
-            let out = self.adder.add(&self.id, &[kp])?;
+            let out = self.adder.add(&self.id, &[kp], &[joiner.identity_key()])?;
             add.push(t0.elapsed());
             let t0 = Instant::now();
             self.adder.confirm(&self.id)?;
