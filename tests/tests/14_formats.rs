@@ -102,7 +102,9 @@ fn v0_1_server_database_and_client_stores_open_and_read_back() {
     qpq(&bob, "bob", &server, &["send", "team", "new build, old group"]);
     qpq(&bob, "bob", &server, &["send", "alice", "new build, old DM"]);
     qpq(&alice, "alice", &server, &["sync"]);
-    assert!(qpq(&alice, "alice", &server, &["tail", "team"]).contains("[bob] new build, old group"));
+    assert!(
+        qpq(&alice, "alice", &server, &["tail", "team"]).contains("[bob] new build, old group")
+    );
     assert!(qpq(&alice, "alice", &server, &["tail", "bob"]).contains("[bob] new build, old DM"));
     qpq(&alice, "alice", &server, &["group", "rotate", "team"]);
     qpq(&alice, "alice", &server, &["send", "team", "after a rotate"]);
