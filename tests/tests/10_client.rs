@@ -597,3 +597,100 @@ async fn leaving_takes_effect_when_an_admin_commits_it() {
     carol.sync().await.unwrap();
     assert_eq!(texts(&carol, &team).last().unwrap(), "just us now");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_proposals_extension_changes_and_typing_channel_commits_are_rejected() {
+    use openmls::prelude::tls_codec::Serialize as _;
+    use openmls::prelude::{
+        Extension, ExtensionType, Extensions, GroupId, MlsGroup, RequiredCapabilitiesExtension,
+        UnknownExtension,
+    };
+    use openmls_traits::OpenMlsProvider as _;
+    use qpq_core::mls::{QPQ_GROUP_EXTENSION, QpqProvider};
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(&dir.path().join("server"), &[]).unwrap();
+    let (mut alice, bob, mut carol, team) = team_of_three(&server, dir.path()).await;
+    let before = alice.group_info(&team).await.unwrap();
+    let bob_key = bob.identity_key();
+    let others = vec![alice.identity_key().to_vec(), carol.identity_key().to_vec()];
+    drop(bob);
+
+    // bob's device is compromised: raw openmls with his keys and MLS state.
+    let Stolen { vault, identity, raw } = stolen(&server, dir.path(), "bob").await;
+    let provider = QpqProvider::new(vault);
+    let load = || MlsGroup::load(provider.storage(), &GroupId::from_slice(&team)).unwrap().unwrap();
+    let bob_only = {
+        let mut policy = vec![0u8]; // a group, with bob as the only admin
+        policy.extend_from_slice(&bob_key);
+        let required = RequiredCapabilitiesExtension::new(
+            &[ExtensionType::Unknown(QPQ_GROUP_EXTENSION)],
+            &[],
+            &[],
+        );
+        Extensions::from_vec(vec![
+            Extension::RequiredCapabilities(required),
+            Extension::Unknown(QPQ_GROUP_EXTENSION, UnknownExtension(policy)),
+        ])
+        .unwrap()
+    };
+    let mut forged = Vec::new();
+    // By reference: "make bob the only admin", "remove carol", for an admin to commit.
+    let mut group = load();
+    let (p, _) =
+        group.propose_group_context_extensions(&provider, bob_only.clone(), &identity).unwrap();
+    forged.push(p.tls_serialize_detached().unwrap());
+    let carol_leaf =
+        group.members().find(|m| m.signature_key == carol.identity_key().to_vec()).unwrap().index;
+    let (p, _) = group.propose_remove_member(&provider, &identity, carol_leaf).unwrap();
+    forged.push(p.tls_serialize_detached().unwrap());
+    // By value: bob commits the take-over himself.
+    group.clear_pending_proposals(provider.storage()).unwrap();
+    let (c, _, _) = group.update_group_context_extensions(&provider, bob_only, &identity).unwrap();
+    forged.push(c.tls_serialize_detached().unwrap());
+    for payload in forged {
+        let req = v1::BatchEnqueueRequest {
+            recipient_keys: others.clone(),
+            payload,
+            message_id: message_id().to_vec(),
+            ..Default::default()
+        };
+        let _: v1::BatchEnqueueResponse = raw.call(method::BATCH_ENQUEUE, &req).await.unwrap();
+    }
+    // And a handshake message where typing indicators go (relayed to whoever is connected
+    // now): bob's own removal, which an admin's client would commit if it were stored.
+    group.clear_pending_commit(provider.storage()).unwrap();
+    let leave = group.leave_group(&provider, &identity).unwrap();
+    let relay = v1::RelayEphemeralRequest {
+        recipient_keys: others.clone(),
+        payload: leave.tls_serialize_detached().unwrap(),
+        channel_id: Vec::new(),
+    };
+    let mut events: Vec<_> = [&alice, &carol].iter().map(|c| c.subscribe()).collect();
+    let _: v1::RelayEphemeralResponse = raw.call(method::RELAY_EPHEMERAL, &relay).await.unwrap();
+
+    for (c, events) in [&mut alice, &mut carol].into_iter().zip(events.iter_mut()) {
+        c.wait(Duration::from_millis(300)).await.unwrap();
+        c.sync().await.unwrap();
+        let mut rejected = 0;
+        while let Ok(e) = events.try_recv() {
+            if let Event::Rejected { reason } = &e
+                && (reason.contains("unauthorized proposal") || reason.contains("non-admin"))
+            {
+                rejected += 1;
+            }
+        }
+        assert_eq!(rejected, 3, "{} rejected {rejected} of the 3 forgeries", c.username());
+        let info = c.group_info(&team).await.unwrap();
+        assert_eq!(info.epoch, before.epoch, "{}: something was merged", c.username());
+        assert_eq!(info.verification_code, before.verification_code);
+        let admins: Vec<_> = info.members.iter().filter(|m| m.2).map(|m| m.1.clone()).collect();
+        assert_eq!(admins, ["alice"], "{}: roles changed", c.username());
+        assert_eq!(info.members.len(), 3);
+    }
+    // Nothing waits to be committed, and the group works.
+    alice.send_text(&team, "nothing changed").await.unwrap();
+    carol.sync().await.unwrap();
+    assert_eq!(texts(&carol, &team).last().unwrap(), "nothing changed");
+    assert_eq!(carol.group_info(&team).await.unwrap().epoch, before.epoch);
+}
