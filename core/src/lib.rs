@@ -5,6 +5,9 @@
 //!   suite type and [`pq_tls`].
 //! - [`credential`]: the qpq MLS credential binding a device key to an account key, checked
 //!   by clients and by the server on KeyPackage upload.
+//! - [`keypackage`]: a feature-free reader of RFC 9420 KeyPackages (structure, both
+//!   signatures, the credential binding) and of the clear header of MLS messages, for the
+//!   server.
 //! - [`pq_tls`]: the rustls crypto provider of both client and server, with the hybrid
 //!   post-quantum `X25519MLKEM768` TLS key exchange preferred.
 //! - Feature `mls` (sans-I/O apart from the store file): [`vault`], the encrypted per-account
@@ -17,11 +20,12 @@
 
 #[cfg(feature = "client")]
 pub mod client;
-pub mod credential;
 #[cfg(feature = "mls")]
 pub mod content;
+pub mod credential;
 #[cfg(feature = "mls")]
 pub mod identity;
+pub mod keypackage;
 #[cfg(feature = "mls")]
 pub mod mls;
 pub mod opaque;

@@ -2,7 +2,8 @@
 //! (`qpq_server_lite::fuzzing::handle_request`), against a real redb store in a temp dir.
 //!
 //! Input: `[flags u8][method u16 BE][payload ...]`. Flag bit 0 binds the connection to the
-//! user `alice` (registered and logged in once through the real handlers at start-up), so the
+//! user `alice` (registered and logged in once through the real handlers at start-up, with the
+//! Ed25519 key of seed `[0xA1; 32]`; `bob`'s seed is `[0xB0; 32]`), so the
 //! handlers run beyond their authentication check; otherwise the connection is unauthenticated.
 //! `bob` stays connected for the whole run and receives pushes.
 //!
@@ -36,14 +37,21 @@ static STATE: LazyLock<State> = LazyLock::new(|| {
     let dir = tempfile::tempdir().expect("temp dir");
     let (harness, alice, bob) = rt.block_on(async {
         let h = Harness::open(dir.path()).await.expect("store");
-        let alice = h.register("alice", "alice-pw", [0xA1; 32]).await.expect("alice");
-        let bob = h.register("bob", "bob-pw", [0xB0; 32]).await.expect("bob");
+        // Real Ed25519 keys (from fixed seeds): the `upload-key-package` seed is a KeyPackage
+        // alice's client made (`gen_corpus`), which the server verifies against her account.
+        let alice = h.register("alice", "alice-pw", identity(0xA1)).await.expect("alice");
+        let bob = h.register("bob", "bob-pw", identity(0xB0)).await.expect("bob");
         let conn = h.connection();
         conn.bind(bob.bound);
         (h, alice, conn)
     });
     State { rt, harness, alice, bob: tokio::sync::Mutex::new(bob), _dir: dir }
 });
+
+/// The identity key of the fuzz user whose secret seed is 32 bytes of `seed`.
+fn identity(seed: u8) -> [u8; 32] {
+    qpq_core::identity::Identity::from_seed(&[seed; 32]).public_key()
+}
 
 fuzz_target!(|data: &[u8]| {
     let [flags, m0, m1, payload @ ..] = data else { return };

@@ -3,9 +3,13 @@
 //! Run: `cargo run --manifest-path fuzz/Cargo.toml --bin gen_corpus`.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use qpq_core::client::fuzzing::Harness as ClientHarness;
+use qpq_core::identity::Identity;
+use qpq_core::mls::Mls;
 use qpq_core::opaque;
+use qpq_core::vault::{KdfParams, Vault};
 use qpq_proto::{Message, frame, method, v1};
 use qpq_server_lite::fuzzing::Harness;
 
@@ -46,12 +50,27 @@ fn main() -> std::io::Result<()> {
     Ok(())
 }
 
+/// The identity key of the fuzz user with this seed byte (as `fuzz_targets/handlers.rs`).
+fn identity(seed: u8) -> Vec<u8> {
+    Identity::from_seed(&[seed; 32]).public_key().to_vec()
+}
+
+/// A KeyPackage alice's client makes: the server accepts it from alice.
+fn alice_key_package() -> std::io::Result<Vec<u8>> {
+    let dir = tempfile::tempdir()?;
+    let kdf = KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 };
+    let vault = Vault::create(&dir.path().join("alice"), b"fuzz", kdf)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let mls = Mls::new(Arc::new(vault), Identity::from_seed(&[0xA1; 32]));
+    mls.key_package().map_err(|e| std::io::Error::other(e.to_string()))
+}
+
 /// One valid request per method, with plausible field values.
 fn requests(opaque: &Opaque) -> Vec<(u16, &'static str, Vec<u8>)> {
-    let alice = vec![0xA1; 32];
-    let bob = vec![0xB0; 32];
+    let alice = identity(0xA1);
+    let bob = identity(0xB0);
     let id16 = vec![5; 16];
-    let kp = [&[0u8, 1, 0, 0x4f][..], &[9; 60]].concat();
+    let kp = opaque.key_package.clone();
     vec![
         (
             method::OPAQUE_REGISTER_START,
@@ -151,8 +170,12 @@ fn requests(opaque: &Opaque) -> Vec<(u16, &'static str, Vec<u8>)> {
         (
             method::UPLOAD_KEY_PACKAGE,
             "upload-key-package",
-            v1::UploadKeyPackageRequest { identity_key: Vec::new(), package: kp.clone() }
-                .encode_to_vec(),
+            v1::UploadKeyPackageRequest {
+                identity_key: Vec::new(),
+                package: kp.clone(),
+                last_resort: false,
+            }
+            .encode_to_vec(),
         ),
         (
             method::FETCH_KEY_PACKAGE,
@@ -230,6 +253,8 @@ struct Opaque {
     register_request: Vec<u8>,
     upload: Vec<u8>,
     login_request: Vec<u8>,
+    /// Not OPAQUE, but made once like those: alice's KeyPackage.
+    key_package: Vec<u8>,
 }
 
 /// Runs the registration of `carol` against an in-process server to get a valid upload.
@@ -255,7 +280,7 @@ fn opaque_messages() -> std::io::Result<Opaque> {
             .map_err(|e| err(e.to_string()))?;
         let login_request =
             opaque::login_start(b"alice-pw").map_err(|e| err(e.to_string()))?.request;
-        Ok(Opaque { register_request, upload, login_request })
+        Ok(Opaque { register_request, upload, login_request, key_package: alice_key_package()? })
     })
 }
 

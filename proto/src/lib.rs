@@ -29,6 +29,21 @@ pub use status::Status;
 #[allow(missing_docs)]
 pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/qpq.v1.rs"));
+
+    impl EnqueueRefusal {
+        /// Why the message was not stored for a recipient, in words for a user.
+        pub fn describe(self) -> &'static str {
+            match self {
+                Self::None => "stored",
+                Self::UnknownRecipient => "no such user on the server",
+                Self::QueueFull => "their queue on the server is full (they have been offline)",
+                Self::SenderShare => {
+                    "you have used up your share of their queue on the server (they have been \
+                     offline)"
+                }
+            }
+        }
+    }
 }
 
 /// Largest payload a frame may carry: 4 MiB. A header announcing more is refused before any

@@ -79,6 +79,20 @@ pub struct Limits {
     pub max_queue_messages: u64,
     /// Payload bytes queued for one user, all channels. Default 64 MiB.
     pub max_queue_bytes: u64,
+    /// The share of one recipient's queue (`max_queue_messages` and `max_queue_bytes`, and of
+    /// the handshake reserve) that one sender may hold, percent: a flood from one account
+    /// leaves room for everyone else. Default 25.
+    pub queue_sender_share_percent: u32,
+    /// Messages a recipient's queue takes beyond `max_queue_messages`, for MLS handshake
+    /// messages (commits, proposals, Welcomes) only, so a queue full of application messages
+    /// still takes the group changes that keep its owner in their groups. Default 500.
+    pub handshake_reserve_messages: u64,
+    /// ... and payload bytes beyond `max_queue_bytes`. Default 8 MiB.
+    pub handshake_reserve_bytes: u64,
+    /// Queued payload bytes plus blob bytes the whole server may hold. Past 90 % of it only
+    /// handshake messages are stored; at 100 % nothing (`Unavailable`, retry in 60 s).
+    /// Default 256 MiB.
+    pub disk_budget_bytes: u64,
     /// Recipients in one `BatchEnqueue`. Default 1000.
     pub max_batch_recipients: u32,
     /// Payload bytes times recipients in one `BatchEnqueue` (one write transaction).
@@ -99,6 +113,14 @@ pub struct Limits {
     /// MLS ciphersuites accepted in uploaded KeyPackages. Default `[0x004F]`
     /// (MLS_128_MLKEM768X25519_AES128GCM_SHA256_Ed25519).
     pub key_package_ciphersuites: Vec<u16>,
+    /// KeyPackage fetches by one user (any targets): burst. Default 100.
+    pub key_package_fetch_per_user_burst: u32,
+    /// ... and sustained rate per minute. Default 60.
+    pub key_package_fetch_per_user_per_min: u32,
+    /// KeyPackage fetches of one target's packages (by anyone): burst. Default 20.
+    pub key_package_fetch_per_target_burst: u32,
+    /// ... and sustained rate per minute. Default 20.
+    pub key_package_fetch_per_target_per_min: u32,
     /// Largest blob, bytes. Default 50 MB.
     pub max_blob_bytes: u64,
     /// Blob bytes one user may hold. Default 200 MB.
@@ -158,6 +180,10 @@ impl Default for Limits {
             fetch_wait_max_ms: 60_000,
             max_queue_messages: 10_000,
             max_queue_bytes: 64 << 20,
+            queue_sender_share_percent: 25,
+            handshake_reserve_messages: 500,
+            handshake_reserve_bytes: 8 << 20,
+            disk_budget_bytes: 256 << 20,
             max_batch_recipients: 1000,
             max_batch_bytes: 16 << 20,
             default_ttl_secs: 14 * 86_400,
@@ -167,6 +193,10 @@ impl Default for Limits {
             key_package_low_water: 5,
             max_key_package_bytes: 64 << 10,
             key_package_ciphersuites: vec![0x004F],
+            key_package_fetch_per_user_burst: 100,
+            key_package_fetch_per_user_per_min: 60,
+            key_package_fetch_per_target_burst: 20,
+            key_package_fetch_per_target_per_min: 20,
             max_blob_bytes: 50_000_000,
             blob_quota_bytes: 200_000_000,
             blob_ttl_secs: 30 * 86_400,
@@ -284,6 +314,17 @@ impl Config {
         if l.max_handshakes == 0 {
             return Err(bad("limits.max_handshakes must be at least 1"));
         }
+        if l.disk_budget_bytes == 0 {
+            return Err(bad("limits.disk_budget_bytes must be at least 1"));
+        }
+        if l.queue_sender_share_percent == 0 || l.queue_sender_share_percent > 100 {
+            return Err(bad("limits.queue_sender_share_percent must be 1..=100"));
+        }
+        if l.key_package_fetch_per_user_per_min == 0 || l.key_package_fetch_per_target_per_min == 0
+        {
+            return Err(bad("limits.key_package_fetch_per_user_per_min and \
+                 key_package_fetch_per_target_per_min must be at least 1"));
+        }
         if l.max_batch_recipients == 0 || l.max_key_packages == 0 {
             return Err(bad("limits.max_batch_recipients and max_key_packages must be at least 1"));
         }
@@ -383,6 +424,15 @@ mod tests {
         assert!(c.is_ok(), "variables that are not server options are ignored");
         let e = Config::load(None, env(&[("QPQ_LIMITS_NO_SUCH", "1")]), &vec![]).unwrap_err();
         assert!(e.to_string().contains("no_such"), "{e}");
+        for (key, value) in [
+            ("limits.queue_sender_share_percent", "0"),
+            ("limits.queue_sender_share_percent", "101"),
+            ("limits.disk_budget_bytes", "0"),
+            ("limits.key_package_fetch_per_target_per_min", "0"),
+        ] {
+            let e = Config::load(None, env(&[]), &vec![(key.into(), value.into())]).unwrap_err();
+            assert!(e.to_string().contains(key.trim_start_matches("limits.")), "{key}: {e}");
+        }
         let e = Config::load(None, env(&[("QPQ_REGISTRATION", "maybe")]), &vec![]).unwrap_err();
         assert!(e.to_string().contains("maybe"), "{e}");
         let e = Config::load(None, env(&[]), &vec![("tls_cert".into(), "/x".into())]).unwrap_err();

@@ -88,10 +88,11 @@ impl Harness {
         })
     }
 
-    /// The configuration: the defaults, with open registration, auth rate limits too high to
-    /// reach, long polls of at most 10 ms, and small queue, KeyPackage and blob limits so the
-    /// store stays small however long a run lasts. The memory budget is out of reach too: a
-    /// sanitizer's process is far larger than the server's, and the budget would drop pushes.
+    /// The configuration: the defaults, with open registration, auth and KeyPackage fetch rate
+    /// limits too high to reach, long polls of at most 10 ms, and small queue, KeyPackage and
+    /// blob limits so the store stays small however long a run lasts. The memory budget is out
+    /// of reach too: a sanitizer's process is far larger than the server's, and the budget
+    /// would drop pushes.
     pub fn config(dir: &Path) -> Config {
         let mut c = Config {
             data_dir: dir.to_path_buf(),
@@ -103,6 +104,10 @@ impl Harness {
         l.auth_per_ip_per_min = 1 << 30;
         l.auth_per_user_burst = 1 << 30;
         l.auth_per_user_per_min = 1 << 30;
+        l.key_package_fetch_per_user_burst = 1 << 30;
+        l.key_package_fetch_per_user_per_min = 1 << 30;
+        l.key_package_fetch_per_target_burst = 1 << 30;
+        l.key_package_fetch_per_target_per_min = 1 << 30;
         l.fetch_wait_max_ms = 10;
         l.max_queue_messages = 1000;
         l.max_queue_bytes = 4 << 20;

@@ -60,6 +60,10 @@ pub struct Shared {
     pub auth_per_ip: RateLimiter<IpAddr>,
     /// Login attempts per username.
     pub auth_per_user: RateLimiter<String>,
+    /// KeyPackage fetches per requesting identity.
+    pub key_package_fetch_per_user: RateLimiter<[u8; 32]>,
+    /// KeyPackage fetches per target identity (whose packages are fetched).
+    pub key_package_fetch_per_target: RateLimiter<[u8; 32]>,
     /// When the server started.
     pub started: Instant,
     /// The memory budget.
@@ -92,6 +96,16 @@ impl Shared {
         Self {
             auth_per_ip: RateLimiter::new(l.auth_per_ip_burst, l.auth_per_ip_per_min, 10_000),
             auth_per_user: RateLimiter::new(l.auth_per_user_burst, l.auth_per_user_per_min, 10_000),
+            key_package_fetch_per_user: RateLimiter::new(
+                l.key_package_fetch_per_user_burst,
+                l.key_package_fetch_per_user_per_min,
+                10_000,
+            ),
+            key_package_fetch_per_target: RateLimiter::new(
+                l.key_package_fetch_per_target_burst,
+                l.key_package_fetch_per_target_per_min,
+                10_000,
+            ),
             config,
             store,
             hub: Hub::with_budget(budget.clone()),

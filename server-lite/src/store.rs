@@ -34,7 +34,12 @@ pub use sweep::SweepReport;
 use tables::*;
 
 /// The on-disk schema this build writes. Opening a newer file is refused; older ones migrate.
-pub const SCHEMA_VERSION: u32 = 1;
+///
+/// - 1 (v0.1): the first layout.
+/// - 2: tables `sender_usage` and `last_resort`; META `stored_bytes`; `Queued` records gain
+///   the sender and the reserve flag, `Usage` the reserve counters (appended: schema 1 records
+///   still decode, as sender unknown and nothing in the reserve).
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Jobs the writer folds into one transaction at most.
 const MAX_BATCH: usize = 512;
@@ -160,6 +165,12 @@ impl Store {
         Ok(self.db.begin_read()?)
     }
 
+    /// Queued payload bytes plus charged blob bytes on the whole server: what the disk budget
+    /// counts.
+    pub fn stored_bytes(&self) -> Result<u64, StoreError> {
+        stored_bytes(&self.read()?.open_table(META)?)
+    }
+
     /// Reads a META value.
     pub(crate) fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let t = self.read()?.open_table(META)?;
@@ -206,44 +217,87 @@ pub fn now_ms() -> u64 {
 
 fn migrate(db: &Database) -> Result<(), StoreError> {
     let txn = db.begin_write()?;
-    {
-        let mut meta = txn.open_table(META)?;
-        let found = match meta.get("schema_version")? {
-            Some(v) => {
-                let b: [u8; 4] = v.value().try_into().map_err(|_| StoreError::Corrupt("schema"))?;
-                Some(u32::from_be_bytes(b))
-            }
-            None => None,
-        };
-        match found {
-            Some(v) if v > SCHEMA_VERSION => {
-                return Err(StoreError::TooNew { found: v, supported: SCHEMA_VERSION });
-            }
-            Some(v) if v == SCHEMA_VERSION => {}
-            // A fresh file, or an older schema: migrations from `v` to SCHEMA_VERSION go here,
-            // one step per version, inside this same transaction.
-            _ => {
-                meta.insert("schema_version", SCHEMA_VERSION.to_be_bytes().as_slice())?;
-            }
-        }
-    }
     txn.open_table(USERS)?;
     txn.open_table(IDENTITIES)?;
     txn.open_table(SESSIONS)?;
     txn.open_multimap_table(USER_SESSIONS)?;
     txn.open_table(KEY_PACKAGES)?;
     txn.open_table(KEY_PACKAGE_NEXT)?;
+    txn.open_table(LAST_RESORT)?;
     txn.open_table(HYBRID_KEYS)?;
     txn.open_table(QUEUES)?;
     txn.open_table(QUEUE_NEXT)?;
     txn.open_table(USAGE)?;
+    txn.open_table(SENDER_USAGE)?;
     txn.open_table(DEDUP)?;
     txn.open_table(EXPIRY)?;
     txn.open_table(BLOBS)?;
     txn.open_table(INVITES)?;
     txn.open_table(DEVICES)?;
+    let found = {
+        let meta = txn.open_table(META)?;
+        match meta.get("schema_version")? {
+            Some(v) => {
+                let b: [u8; 4] = v.value().try_into().map_err(|_| StoreError::Corrupt("schema"))?;
+                Some(u32::from_be_bytes(b))
+            }
+            None => None,
+        }
+    };
+    match found {
+        Some(v) if v > SCHEMA_VERSION => {
+            return Err(StoreError::TooNew { found: v, supported: SCHEMA_VERSION });
+        }
+        Some(v) if v == SCHEMA_VERSION => {}
+        // A fresh file, or an older schema: one step per version, in this same transaction.
+        older => {
+            if older.is_some_and(|v| v < 2) {
+                // 1 -> 2: the disk budget's counter starts from what the users hold. The new
+                // tables exist already; schema 1 records decode as they are.
+                let mut total = 0u64;
+                for row in txn.open_table(USAGE)?.iter()? {
+                    let (_, v) = row?;
+                    total = total.saturating_add(records::Usage::decode(v.value())?.stored());
+                }
+                set_stored_bytes(&txn, total)?;
+            }
+            txn.open_table(META)?
+                .insert("schema_version", SCHEMA_VERSION.to_be_bytes().as_slice())?;
+        }
+    }
     txn.commit()?;
     Ok(())
+}
+
+/// Queued payload bytes plus charged blob bytes on the whole server ([`STORED_BYTES`]).
+pub(crate) fn stored_bytes(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<u64, StoreError> {
+    match meta.get(STORED_BYTES)? {
+        Some(v) => {
+            let b: [u8; 8] = v.value().try_into().map_err(|_| StoreError::Corrupt("stored"))?;
+            Ok(u64::from_be_bytes(b))
+        }
+        None => Ok(0),
+    }
+}
+
+fn set_stored_bytes(txn: &WriteTransaction, value: u64) -> Result<(), StoreError> {
+    txn.open_table(META)?.insert(STORED_BYTES, value.to_be_bytes().as_slice())?;
+    Ok(())
+}
+
+/// Adds `add` and takes `sub` from the server's stored bytes, in the caller's transaction.
+pub(crate) fn change_stored_bytes(
+    txn: &WriteTransaction,
+    add: u64,
+    sub: u64,
+) -> Result<(), StoreError> {
+    if add == sub {
+        return Ok(());
+    }
+    let now = stored_bytes(&txn.open_table(META)?)?;
+    set_stored_bytes(txn, now.saturating_add(add).saturating_sub(sub))
 }
 
 trait WriteJob: Send {

@@ -31,8 +31,7 @@ const OPS: usize = 60;
 const USERS: usize = 6;
 const CHANNELS: [&[u8]; 2] = [&[], &[7; 16]];
 const MAX_KEY_PACKAGES: u32 = 50;
-const LIMITS: QueueLimits =
-    QueueLimits { max_messages: 100_000, max_bytes: 1 << 30, dedup_window_ms: 60_000 };
+const LIMITS: QueueLimits = QueueLimits::quota_only(100_000, 1 << 30, 60_000);
 const NOW: u64 = 1_000;
 const CACHE: usize = 1 << 20;
 
@@ -250,6 +249,8 @@ async fn run(store: &Store, op: &Op) -> Result<Outcome, StoreError> {
                     message_id: it.message_id.clone(),
                     payload: Arc::new(it.payload.clone()),
                     expires_ms: u64::MAX,
+                    sender: identity(0),
+                    handshake: false,
                 })
                 .collect();
             Outcome::Enqueue(store.enqueue(items, LIMITS, NOW).await?)

@@ -504,9 +504,45 @@ pub async fn read_response(
     Ok((header, body))
 }
 
-/// A fresh random identity key (the server only checks its length).
+/// A fresh random identity key. The server checks only its length, except in KeyPackages:
+/// for an account that uploads them, use a [`KeyMaker`]'s key.
 pub fn identity() -> [u8; 32] {
     rand::random()
+}
+
+/// A real device's MLS keys, for protocol-level tests: an Ed25519 identity and the
+/// KeyPackages its client would upload (made by `qpq_core::mls::Mls`, private keys kept in a
+/// throwaway vault).
+pub struct KeyMaker {
+    mls: qpq_core::mls::Mls,
+    _dir: tempfile::TempDir,
+}
+
+impl KeyMaker {
+    /// A fresh identity.
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let kdf = qpq_core::vault::KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 };
+        let vault = qpq_core::vault::Vault::create(&dir.path().join("keys"), b"keys", kdf).unwrap();
+        let identity = qpq_core::identity::Identity::generate();
+        Self { mls: qpq_core::mls::Mls::new(Arc::new(vault), identity), _dir: dir }
+    }
+
+    /// The identity key to register with.
+    pub fn identity_key(&self) -> [u8; 32] {
+        self.mls.identity_key()
+    }
+
+    /// A fresh KeyPackage, as the client uploads it (an `MLSMessage`).
+    pub fn key_package(&self) -> Vec<u8> {
+        self.mls.key_package().unwrap()
+    }
+}
+
+impl Default for KeyMaker {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// A fresh random message id.

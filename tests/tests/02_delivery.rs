@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use qpq_proto::{Message, Status, method, v1};
-use qpq_tests::{CallError, Client, ServerProcess, identity, message_id};
+use qpq_tests::{CallError, Client, KeyMaker, ServerProcess, identity, message_id};
 use sha2::{Digest, Sha256};
 
 struct User {
@@ -14,8 +14,11 @@ struct User {
 }
 
 async fn user(server: &ServerProcess, name: &str) -> User {
+    user_with(server, name, identity()).await
+}
+
+async fn user_with(server: &ServerProcess, name: &str, id: [u8; 32]) -> User {
     let c = server.client().await.unwrap();
-    let id = identity();
     c.register(name, "pw", &id, "").await.unwrap();
     let token = c.login(name, "pw", &id).await.unwrap();
     User { c, id, token }
@@ -240,13 +243,6 @@ async fn ttl_expiry_and_sweep() {
     }
 }
 
-fn key_package(tag: u8) -> Vec<u8> {
-    // An MLS 1.0 KeyPackage header with ciphersuite 0x004F (X-Wing); the server reads only that far.
-    let mut kp = vec![0, 1, 0x00, 0x4F];
-    kp.extend_from_slice(&[tag; 100]);
-    kp
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_packages_are_single_use_fifo_with_low_stock_push() {
     let dir = tempfile::tempdir().unwrap();
@@ -255,33 +251,44 @@ async fn key_packages_are_single_use_fifo_with_low_stock_push() {
         &["--set", "limits.key_package_low_water=2", "--set", "limits.max_key_packages=3"],
     )
     .unwrap();
-    let alice = user(&server, "alice").await;
+    // KeyPackages made by alice's real MLS keys: the server verifies them against her account.
+    let keys = KeyMaker::new();
+    let alice = user_with(&server, "alice", keys.identity_key()).await;
     let bob = user(&server, "bob").await;
-    for tag in 1..=3 {
+    let packages: Vec<Vec<u8>> = (0..5).map(|_| keys.key_package()).collect();
+    for (stock, package) in (1..).zip(&packages[1..=3]) {
         let r: v1::UploadKeyPackageResponse = alice
             .c
             .call(
                 method::UPLOAD_KEY_PACKAGE,
                 &v1::UploadKeyPackageRequest {
                     identity_key: alice.id.to_vec(),
-                    package: key_package(tag),
+                    package: package.clone(),
+                    last_resort: false,
                 },
             )
             .await
             .unwrap();
-        assert_eq!(r.fingerprint, Sha256::digest(key_package(tag)).to_vec());
-        assert_eq!(r.stock, u32::from(tag));
+        assert_eq!(r.fingerprint, Sha256::digest(package).to_vec());
+        assert_eq!(r.stock, stock);
     }
     let full = alice
         .c
         .call::<_, v1::UploadKeyPackageResponse>(
             method::UPLOAD_KEY_PACKAGE,
-            &v1::UploadKeyPackageRequest { identity_key: vec![], package: key_package(4) },
+            &v1::UploadKeyPackageRequest {
+                identity_key: vec![],
+                package: packages[4].clone(),
+                last_resort: false,
+            },
         )
         .await;
     assert_eq!(status(full), Status::Conflict);
-    let wrong_suite =
-        v1::UploadKeyPackageRequest { identity_key: vec![], package: vec![0, 1, 0, 1, 5, 5] };
+    let wrong_suite = v1::UploadKeyPackageRequest {
+        identity_key: vec![],
+        package: vec![0, 1, 0, 1, 5, 5],
+        last_resort: false,
+    };
     assert_eq!(
         status(
             alice
@@ -291,8 +298,11 @@ async fn key_packages_are_single_use_fifo_with_low_stock_push() {
         ),
         Status::BadRequest
     );
-    let not_mine =
-        v1::UploadKeyPackageRequest { identity_key: bob.id.to_vec(), package: key_package(5) };
+    let not_mine = v1::UploadKeyPackageRequest {
+        identity_key: bob.id.to_vec(),
+        package: packages[0].clone(),
+        last_resort: false,
+    };
     assert_eq!(
         status(
             alice
@@ -305,10 +315,10 @@ async fn key_packages_are_single_use_fifo_with_low_stock_push() {
 
     while alice.c.next_push(Duration::from_millis(50)).await.is_some() {}
     let fetch = v1::FetchKeyPackageRequest { identity_key: alice.id.to_vec() };
-    for tag in 1..=3 {
+    for package in &packages[1..=3] {
         let r: v1::FetchKeyPackageResponse =
             bob.c.call(method::FETCH_KEY_PACKAGE, &fetch).await.unwrap();
-        assert_eq!(r.package, key_package(tag), "oldest first, each once");
+        assert_eq!(&r.package, package, "oldest first, each once");
     }
     let r: v1::FetchKeyPackageResponse =
         bob.c.call(method::FETCH_KEY_PACKAGE, &fetch).await.unwrap();
@@ -490,16 +500,15 @@ async fn delete_account_purges_everything() {
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProcess::start(dir.path(), &[]).unwrap();
     let alice = user(&server, "alice").await;
-    let bob = user(&server, "bob").await;
+    let bob_keys = KeyMaker::new();
+    let bob = user_with(&server, "bob", bob_keys.identity_key()).await;
     alice.c.enqueue(&bob.id, b"for bob", message_id()).await.unwrap();
-    let _: v1::UploadKeyPackageResponse = bob
-        .c
-        .call(
-            method::UPLOAD_KEY_PACKAGE,
-            &v1::UploadKeyPackageRequest { identity_key: vec![], package: key_package(1) },
-        )
-        .await
-        .unwrap();
+    for last_resort in [false, true] {
+        let package = bob_keys.key_package();
+        let req = v1::UploadKeyPackageRequest { identity_key: vec![], package, last_resort };
+        let _: v1::UploadKeyPackageResponse =
+            bob.c.call(method::UPLOAD_KEY_PACKAGE, &req).await.unwrap();
+    }
     let other = server.client().await.unwrap();
     other.resume(&bob.token).await.unwrap();
 

@@ -354,12 +354,8 @@ async fn unauthenticated_calls_are_unauthorized() {
     let mut h = TempServer::start(&[]);
     let by = Bystander::new(&h).await;
     let anon = h.client().await;
-    let kp = {
-        // A bare MLS 1.0 KeyPackage header with the accepted ciphersuite 0x004F (X-Wing).
-        let mut p = vec![0, 1, 0x00, 0x4F];
-        p.extend_from_slice(&[7; 60]);
-        p
-    };
+    // A real, valid KeyPackage: refused all the same without a login.
+    let kp = qpq_tests::KeyMaker::new().key_package();
 
     let attack = async {
         let r = anon.enqueue(&by.recipient_key, b"spam", message_id()).await;
@@ -396,7 +392,11 @@ async fn unauthenticated_calls_are_unauthorized() {
         let r = anon
             .call::<_, v1::UploadKeyPackageResponse>(
                 method::UPLOAD_KEY_PACKAGE,
-                &v1::UploadKeyPackageRequest { identity_key: Vec::new(), package: kp.clone() },
+                &v1::UploadKeyPackageRequest {
+                    identity_key: Vec::new(),
+                    package: kp.clone(),
+                    last_resort: false,
+                },
             )
             .await;
         assert_eq!(failure("anonymous key package upload", r).0, Status::Unauthorized);

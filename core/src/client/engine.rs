@@ -57,6 +57,29 @@ pub enum ClientError {
     /// No conversation matches.
     #[error("no conversation {0:?}")]
     UnknownConversation(String),
+    /// A bare name that more than one conversation has: the user must say which.
+    #[error(
+        "{name:?} could mean {}: say which, with @{} for the direct conversation or #{} for \
+         a group (or the group's id, as listed)",
+        matches.join(", "),
+        name.escape_debug(),
+        name.escape_debug()
+    )]
+    AmbiguousConversation {
+        /// What was asked for.
+        name: String,
+        /// The conversations it matches, as `@name` / `#name (id …)`.
+        matches: Vec<String>,
+    },
+    /// The store of a registered account has no pinned server certificate. Registration
+    /// always stores one, so the entry was deleted outside qpq; trusting whatever certificate
+    /// answers now would hand the account to whoever answers.
+    #[error(
+        "the store has no pinned server certificate: it was modified outside qpq. Nothing was \
+         sent. Restore the store from a backup, or move it aside and register again (if \
+         registration was interrupted, that is all it takes)"
+    )]
+    PinMissing,
     /// The user has no KeyPackage left on the server.
     #[error("{0} has no KeyPackages left on the server; they need to come online")]
     NoKeyPackage(String),
@@ -243,17 +266,37 @@ impl Client {
         }
         let vault = Arc::new(Vault::create(&o.store, o.passphrase.as_bytes(), o.kdf)?);
         let identity = Identity::generate();
-        vault.put(Space::Account, b"seed", identity.seed().as_slice())?;
-        vault.put(Space::Account, b"username", o.username.as_bytes())?;
-        vault.put(Space::Account, b"server", o.server.to_string().as_bytes())?;
-        if let Some(pin) = &o.pin {
-            vault.put(Space::Account, b"pin", pin.as_bytes())?;
-        }
+        let seed = identity.seed();
         let mut client =
             Self::assemble(vault, identity, o.username.clone(), o.server, o.pin.clone());
         let mut registered = false;
         let result = async {
-            client.dial().await?;
+            // Without a pin given, the certificate of this first connection is the account's
+            // pin (trust on first use, here and nowhere else). The identity, the server and
+            // the pin land in one transaction: no store of this account ever lacks its pin,
+            // so a missing one later means the store was edited (`ClientError::PinMissing`).
+            if client.pin.is_none() {
+                let conn = Connection::connect(
+                    client.server,
+                    "localhost",
+                    None,
+                    client.push_tx.clone(),
+                    client.idle_timeout,
+                )
+                .await?;
+                client.pin = Some(conn.fingerprint.clone());
+                client.conn = Some(conn);
+            }
+            let pin = client.pin.clone().ok_or(ClientError::PinMissing)?;
+            client.vault.atomic(|| -> Result<(), VaultError> {
+                client.vault.put(Space::Account, b"seed", seed.as_slice())?;
+                client.vault.put(Space::Account, b"username", o.username.as_bytes())?;
+                client.vault.put(Space::Account, b"server", o.server.to_string().as_bytes())?;
+                client.vault.put(Space::Account, b"pin", pin.as_bytes())
+            })?;
+            if client.conn.is_none() {
+                client.dial().await?;
+            }
             let conn = client.connection()?;
             let start = opaque::register_start(o.password.as_bytes())?;
             let resp: v1::OpaqueRegisterStartResponse = conn
@@ -293,12 +336,17 @@ impl Client {
                 // Nothing was created on the server: leave no store that claims an account.
                 drop(client);
                 let _ = std::fs::remove_file(&o.store);
+                let _ = std::fs::remove_file(crate::vault::anchor_path(&o.store));
                 Err(e)
             }
         }
     }
 
     /// Unlocks an existing store. No network.
+    ///
+    /// Refuses a store that was rolled back or edited outside qpq: an older copy put back
+    /// ([`VaultError::RolledBack`] and its siblings), or an account without its pinned server
+    /// certificate ([`ClientError::PinMissing`]).
     pub fn open(store: &Path, passphrase: &str) -> Result<Self, ClientError> {
         let vault = Arc::new(Vault::open(store, passphrase.as_bytes())?);
         let seed = vault
@@ -313,9 +361,11 @@ impl Client {
             String::from_utf8_lossy(&vault.get(Space::Account, b"server")?.unwrap_or_default())
                 .parse()
                 .map_err(|_| ClientError::Invalid("store has no server address".into()))?;
-        let pin =
-            vault.get(Space::Account, b"pin")?.map(|p| String::from_utf8_lossy(&p).into_owned());
-        let mut c = Self::assemble(vault, Identity::from_seed(&seed), username, server, pin);
+        let pin = vault
+            .get(Space::Account, b"pin")?
+            .map(|p| String::from_utf8_lossy(&p).into_owned())
+            .ok_or(ClientError::PinMissing)?;
+        let mut c = Self::assemble(vault, Identity::from_seed(&seed), username, server, Some(pin));
         c.last_seq = c.state_u64(b"last_seq")?;
         Ok(c)
     }
@@ -414,23 +464,22 @@ impl Client {
         self.conn.as_ref().ok_or(ClientError::Net(NetError::Connection("not connected".into())))
     }
 
-    /// Opens the QUIC connection (pinning the certificate on first use). No login.
+    /// Opens the QUIC connection to the pinned certificate. No login. Never pins: only
+    /// registration trusts a first certificate, so without a pin this is
+    /// [`ClientError::PinMissing`] before any packet is sent.
     async fn dial(&mut self) -> Result<(), ClientError> {
         if let Some(old) = self.conn.take() {
             old.close().await;
         }
+        let pin = self.pin.clone().ok_or(ClientError::PinMissing)?;
         let conn = Connection::connect(
             self.server,
             "localhost",
-            self.pin.as_deref(),
+            Some(pin.as_str()),
             self.push_tx.clone(),
             self.idle_timeout,
         )
         .await?;
-        if self.pin.is_none() {
-            self.vault.put(Space::Account, b"pin", conn.fingerprint.as_bytes())?;
-            self.pin = Some(conn.fingerprint.clone());
-        }
         self.conn = Some(conn);
         Ok(())
     }
@@ -565,20 +614,39 @@ impl Client {
         }
     }
 
-    /// Tops the KeyPackage stock up to the target; returns how many were uploaded.
+    /// Tops the KeyPackage stock up to the target, never past it (at most the shortfall the
+    /// server reported, however fast others fetch meanwhile), and uploads a last-resort package
+    /// when the server holds none that is unused: the one handed out when the stock runs dry,
+    /// so a DM or an add still works. Returns how many were uploaded.
     pub async fn ensure_key_packages(&mut self) -> Result<u32, ClientError> {
         let stock: v1::KeyPackageStockResponse =
             self.call(method::KEY_PACKAGE_STOCK, &v1::KeyPackageStockRequest {}).await?;
-        let mut uploaded = 0;
-        for _ in stock.stock..KEY_PACKAGE_TARGET {
-            let package = self.mls.key_package()?;
-            let _: v1::UploadKeyPackageResponse = self
-                .call(
-                    method::UPLOAD_KEY_PACKAGE,
-                    &v1::UploadKeyPackageRequest { identity_key: Vec::new(), package },
-                )
-                .await?;
-            uploaded += 1;
+        let shortfall = KEY_PACKAGE_TARGET.saturating_sub(stock.stock);
+        let (mut uploaded, mut full) = (0, false);
+        for i in 0..shortfall + u32::from(!stock.last_resort) {
+            let last_resort = i == shortfall;
+            if full && !last_resort {
+                continue;
+            }
+            let package = if last_resort {
+                self.mls.last_resort_key_package()?
+            } else {
+                self.mls.key_package()?
+            };
+            let req =
+                v1::UploadKeyPackageRequest { identity_key: Vec::new(), package, last_resort };
+            match self
+                .call::<_, v1::UploadKeyPackageResponse>(method::UPLOAD_KEY_PACKAGE, &req)
+                .await
+            {
+                Ok(r) => {
+                    uploaded += 1;
+                    full = r.stock >= KEY_PACKAGE_TARGET;
+                }
+                // The server holds all it will take (its limit is below our target).
+                Err(ClientError::Net(e)) if e.status() == Some(Status::Conflict) => full = true,
+                Err(e) => return Err(e),
+            }
         }
         Ok(uploaded)
     }
@@ -743,15 +811,67 @@ impl Client {
         self.vault.get(Space::Conversations, id)?.map(|v| unjson(&v)).transpose()
     }
 
-    /// Finds a conversation by group name, DM peer name or hex id prefix.
-    pub fn find_conversation(&self, name: &str) -> Result<Conversation, ClientError> {
-        let all = self.conversations()?;
-        let name = name.trim_start_matches(['@', '#']);
-        all.iter()
-            .find(|c| c.name == name)
-            .or_else(|| all.iter().find(|c| hex(&c.id).starts_with(name) && name.len() >= 4))
-            .cloned()
-            .ok_or_else(|| ClientError::UnknownConversation(name.into()))
+    /// Finds a conversation by its address: `@name` is the direct conversation with that user,
+    /// `#name` a group of that name, and a bare `name` either, but only when exactly one
+    /// conversation has that name. Whoever runs a group chooses its name, so a group may be
+    /// named like a contact: more than one match is [`ClientError::AmbiguousConversation`],
+    /// never a guess. Where no name matches, a hex id prefix (4 digits or more, after the
+    /// sigil or alone) names a conversation: the way to tell two groups of one name apart.
+    pub fn find_conversation(&self, address: &str) -> Result<Conversation, ClientError> {
+        let (kind, name) = if let Some(n) = address.strip_prefix('@') {
+            (Some(ConvKind::Dm), n)
+        } else if let Some(n) = address.strip_prefix('#') {
+            (Some(ConvKind::Group), n)
+        } else {
+            (None, address)
+        };
+        let all: Vec<Conversation> = self
+            .conversations()?
+            .into_iter()
+            .filter(|c| kind.is_none_or(|k| c.kind == k))
+            .collect();
+        let mut found: Vec<&Conversation> = all.iter().filter(|c| c.name == name).collect();
+        if found.is_empty() && name.len() >= 4 {
+            let prefix = name.to_ascii_lowercase();
+            found = all.iter().filter(|c| hex(&c.id).starts_with(&prefix)).collect();
+        }
+        match found.as_slice() {
+            [one] => Ok((*one).clone()),
+            [] => Err(ClientError::UnknownConversation(address.into())),
+            many => Err(ClientError::AmbiguousConversation {
+                name: name.into(),
+                matches: many
+                    .iter()
+                    // Names come from peers: escaped, so an error never drives a terminal.
+                    .map(|c| match c.kind {
+                        ConvKind::Dm => format!("@{}", c.name.escape_debug()),
+                        ConvKind::Group => format!(
+                            "#{} (id {})",
+                            c.name.escape_debug(),
+                            hex(&c.id[..4.min(c.id.len())])
+                        ),
+                    })
+                    .collect(),
+            }),
+        }
+    }
+
+    /// How a conversation is written in lists and output, as [`Client::find_conversation`]
+    /// takes it: `@name` for the direct conversation with that user, `#name` for a group. A
+    /// group whose name is also a person's here (ours, a DM peer's, a remembered contact's)
+    /// says so, since its name was chosen by whoever runs it.
+    pub fn conversation_label(&self, c: &Conversation) -> Result<String, ClientError> {
+        if c.kind == ConvKind::Dm {
+            return Ok(format!("@{}", c.name));
+        }
+        let personal = c.name == self.username
+            || self.contact(&c.name)?.is_some()
+            || self.conversations()?.iter().any(|d| d.kind == ConvKind::Dm && d.name == c.name);
+        Ok(if personal {
+            format!("#{} (a group, named like the person @{})", c.name, c.name)
+        } else {
+            format!("#{}", c.name)
+        })
     }
 
     fn save_conversation(&self, c: &Conversation) -> Result<(), ClientError> {
@@ -1152,7 +1272,24 @@ impl Client {
             let r: Result<v1::BatchEnqueueResponse, NetError> =
                 self.connection()?.call(method::BATCH_ENQUEUE, &req, Duration::ZERO).await;
             match r {
-                Ok(_) => {}
+                Ok(resp) => {
+                    // Members whose queue refused the commit (seq 0) miss this epoch: say who,
+                    // and why, instead of leaving them cut out in silence.
+                    for (i, k) in pending.commit_to.iter().enumerate() {
+                        if resp.seqs.get(i) != Some(&0) {
+                            continue;
+                        }
+                        let who = self.cached_name(k).unwrap_or_else(|| hex(&k[..k.len().min(8)]));
+                        let why =
+                            match resp.refusals.get(i).map(|r| v1::EnqueueRefusal::try_from(*r)) {
+                                Some(Ok(r)) if r != v1::EnqueueRefusal::None => r.describe(),
+                                _ => "the server did not store it",
+                            };
+                        self.emit(Event::Rejected {
+                            reason: format!("group change not delivered to {who}: {why}"),
+                        });
+                    }
+                }
                 Err(e @ (NetError::Connection(_) | NetError::Timeout)) => {
                     self.conn = None;
                     return Err(e.into());
@@ -1406,7 +1543,23 @@ impl Client {
             let r: Result<v1::BatchEnqueueResponse, NetError> =
                 self.connection()?.call(method::BATCH_ENQUEUE, &req, Duration::ZERO).await;
             match r {
-                Ok(_) => {}
+                Ok(resp) => {
+                    // Recipients whose copy the server did not store (seq 0): say who, and why.
+                    for (i, k) in to.iter().enumerate() {
+                        if resp.seqs.get(i) != Some(&0) {
+                            continue;
+                        }
+                        let who = self.cached_name(k).unwrap_or_else(|| hex(&k[..8]));
+                        let why =
+                            match resp.refusals.get(i).map(|r| v1::EnqueueRefusal::try_from(*r)) {
+                                Some(Ok(r)) if r != v1::EnqueueRefusal::None => r.describe(),
+                                _ => "the server did not store it",
+                            };
+                        self.emit(Event::Rejected {
+                            reason: format!("message not delivered to {who}: {why}"),
+                        });
+                    }
+                }
                 Err(e @ (NetError::Connection(_) | NetError::Timeout)) => {
                     self.conn = None;
                     return Err(e.into());
@@ -1586,7 +1739,16 @@ impl Client {
                 }
             }
             method::PUSH_KEY_PACKAGES_LOW => {
-                self.ensure_key_packages().await?;
+                // Whoever fetches our packages decides how often this comes (every fetch below
+                // the low-water mark): top up from these pushes at most once a minute. The
+                // last-resort package covers the gaps.
+                const LAST_TOP_UP: &[u8] = b"kp_top_up_ms";
+                const EVERY_MS: u64 = 60_000;
+                let (now, last) = (now_ms(), self.state_u64(LAST_TOP_UP)?);
+                if now.saturating_sub(last) >= EVERY_MS || last > now {
+                    self.vault.put(Space::State, LAST_TOP_UP, &now.to_be_bytes())?;
+                    self.ensure_key_packages().await?;
+                }
             }
             _ => {}
         }

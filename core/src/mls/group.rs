@@ -265,6 +265,20 @@ impl Mls {
         })
     }
 
+    /// A last-resort KeyPackage (RFC 9420 §16.8): the server hands it out only when the
+    /// stock of single-use ones is empty, and may hand it out more than once, so its private
+    /// keys stay in the store after a Welcome uses it (until a fresh one replaces it).
+    pub fn last_resort_key_package(&self) -> Result<Vec<u8>, GroupError> {
+        self.atomic(|| {
+            let bundle = KeyPackage::builder()
+                .leaf_node_capabilities(capabilities())
+                .mark_as_last_resort()
+                .build(CIPHERSUITE, &self.provider, &self.identity, self.credential.clone())
+                .map_err(mls)?;
+            MlsMessageOut::from(bundle.key_package().clone()).tls_serialize_detached().map_err(mls)
+        })
+    }
+
     /// Creates a group (or DM) with us as its only member and admin.
     pub fn create(&self, kind: Kind) -> Result<Vec<u8>, GroupError> {
         self.atomic(|| {
@@ -746,12 +760,13 @@ impl Mls {
     }
 }
 
-/// Leaf capabilities: our ciphersuite and the qpq group extension.
+/// Leaf capabilities: our ciphersuite, the qpq group extension, and the last-resort
+/// KeyPackage extension (a leaf must list every extension its KeyPackage carries).
 fn capabilities() -> Capabilities {
     Capabilities::new(
         None,
         Some(&[CIPHERSUITE]),
-        Some(&[ExtensionType::Unknown(QPQ_GROUP_EXTENSION)]),
+        Some(&[ExtensionType::Unknown(QPQ_GROUP_EXTENSION), ExtensionType::LastResort]),
         None,
         None,
     )

@@ -33,6 +33,7 @@ pub(super) async fn upload(ctx: &Conn, req: v1::UploadBlobRequest) -> RpcResult 
         quota_bytes: l.blob_quota_bytes,
         ttl_ms: l.blob_ttl_secs.saturating_mul(1000),
         incomplete_ttl_ms: INCOMPLETE_TTL_MS,
+        disk_bytes: super::delivery::disk_application_bytes(l.disk_budget_bytes),
     };
     let total = req.total_size;
     let outcome = ctx
@@ -72,6 +73,11 @@ pub(super) async fn upload(ctx: &Conn, req: v1::UploadBlobRequest) -> RpcResult 
         UploadOutcome::HashMismatch => Err(RpcError::new(
             Status::BadRequest,
             "content does not hash to blob_id; the upload was discarded",
+        )),
+        UploadOutcome::StorageFull => Err(RpcError::retry(
+            Status::Unavailable,
+            "the server's storage budget cannot take this blob now; try again later",
+            std::time::Duration::from_secs(60),
         )),
         UploadOutcome::NotOwner => {
             Err(RpcError::new(Status::Conflict, "another user is uploading this blob"))

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use qpq_core::keypackage;
 use qpq_proto::{MAX_PAYLOAD, Message, Status, frame, method, v1};
 
 use super::{Bound, Conn, RpcError, RpcResult, id16, key32, ok};
@@ -22,14 +23,18 @@ const DEFAULT_FETCH: usize = 100;
 const MAX_FETCH: usize = 500;
 /// Payload bytes per Fetch response.
 const FETCH_BYTES: usize = MAX_PAYLOAD as usize - 64 * 1024;
-/// Retry hint when a recipient's queue is full.
+/// Retry hint when a recipient's queue, the caller's share of it, or the disk budget is full.
 const QUEUE_FULL_RETRY: Duration = Duration::from_secs(60);
+/// The share of the disk budget application messages and blobs may use; the rest takes only
+/// handshake messages, so a full disk still carries the group changes that keep members in.
+pub const DISK_APPLICATION_PERCENT: u64 = 90;
 
 pub(super) async fn enqueue(ctx: &Conn, req: v1::EnqueueRequest) -> RpcResult {
-    let _me = ctx.principal()?;
+    let me = ctx.principal()?;
     let recipient = key32("recipient_key", &req.recipient_key)?;
     let item = item(
         ctx,
+        me.identity,
         recipient,
         &req.channel_id,
         &req.message_id,
@@ -48,6 +53,10 @@ pub(super) async fn enqueue(ctx: &Conn, req: v1::EnqueueRequest) -> RpcResult {
         Some(EnqueueOutcome::UnknownRecipient) => {
             Err(RpcError::new(Status::NotFound, "no user has this recipient key"))
         }
+        Some(EnqueueOutcome::SenderShare) => {
+            Err(RpcError::retry(Status::RateLimited, sender_share_message(ctx), QUEUE_FULL_RETRY))
+        }
+        Some(EnqueueOutcome::StorageFull) => Err(storage_full()),
         Some(EnqueueOutcome::QueueFull) | None => Err(RpcError::retry(
             Status::Unavailable,
             "the recipient's queue is full",
@@ -56,8 +65,23 @@ pub(super) async fn enqueue(ctx: &Conn, req: v1::EnqueueRequest) -> RpcResult {
     }
 }
 
+fn sender_share_message(ctx: &Conn) -> String {
+    format!(
+        "you already hold your share ({} %) of the recipient's queue; they have to fetch first",
+        ctx.shared.config.limits.queue_sender_share_percent
+    )
+}
+
+fn storage_full() -> RpcError {
+    RpcError::retry(
+        Status::Unavailable,
+        "the server's storage budget is used up; try again later",
+        QUEUE_FULL_RETRY,
+    )
+}
+
 pub(super) async fn batch_enqueue(ctx: &Conn, req: v1::BatchEnqueueRequest) -> RpcResult {
-    let _me = ctx.principal()?;
+    let me = ctx.principal()?;
     let max = ctx.shared.config.limits.max_batch_recipients as usize;
     if req.recipient_keys.is_empty() {
         return Err(RpcError::new(Status::BadRequest, "no recipients"));
@@ -84,25 +108,46 @@ pub(super) async fn batch_enqueue(ctx: &Conn, req: v1::BatchEnqueueRequest) -> R
     let payload = Arc::new(req.payload);
     let items = recipients
         .iter()
-        .map(|r| item(ctx, *r, &req.channel_id, &req.message_id, payload.clone(), req.ttl_secs))
+        .map(|r| {
+            item(
+                ctx,
+                me.identity,
+                *r,
+                &req.channel_id,
+                &req.message_id,
+                payload.clone(),
+                req.ttl_secs,
+            )
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let now = now_ms();
     let outcomes = ctx.shared.store.enqueue(items.clone(), limits(ctx), now).await?;
+    // The disk budget refuses the whole batch (nothing new of it was stored): a retry later,
+    // with the same message id, stores it or finds the duplicates.
+    if outcomes.contains(&EnqueueOutcome::StorageFull) {
+        return Err(storage_full());
+    }
     let mut resp = v1::BatchEnqueueResponse::default();
     for (item, outcome) in items.iter().zip(&outcomes) {
-        match outcome {
+        let refusal = match outcome {
             EnqueueOutcome::Stored { seq, duplicate } => {
                 if !duplicate {
                     announce(ctx, item, *seq, now);
                 }
                 resp.seqs.push(*seq);
                 resp.duplicates.push(*duplicate);
+                resp.refusals.push(v1::EnqueueRefusal::None.into());
+                continue;
             }
-            EnqueueOutcome::UnknownRecipient | EnqueueOutcome::QueueFull => {
-                resp.seqs.push(0);
-                resp.duplicates.push(false);
+            EnqueueOutcome::UnknownRecipient => v1::EnqueueRefusal::UnknownRecipient,
+            EnqueueOutcome::QueueFull | EnqueueOutcome::StorageFull => {
+                v1::EnqueueRefusal::QueueFull
             }
-        }
+            EnqueueOutcome::SenderShare => v1::EnqueueRefusal::SenderShare,
+        };
+        resp.seqs.push(0);
+        resp.duplicates.push(false);
+        resp.refusals.push(refusal.into());
     }
     ok(resp)
 }
@@ -219,6 +264,7 @@ pub(super) async fn relay(ctx: &Conn, req: v1::RelayEphemeralRequest) -> RpcResu
 /// Builds a validated queue item.
 fn item(
     ctx: &Conn,
+    sender: [u8; 32],
     recipient: [u8; 32],
     channel: &[u8],
     message_id: &[u8],
@@ -243,18 +289,35 @@ fn item(
         recipient,
         channel: channel.to_vec(),
         message_id: message_id.to_vec(),
+        handshake: keypackage::is_handshake(&payload),
         payload,
         expires_ms: now_ms().saturating_add(ttl.saturating_mul(1000)),
+        sender,
     })
 }
 
 fn limits(ctx: &Conn) -> QueueLimits {
     let l = &ctx.shared.config.limits;
+    let share = |n: u64| (u128::from(n) * u128::from(l.queue_sender_share_percent) / 100) as u64;
     QueueLimits {
         max_messages: l.max_queue_messages,
         max_bytes: l.max_queue_bytes,
+        // At least one message each, however small the queue.
+        sender_messages: share(l.max_queue_messages).max(1),
+        sender_bytes: share(l.max_queue_bytes),
+        reserve_messages: l.handshake_reserve_messages,
+        reserve_bytes: l.handshake_reserve_bytes,
+        sender_reserve_messages: share(l.handshake_reserve_messages).max(1),
+        sender_reserve_bytes: share(l.handshake_reserve_bytes),
+        disk_bytes: disk_application_bytes(l.disk_budget_bytes),
+        disk_handshake_bytes: l.disk_budget_bytes,
         dedup_window_ms: l.dedup_window_secs.saturating_mul(1000),
     }
+}
+
+/// The stored bytes up to which application messages and blobs are taken.
+pub(super) fn disk_application_bytes(budget: u64) -> u64 {
+    (u128::from(budget) * u128::from(DISK_APPLICATION_PERCENT) / 100) as u64
 }
 
 /// Wakes long polls and pushes `NewMessage` to the recipient's connections.

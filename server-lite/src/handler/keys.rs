@@ -1,5 +1,8 @@
 //! KeyPackages and hybrid keys (methods 300-305).
 
+use std::time::Instant;
+
+use qpq_core::keypackage::{self, KeyPackageError};
 use qpq_proto::{Status, method, v1};
 use sha2::{Digest, Sha256};
 
@@ -19,17 +22,13 @@ pub(super) async fn upload_key_package(ctx: &Conn, req: v1::UploadKeyPackageRequ
     if req.package.len() > l.max_key_package_bytes as usize {
         return Err(RpcError::new(Status::PayloadTooLarge, "KeyPackage too large"));
     }
-    match ciphersuite(&req.package) {
-        Some(cs) if l.key_package_ciphersuites.contains(&cs) => {}
-        Some(cs) => {
-            return Err(RpcError::new(
-                Status::BadRequest,
-                format!("KeyPackage ciphersuite 0x{cs:04X} is not accepted by this server"),
-            ));
-        }
-        None => return Err(RpcError::new(Status::BadRequest, "not an MLS 1.0 KeyPackage")),
-    }
+    check_key_package(&req.package, &me.identity, &l.key_package_ciphersuites)?;
     let fingerprint = Sha256::digest(&req.package).to_vec();
+    if req.last_resort {
+        ctx.shared.store.set_last_resort_key_package(me.identity, req.package).await?;
+        let stock = ctx.shared.store.key_package_stock(&me.identity)?;
+        return ok(v1::UploadKeyPackageResponse { fingerprint, stock });
+    }
     match ctx.shared.store.upload_key_package(me.identity, req.package, l.max_key_packages).await? {
         Some(stock) => ok(v1::UploadKeyPackageResponse { fingerprint, stock }),
         None => Err(RpcError::new(
@@ -39,9 +38,43 @@ pub(super) async fn upload_key_package(ctx: &Conn, req: v1::UploadKeyPackageRequ
     }
 }
 
+/// Refuses a KeyPackage that does not parse, is of a ciphersuite not on the allowlist, is not
+/// signed by its own leaf, or whose credential does not bind it to the uploader's account.
+fn check_key_package(package: &[u8], me: &[u8; 32], suites: &[u16]) -> Result<(), RpcError> {
+    let refused = |e: KeyPackageError| {
+        let status = match e {
+            KeyPackageError::TooLarge { .. } => Status::PayloadTooLarge,
+            _ => Status::BadRequest,
+        };
+        RpcError::new(status, format!("KeyPackage refused: {e}"))
+    };
+    let kp = keypackage::parse(package).map_err(refused)?;
+    if !suites.contains(&kp.cipher_suite) {
+        return Err(RpcError::new(
+            Status::BadRequest,
+            format!(
+                "KeyPackage refused: ciphersuite 0x{:04X} is not accepted by this server",
+                kp.cipher_suite
+            ),
+        ));
+    }
+    let binding = kp.verify().map_err(refused)?;
+    if binding.account != *me {
+        return Err(RpcError::new(
+            Status::BadRequest,
+            format!(
+                "KeyPackage refused: its credential belongs to account {}..., not to yours",
+                &crate::store::hex(&binding.account)[..16]
+            ),
+        ));
+    }
+    Ok(())
+}
+
 pub(super) async fn fetch_key_package(ctx: &Conn, req: v1::FetchKeyPackageRequest) -> RpcResult {
-    let _me = ctx.principal()?;
+    let me = ctx.principal()?;
     let owner = key32("identity_key", &req.identity_key)?;
+    limit_fetch(ctx, &me.identity, &owner)?;
     let pop = ctx.shared.store.pop_key_package(owner).await?;
     let low = ctx.shared.config.limits.key_package_low_water;
     if pop.package.is_some() && pop.remaining < low {
@@ -50,7 +83,31 @@ pub(super) async fn fetch_key_package(ctx: &Conn, req: v1::FetchKeyPackageReques
             ctx.shared.hub.push(&owner, &frame, None);
         }
     }
-    ok(v1::FetchKeyPackageResponse { package: pop.package.unwrap_or_default() })
+    ok(v1::FetchKeyPackageResponse {
+        package: pop.package.unwrap_or_default(),
+        last_resort: pop.last_resort,
+    })
+}
+
+/// Takes a token from the requester's and the target's fetch buckets, or neither.
+fn limit_fetch(ctx: &Conn, me: &[u8; 32], owner: &[u8; 32]) -> Result<(), RpcError> {
+    let now = Instant::now();
+    let (by_user, by_target) =
+        (&ctx.shared.key_package_fetch_per_user, &ctx.shared.key_package_fetch_per_target);
+    let user = |after| {
+        RpcError::retry(Status::RateLimited, "too many KeyPackage fetches from your account", after)
+    };
+    let target = |after| {
+        RpcError::retry(
+            Status::RateLimited,
+            "too many KeyPackage fetches of this user's packages",
+            after,
+        )
+    };
+    by_user.allowed(me, now).map_err(user)?;
+    by_target.allowed(owner, now).map_err(target)?;
+    by_user.check(me, now).map_err(user)?;
+    by_target.check(owner, now).map_err(target)
 }
 
 pub(super) async fn stock(ctx: &Conn, _req: v1::KeyPackageStockRequest) -> RpcResult {
@@ -59,6 +116,7 @@ pub(super) async fn stock(ctx: &Conn, _req: v1::KeyPackageStockRequest) -> RpcRe
     ok(v1::KeyPackageStockResponse {
         stock,
         low_water: ctx.shared.config.limits.key_package_low_water,
+        last_resort: ctx.shared.store.has_fresh_last_resort(&me.identity)?,
     })
 }
 
@@ -105,32 +163,5 @@ fn own_key(me: &[u8; 32], field: &[u8]) -> Result<(), RpcError> {
         Ok(())
     } else {
         Err(RpcError::new(Status::Forbidden, "you can only upload your own keys"))
-    }
-}
-
-/// The ciphersuite of a TLS-serialized MLS 1.0 KeyPackage, bare or wrapped in an MLSMessage.
-pub fn ciphersuite(kp: &[u8]) -> Option<u16> {
-    // MLSMessage { version = mls10 (1), wire_format = mls_key_package (5), KeyPackage }
-    let body = match kp {
-        [0, 1, 0, 5, rest @ ..] if rest.starts_with(&[0, 1]) => rest,
-        _ => kp,
-    };
-    match body {
-        [0, 1, a, b, _, ..] => Some(u16::from_be_bytes([*a, *b])),
-        _ => None,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::ciphersuite;
-
-    #[test]
-    fn ciphersuite_of_bare_and_wrapped_packages() {
-        assert_eq!(ciphersuite(&[0, 1, 0xF0, 0x01, 9, 9]), Some(0xF001));
-        assert_eq!(ciphersuite(&[0, 1, 0, 5, 0, 1, 0x00, 0x01, 9]), Some(1));
-        assert_eq!(ciphersuite(&[0, 2, 0, 1, 9]), None);
-        assert_eq!(ciphersuite(&[0, 1]), None);
-        assert_eq!(ciphersuite(&[]), None);
     }
 }

@@ -2,9 +2,9 @@
 
 use redb::{ReadableMultimapTable, ReadableTable, ReadableTableMetadata, WriteTransaction};
 
-use super::records::{Device, Invite, Session, User};
+use super::records::{Device, Invite, Session, Usage, User};
 use super::tables::*;
-use super::{Store, StoreError};
+use super::{Store, StoreError, change_stored_bytes};
 
 /// Result of [`Store::register`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -321,9 +321,21 @@ fn delete_account_in(
     txn.open_multimap_table(USER_SESSIONS)?.remove_all(id)?;
     txn.open_table(KEY_PACKAGES)?.retain_in((id, 0u64)..=(id, u64::MAX), |_, _| false)?;
     txn.open_table(KEY_PACKAGE_NEXT)?.remove(id)?;
+    txn.open_table(LAST_RESORT)?.remove(id)?;
     txn.open_table(HYBRID_KEYS)?.remove(id)?;
     txn.open_table(DEVICES)?.retain(|(owner, _), _| owner != id)?;
-    txn.open_table(USAGE)?.remove(id)?;
+    // Its queued bytes and its blobs (all deleted below) leave the server's stored bytes.
+    let usage = txn.open_table(USAGE)?.remove(id)?.map(|v| Usage::decode(v.value()));
+    if let Some(u) = usage.transpose()? {
+        change_stored_bytes(txn, 0, u.stored())?;
+    }
+    // What others hold in its queues. (What it holds in others' queues stays counted for it
+    // until those messages go.)
+    let mut low = id.to_vec();
+    low.extend_from_slice(&[0u8; 32]);
+    let mut high = id.to_vec();
+    high.extend_from_slice(&[0xffu8; 32]);
+    txn.open_table(SENDER_USAGE)?.retain_in(low.as_slice()..=high.as_slice(), |_, _| false)?;
     // Queues: every queue key starts with the identity. Their expiry and dedup entries go with
     // them; the sweep would drop them later anyway, but deletion means now.
     let mut queue_keys = Vec::new();

@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 
 use super::records::{Blob, Usage};
 use super::tables::*;
-use super::{Store, StoreError, usage_of};
+use super::{Store, StoreError, change_stored_bytes, stored_bytes, usage_of};
 
 /// Result of one [`Store::upload_blob_chunk`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +40,8 @@ pub enum UploadOutcome {
     HashMismatch,
     /// Another user is uploading a blob with this id.
     NotOwner,
+    /// The server's disk budget cannot take a blob this large now.
+    StorageFull,
 }
 
 /// A downloaded range.
@@ -64,6 +66,8 @@ pub struct BlobLimits {
     pub ttl_ms: u64,
     /// Lifetime of an unfinished upload, ms.
     pub incomplete_ttl_ms: u64,
+    /// Stored bytes (queues and blobs, server-wide) a new blob may bring the server to.
+    pub disk_bytes: u64,
 }
 
 impl Store {
@@ -105,27 +109,33 @@ impl Store {
                     media_type,
                 };
                 let created = m.clone();
-                let ok = self
+                let refused = self
                     .write(move |txn| {
                         let mut usage = txn.open_table(USAGE)?;
                         let u = usage_of(&usage, &owner)?;
                         if u.blob_bytes + total_size > limits.quota_bytes {
-                            return Ok(false);
+                            return Ok(Some(UploadOutcome::QuotaExceeded));
+                        }
+                        let stored = stored_bytes(&txn.open_table(META)?)?;
+                        if stored.saturating_add(total_size) > limits.disk_bytes {
+                            return Ok(Some(UploadOutcome::StorageFull));
                         }
                         let mut blobs = txn.open_table(BLOBS)?;
                         if blobs.get(blob_id.as_slice())?.is_some() {
-                            return Ok(true); // raced with ourselves; the next check sorts it out
+                            return Ok(None); // raced with ourselves; the next check sorts it out
                         }
                         let u = Usage { blob_bytes: u.blob_bytes + total_size, ..u };
                         usage.insert(owner.as_slice(), u.encode().as_slice())?;
                         blobs.insert(blob_id.as_slice(), created.encode().as_slice())?;
                         txn.open_table(EXPIRY)?
                             .insert((expires, blob_ref(&blob_id).as_slice()), ())?;
-                        Ok(true)
+                        drop((usage, blobs));
+                        change_stored_bytes(txn, total_size, 0)?;
+                        Ok(None)
                     })
                     .await?;
-                if !ok {
-                    return Ok(UploadOutcome::QuotaExceeded);
+                if let Some(refused) = refused {
+                    return Ok(refused);
                 }
                 m
             }
@@ -290,7 +300,8 @@ pub(super) fn remove_blob_in(
     let u = usage_of(&usage, owner)?;
     let u = Usage { blob_bytes: u.blob_bytes.saturating_sub(size), ..u };
     usage.insert(owner.as_slice(), u.encode().as_slice())?;
-    Ok(())
+    drop(usage);
+    change_stored_bytes(txn, 0, size)
 }
 
 pub(super) fn blob_ref(blob_id: &[u8]) -> Vec<u8> {

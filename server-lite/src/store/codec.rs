@@ -65,6 +65,11 @@ impl<'a> Dec<'a> {
         let len = self.u32()? as usize;
         self.take(len)
     }
+    /// Whether every byte has been read (fields appended by a later schema are absent from
+    /// older records).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
     pub(crate) fn string(&mut self) -> Result<String, StoreError> {
         String::from_utf8(self.bytes()?.to_vec()).map_err(|_| StoreError::Corrupt("string"))
     }

@@ -60,6 +60,10 @@ pub(crate) struct Queued {
     pub enqueued_ms: u64,
     pub message_id: Vec<u8>,
     pub payload: Vec<u8>,
+    /// Who enqueued it; `None` for messages stored by schema 1, which did not record it.
+    pub sender: Option<[u8; 32]>,
+    /// Charged to the handshake reserve rather than the queue's quota.
+    pub reserve: bool,
 }
 
 impl Queued {
@@ -69,16 +73,27 @@ impl Queued {
             .u64(self.enqueued_ms)
             .bytes(&self.message_id)
             .bytes(&self.payload)
+            .bytes(self.sender.as_ref().map_or(&[][..], |s| s.as_slice()))
+            .u8(u8::from(self.reserve))
             .done()
     }
     pub(crate) fn decode(b: &[u8]) -> Result<Self, StoreError> {
         let mut d = Dec::new(b);
-        Ok(Self {
+        let mut q = Self {
             expires_ms: d.u64()?,
             enqueued_ms: d.u64()?,
             message_id: d.bytes()?.to_vec(),
             payload: d.bytes()?.to_vec(),
-        })
+            sender: None,
+            reserve: false,
+        };
+        // Schema 1 records end here.
+        if !d.is_empty() {
+            let sender = d.bytes()?;
+            q.sender = if sender.is_empty() { None } else { Some(key32(sender)?) };
+            q.reserve = d.u8()? != 0;
+        }
+        Ok(q)
     }
     /// Bytes this message counts against the recipient's quota.
     pub(crate) fn cost(&self) -> u64 {
@@ -86,21 +101,93 @@ impl Queued {
     }
 }
 
-/// Per-user usage counters.
+/// Per-user usage counters: queued messages and bytes within the quota, those in the handshake
+/// reserve (schema 2; absent from schema 1 records, read as 0), and blob bytes.
 #[derive(Default, Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Usage {
     pub messages: u64,
     pub message_bytes: u64,
     pub blob_bytes: u64,
+    pub reserve_messages: u64,
+    pub reserve_bytes: u64,
 }
 
 impl Usage {
     pub(crate) fn encode(&self) -> Vec<u8> {
-        Enc::default().u64(self.messages).u64(self.message_bytes).u64(self.blob_bytes).done()
+        Enc::default()
+            .u64(self.messages)
+            .u64(self.message_bytes)
+            .u64(self.blob_bytes)
+            .u64(self.reserve_messages)
+            .u64(self.reserve_bytes)
+            .done()
     }
     pub(crate) fn decode(b: &[u8]) -> Result<Self, StoreError> {
         let mut d = Dec::new(b);
-        Ok(Self { messages: d.u64()?, message_bytes: d.u64()?, blob_bytes: d.u64()? })
+        let mut u = Self {
+            messages: d.u64()?,
+            message_bytes: d.u64()?,
+            blob_bytes: d.u64()?,
+            ..Self::default()
+        };
+        if !d.is_empty() {
+            u.reserve_messages = d.u64()?;
+            u.reserve_bytes = d.u64()?;
+        }
+        Ok(u)
+    }
+    /// Queued bytes plus blob bytes: what this user adds to the server's stored bytes.
+    pub(crate) fn stored(&self) -> u64 {
+        self.message_bytes.saturating_add(self.reserve_bytes).saturating_add(self.blob_bytes)
+    }
+}
+
+/// What one sender holds in one recipient's queues: within the quota, and in the reserve.
+#[derive(Default, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct SenderUsage {
+    pub messages: u64,
+    pub bytes: u64,
+    pub reserve_messages: u64,
+    pub reserve_bytes: u64,
+}
+
+impl SenderUsage {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        Enc::default()
+            .u64(self.messages)
+            .u64(self.bytes)
+            .u64(self.reserve_messages)
+            .u64(self.reserve_bytes)
+            .done()
+    }
+    pub(crate) fn decode(b: &[u8]) -> Result<Self, StoreError> {
+        let mut d = Dec::new(b);
+        Ok(Self {
+            messages: d.u64()?,
+            bytes: d.u64()?,
+            reserve_messages: d.u64()?,
+            reserve_bytes: d.u64()?,
+        })
+    }
+    pub(crate) fn is_zero(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// A last-resort KeyPackage.
+pub(crate) struct LastResort {
+    /// Handed out at least once since its upload.
+    pub handed_out: bool,
+    pub package: Vec<u8>,
+}
+
+impl LastResort {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        Enc::default().u8(u8::from(self.handed_out)).bytes(&self.package).done()
+    }
+    pub(crate) fn decode(b: &[u8]) -> Result<Self, StoreError> {
+        let mut d = Dec::new(b);
+        Ok(Self { handed_out: d.u8()? != 0, package: d.bytes()?.to_vec() })
     }
 }
 

@@ -7,7 +7,7 @@ use redb::{ReadableTable, WriteTransaction};
 
 use super::accounts::delete_session_in;
 use super::blobs::remove_blob_in;
-use super::delivery::release;
+use super::delivery::{Gone, release};
 use super::records::{Blob, Queued, Session};
 use super::tables::*;
 use super::{Store, StoreError};
@@ -109,7 +109,7 @@ fn expire_in(
                 let removed =
                     txn.open_table(QUEUES)?.remove((qk, seq))?.map(|v| Queued::decode(v.value()));
                 if let Some(q) = removed.transpose()? {
-                    release(txn, &qk[..32], 1, q.cost())?;
+                    release(txn, &qk[..32], &[Gone::of(&q)])?;
                     report.messages += 1;
                 }
             }

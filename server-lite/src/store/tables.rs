@@ -5,7 +5,8 @@
 
 use redb::{MultimapTableDefinition, TableDefinition};
 
-/// `"schema_version"` -> u32 BE; `"opaque_setup"` -> serialized OPAQUE `ServerSetup`.
+/// `"schema_version"` -> u32 BE; `"opaque_setup"` -> serialized OPAQUE `ServerSetup`;
+/// [`STORED_BYTES`] -> u64 BE.
 pub(crate) const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
 /// username -> [`super::records::User`].
 pub(crate) const USERS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("users");
@@ -16,6 +17,10 @@ pub(crate) const SESSIONS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::
 /// identity key -> SHA-256(session token), for revoking all of a user's sessions.
 pub(crate) const USER_SESSIONS: MultimapTableDefinition<'_, &[u8], &[u8]> =
     MultimapTableDefinition::new("user_sessions");
+/// identity -> [`super::records::LastResort`]: the KeyPackage handed out, and kept, when the
+/// stock is empty (schema 2).
+pub(crate) const LAST_RESORT: TableDefinition<'_, &[u8], &[u8]> =
+    TableDefinition::new("last_resort");
 /// (identity, n) -> KeyPackage bytes; FIFO by n.
 pub(crate) const KEY_PACKAGES: TableDefinition<'_, (&[u8], u64), &[u8]> =
     TableDefinition::new("key_packages");
@@ -31,6 +36,10 @@ pub(crate) const QUEUES: TableDefinition<'_, (&[u8], u64), &[u8]> = TableDefinit
 pub(crate) const QUEUE_NEXT: TableDefinition<'_, &[u8], u64> = TableDefinition::new("queue_next");
 /// identity -> [`super::records::Usage`] (queued messages and bytes, blob bytes).
 pub(crate) const USAGE: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("usage");
+/// recipient identity (32) || sender identity (32) -> [`super::records::SenderUsage`]: what
+/// one sender holds in one recipient's queues (schema 2). Rows at zero are deleted.
+pub(crate) const SENDER_USAGE: TableDefinition<'_, &[u8], &[u8]> =
+    TableDefinition::new("sender_usage");
 /// queue key || message_id -> seq, for idempotent enqueue.
 pub(crate) const DEDUP: TableDefinition<'_, &[u8], u64> = TableDefinition::new("dedup");
 /// (expires_at_ms, kind byte || reference) -> (); the TTL sweep walks it in time order.
@@ -49,3 +58,7 @@ pub(crate) const EXPIRE_MESSAGE: u8 = 0;
 pub(crate) const EXPIRE_DEDUP: u8 = 1;
 /// [`EXPIRY`] kind: a blob; reference is the blob id.
 pub(crate) const EXPIRE_BLOB: u8 = 2;
+
+/// [`META`] key: queued payload bytes plus charged blob bytes on the whole server, for the
+/// disk budget (schema 2; kept in the transactions that change them).
+pub(crate) const STORED_BYTES: &str = "stored_bytes";

@@ -17,8 +17,9 @@ fn open(dir: &Path) -> Store {
     panic!("database stayed locked");
 }
 
-const LIMITS: QueueLimits =
-    QueueLimits { max_messages: 1000, max_bytes: 1 << 20, dedup_window_ms: 60_000 };
+const LIMITS: QueueLimits = QueueLimits::quota_only(1000, 1 << 20, 60_000);
+/// The sender of [`item`]s.
+const SENDER: [u8; 32] = [0xEE; 32];
 
 async fn user(store: &Store, name: &str, id: u8) -> [u8; 32] {
     let identity = [id; 32];
@@ -34,7 +35,13 @@ fn item(to: [u8; 32], payload: &[u8], mid: Option<u8>, expires_ms: u64) -> Enque
         message_id: mid.map(|m| vec![m; 16]).unwrap_or_default(),
         payload: Arc::new(payload.to_vec()),
         expires_ms,
+        sender: SENDER,
+        handshake: false,
     }
+}
+
+fn from(sender: u8, to: [u8; 32], payload: &[u8], handshake: bool) -> EnqueueItem {
+    EnqueueItem { sender: [sender; 32], handshake, ..item(to, payload, None, u64::MAX) }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -217,6 +224,7 @@ async fn a_discarded_upload_leaves_no_expiry_that_could_hit_a_later_one() {
         quota_bytes: 1000,
         ttl_ms: 1_000_000,
         incomplete_ttl_ms: 1_000,
+        disk_bytes: u64::MAX,
     };
     let content = b"hello".to_vec();
     let id: [u8; 32] = sha2::Sha256::digest(&content).into();
@@ -238,4 +246,196 @@ async fn a_discarded_upload_leaves_no_expiry_that_could_hit_a_later_one() {
     let r = store.sweep(1_000_500, u64::MAX).await.unwrap();
     assert_eq!(r.blobs, 1);
     assert!(store.download_blob(id, 0, 10).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn one_sender_gets_a_share_and_handshakes_get_a_reserve() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let bob = user(&store, "bob", 2).await;
+    // 8 messages of quota, 2 per sender; a reserve of 2 handshake messages, 1 per sender.
+    let limits = QueueLimits {
+        sender_messages: 2,
+        sender_bytes: 1 << 20,
+        reserve_messages: 2,
+        reserve_bytes: 1 << 20,
+        sender_reserve_messages: 1,
+        sender_reserve_bytes: 1 << 20,
+        ..QueueLimits::quota_only(8, 1 << 20, 60_000)
+    };
+    let send = |sender: u8, handshake: bool| {
+        let store = store.clone();
+        async move {
+            let out = store.enqueue(vec![from(sender, bob, b"m", handshake)], limits, 1).await;
+            out.unwrap()[0]
+        }
+    };
+    let stored = |o: EnqueueOutcome| matches!(o, EnqueueOutcome::Stored { duplicate: false, .. });
+    // A flood from one sender stops at its share, application or (labelled) handshake.
+    assert!(stored(send(1, false).await));
+    assert!(stored(send(1, false).await));
+    assert_eq!(send(1, false).await, EnqueueOutcome::SenderShare);
+    // ... though its handshake messages may still use its share of the reserve.
+    assert!(stored(send(1, true).await));
+    assert_eq!(send(1, true).await, EnqueueOutcome::SenderShare);
+    assert_eq!(store.sender_usage(&bob, &[1; 32]).unwrap(), (2, 2, 1, 1));
+    // Three more senders fill the queue.
+    for s in 2..=4 {
+        assert!(stored(send(s, false).await));
+        assert!(stored(send(s, false).await));
+    }
+    assert_eq!(send(5, false).await, EnqueueOutcome::QueueFull);
+    // A commit or Welcome from another member still gets in, once per sender, while the
+    // reserve lasts.
+    assert!(stored(send(5, true).await));
+    assert_eq!(send(6, true).await, EnqueueOutcome::QueueFull, "the reserve is full");
+    assert_eq!(store.queued_count(&bob).unwrap(), 8);
+    assert_eq!(store.stored_bytes().unwrap(), 10);
+    // Everything fetched and acked: every counter back at zero, no sender row left.
+    let qk = queue_key(&bob, &[]);
+    assert_eq!(store.ack(bob, qk, u64::MAX).await.unwrap(), 10);
+    assert_eq!(store.queued_count(&bob).unwrap(), 0);
+    assert_eq!(store.stored_bytes().unwrap(), 0);
+    for s in 1..=6 {
+        assert_eq!(store.sender_usage(&bob, &[s; 32]).unwrap(), (0, 0, 0, 0));
+    }
+    let rows =
+        redb::ReadableTableMetadata::len(&store.read().unwrap().open_table(SENDER_USAGE).unwrap())
+            .unwrap();
+    assert_eq!(rows, 0);
+    assert!(stored(send(1, false).await), "room again");
+}
+
+#[tokio::test]
+async fn the_disk_budget_counts_queues_and_blobs_and_keeps_a_tail_for_handshakes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let (alice, bob) = (user(&store, "alice", 1).await, user(&store, "bob", 2).await);
+    let limits = QueueLimits { disk_bytes: 10, disk_handshake_bytes: 14, ..LIMITS };
+    let batch = |n: usize, payload: &'static [u8], handshake: bool, mid: u8| {
+        let store = store.clone();
+        async move {
+            let items = [alice, bob][..n]
+                .iter()
+                .map(|to| EnqueueItem { handshake, ..item(*to, payload, Some(mid), u64::MAX) })
+                .collect();
+            store.enqueue(items, limits, 1).await.unwrap()
+        }
+    };
+    let ok = |seq| EnqueueOutcome::Stored { seq, duplicate: false };
+    assert_eq!(batch(2, b"1234", false, 1).await, vec![ok(1), ok(1)]);
+    assert_eq!(store.stored_bytes().unwrap(), 8);
+    // 8 + 2 x 2 > 10: the whole batch is refused, nothing of it stored ...
+    assert_eq!(
+        batch(2, b"12", false, 2).await,
+        vec![EnqueueOutcome::StorageFull, EnqueueOutcome::StorageFull]
+    );
+    assert_eq!(store.stored_bytes().unwrap(), 8);
+    assert_eq!(store.queued_count(&alice).unwrap(), 1);
+    // ... a retry of what was stored is still a duplicate ...
+    assert_eq!(
+        batch(2, b"1234", false, 1).await,
+        vec![EnqueueOutcome::Stored { seq: 1, duplicate: true }; 2]
+    );
+    // ... one that fits goes in, and handshakes have the tail to themselves.
+    assert_eq!(batch(1, b"12", false, 3).await, vec![ok(2)]);
+    assert_eq!(batch(1, b"x", false, 4).await, vec![EnqueueOutcome::StorageFull]);
+    assert_eq!(batch(2, b"12", true, 5).await, vec![ok(3), ok(2)]);
+    assert_eq!(store.stored_bytes().unwrap(), 14);
+    // Blobs count against the same budget (from their first chunk) and give it back.
+    store.ack(alice, queue_key(&alice, &[]), u64::MAX).await.unwrap();
+    assert_eq!(store.stored_bytes().unwrap(), 6);
+    let content = b"hello".to_vec();
+    let id: [u8; 32] = sha2::Sha256::digest(&content).into();
+    let blob = |disk_bytes| BlobLimits {
+        max_blob_bytes: 100,
+        quota_bytes: 1000,
+        ttl_ms: 1_000,
+        incomplete_ttl_ms: 1_000,
+        disk_bytes,
+    };
+    let up = store.upload_blob_chunk(alice, id, 5, 0, vec![], String::new(), blob(10), 1).await;
+    assert_eq!(up.unwrap(), UploadOutcome::StorageFull);
+    let up = store.upload_blob_chunk(alice, id, 5, 0, content, String::new(), blob(11), 1).await;
+    assert_eq!(up.unwrap(), UploadOutcome::Complete);
+    assert_eq!(store.stored_bytes().unwrap(), 11);
+    store.sweep(5_000, u64::MAX).await.unwrap();
+    assert_eq!(store.stored_bytes().unwrap(), 6, "the expired blob gave its bytes back");
+    // Deleting bob takes his queued bytes with him.
+    store.delete_account(bob).await.unwrap();
+    assert_eq!(store.stored_bytes().unwrap(), 0);
+}
+
+#[tokio::test]
+async fn a_schema_1_database_migrates_and_its_records_still_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let bob;
+    {
+        let store = open(dir.path());
+        bob = user(&store, "bob", 2).await;
+        // Write what schema 1 wrote: a queued message without sender, 24-byte usage, no
+        // stored-bytes counter, version 1.
+        store
+            .write(move |txn| {
+                let old = records::Queued {
+                    expires_ms: u64::MAX,
+                    enqueued_ms: 1,
+                    message_id: vec![],
+                    payload: b"from v0.1".to_vec(),
+                    sender: None,
+                    reserve: false,
+                };
+                let mut bytes = old.encode();
+                bytes.truncate(bytes.len() - 5); // no sender field, no reserve flag
+                let qk = queue_key(&bob, &[]);
+                txn.open_table(QUEUES)?.insert((qk.as_slice(), 1u64), bytes.as_slice())?;
+                txn.open_table(QUEUE_NEXT)?.insert(qk.as_slice(), 2u64)?;
+                let usage = codec::Enc::default().u64(1).u64(9).u64(0).done();
+                txn.open_table(USAGE)?.insert(bob.as_slice(), usage.as_slice())?;
+                let mut meta = txn.open_table(META)?;
+                meta.remove(STORED_BYTES)?;
+                meta.insert("schema_version", 1u32.to_be_bytes().as_slice())?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+    }
+    let store = open(dir.path());
+    assert_eq!(store.meta("schema_version").unwrap().unwrap(), SCHEMA_VERSION.to_be_bytes());
+    assert_eq!(store.stored_bytes().unwrap(), 9, "the counter starts from the users' usage");
+    let q = store.fetch(&queue_key(&bob, &[]), 10, usize::MAX, 0).unwrap();
+    assert_eq!(q[0].payload, b"from v0.1");
+    let out = store.enqueue(vec![item(bob, b"new", None, u64::MAX)], LIMITS, 1).await.unwrap();
+    assert_eq!(out, vec![EnqueueOutcome::Stored { seq: 2, duplicate: false }]);
+    assert_eq!(store.ack(bob, queue_key(&bob, &[]), 2).await.unwrap(), 2);
+    assert_eq!(store.queued_count(&bob).unwrap(), 0);
+    assert_eq!(store.stored_bytes().unwrap(), 0);
+    assert_eq!(store.sender_usage(&bob, &SENDER).unwrap(), (0, 0, 0, 0));
+}
+
+#[tokio::test]
+async fn the_last_resort_is_handed_out_only_when_the_stock_is_empty_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let bob = user(&store, "bob", 2).await;
+    assert!(store.pop_key_package(bob).await.unwrap().package.is_none());
+    store.upload_key_package(bob, b"one".to_vec(), 10).await.unwrap();
+    store.set_last_resort_key_package(bob, b"last".to_vec()).await.unwrap();
+    assert!(store.has_fresh_last_resort(&bob).unwrap());
+    let p = store.pop_key_package(bob).await.unwrap();
+    assert_eq!((p.package.as_deref(), p.last_resort), (Some(&b"one"[..]), false));
+    for _ in 0..3 {
+        let p = store.pop_key_package(bob).await.unwrap();
+        assert_eq!(
+            (p.package.as_deref(), p.last_resort, p.remaining),
+            (Some(&b"last"[..]), true, 0)
+        );
+    }
+    assert!(!store.has_fresh_last_resort(&bob).unwrap(), "its owner should replace it");
+    assert_eq!(store.key_package_stock(&bob).unwrap(), 0, "not part of the stock");
+    store.set_last_resort_key_package(bob, b"newer".to_vec()).await.unwrap();
+    assert!(store.has_fresh_last_resort(&bob).unwrap());
+    assert_eq!(store.pop_key_package(bob).await.unwrap().package.unwrap(), b"newer");
+    store.delete_account(bob).await.unwrap();
+    assert!(store.pop_key_package(bob).await.unwrap().package.is_none());
 }

@@ -48,7 +48,13 @@ async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let server = ServerProcess::start(
         &dir.path().join("server"),
-        &["--set", "limits.max_queue_messages=100000"],
+        &[
+            "--set",
+            "limits.max_queue_messages=100000",
+            // alice adds bob to 50 conversations in a row.
+            "--set",
+            "limits.key_package_fetch_per_target_burst=100",
+        ],
     )?;
     let register = |name: &str, kdf| RegisterOptions {
         store: dir.path().join(name).join("account.qpq"),
