@@ -9,16 +9,31 @@
 //! Writes outside [`Vault::atomic`] commit one by one. Inside it, every read and write goes
 //! through one redb write transaction that commits when the closure returns `Ok`: an MLS
 //! operation and the history it produces land together or not at all.
+//!
+//! **Rollback detection.** Every committing write transaction also advances the store's
+//! *generation*, a counter sealed in the private `manifest` table, in the same transaction.
+//! After the commit the new value is mirrored, with an HMAC under a key derived from the vault
+//! key, to the *anchor* file `<store>.anchor` beside the store (written to a temporary file,
+//! synced, renamed). [`Vault::open`] refuses a store whose generation is below its anchor's
+//! ([`VaultError::RolledBack`]): an older copy was put back, and using it would rewind MLS
+//! state. A store *ahead* of its anchor is normal (the process died between the commit and the
+//! anchor write). A missing anchor is accepted only for a store at generation 0 (new, or last
+//! written before this build: that first open starts the anchor); otherwise it is
+//! [`VaultError::AnchorMissing`]. Locally undetectable: replacing the store *and* the anchor
+//! with older copies of both, or editing the redb file to copy the current sealed generation
+//! into an older copy (values are bound to their slot, not to the rest of the store).
 
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use argon2::{Algorithm, Argon2, Params, Version};
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 use rand::RngCore;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use ring::hmac;
 use zeroize::Zeroizing;
 
 /// A key and its opened value.
@@ -32,6 +47,17 @@ pub const FORMAT_VERSION: u32 = 1;
 
 const HEADER: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("header");
 const CHECK_PLAINTEXT: &[u8] = b"qpq-vault-check-v1";
+
+/// The store's own bookkeeping, apart from the [`Space`]s (a scan never sees it): `generation`
+/// → sealed u64 BE, the number of committed write transactions. Absent in stores written before
+/// rollback detection (generation 0).
+const MANIFEST: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("manifest");
+const GENERATION: &[u8] = b"generation";
+/// The anchor file: this magic, the generation (u64 BE), HMAC-SHA256 over both.
+const ANCHOR_MAGIC: &[u8; 8] = b"qpqanch1";
+const ANCHOR_LEN: usize = 8 + 8 + 32;
+/// What the anchor's MAC key is derived with, from the vault key.
+const ANCHOR_KEY_LABEL: &[u8] = b"qpq vault anchor key v1";
 
 /// The namespaces of the vault. Each is its own redb table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,6 +156,39 @@ pub enum VaultError {
     /// The KDF or cipher refused its parameters.
     #[error("crypto error: {0}")]
     Crypto(&'static str),
+    /// The store is older than its anchor: an older copy of the file was put back.
+    #[error(
+        "this store is an older copy than the one last used here (it has {store} writes, its \
+         anchor file records {anchor}): a backup, a sync tool or someone with access to this \
+         machine put an old copy back. Using it would rewind your encryption state and could \
+         reuse keys, so it stays closed. Put the newest copy of the store back; only if you \
+         restored this old copy on purpose and have no newer one, accept it with `qpq reanchor`"
+    )]
+    RolledBack {
+        /// The store's generation.
+        store: u64,
+        /// The generation the anchor records.
+        anchor: u64,
+    },
+    /// The store has been written, but the anchor file beside it is gone.
+    #[error(
+        "the anchor file beside this store (<store>.anchor) is missing, but the store has been \
+         written {generation} times: an old copy may have been put back with its anchor \
+         removed. If you moved the store yourself, move its .anchor file along; if you are sure \
+         this is the newest copy, accept it with `qpq reanchor`"
+    )]
+    AnchorMissing {
+        /// The store's generation.
+        generation: u64,
+    },
+    /// The anchor file fails its MAC: modified outside qpq, or another store's.
+    #[error(
+        "the anchor file beside this store (<store>.anchor) failed authentication: it was \
+         modified outside qpq or belongs to another store. Put back the one that belongs to \
+         this store; if you are sure this store is the newest copy, accept it with \
+         `qpq reanchor`"
+    )]
+    AnchorTampered,
 }
 
 macro_rules! db_err {
@@ -177,6 +236,23 @@ pub struct Vault {
     batch: Mutex<Option<WriteTransaction>>,
     /// The `<store>.owner` file naming this process while it holds the store.
     owner: Option<PathBuf>,
+    /// The store's generation as last committed (the vault is its only writer).
+    generation: AtomicU64,
+    /// The open batch has written something: its commit advances the generation.
+    dirty: AtomicBool,
+    /// `<store>.anchor`, for a vault on a file.
+    anchor: Option<PathBuf>,
+    /// The anchor's MAC key, derived from the vault key.
+    anchor_key: hmac::Key,
+}
+
+/// How [`Vault::open_with`] treats an anchor that disagrees with the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Anchoring {
+    /// Refuse a rollback, a missing anchor (generation > 0) or a forged one.
+    Check,
+    /// The user says this copy is the newest: anchor it at its own generation.
+    Accept,
 }
 
 impl std::fmt::Debug for Vault {
@@ -215,6 +291,10 @@ impl Vault {
         let db = Database::create(&tmp)?;
         let mut vault = Self::initialise(db, passphrase, params)?;
         std::fs::rename(&tmp, path).map_err(|e| VaultError::Io(e.to_string()))?;
+        // Replaces any anchor a former store at this path left behind.
+        let anchor = anchor_path(path);
+        write_anchor(&anchor, &vault.anchor_key, 0).map_err(|e| anchor_io(&anchor, &e))?;
+        vault.anchor = Some(anchor);
         vault.owner = claim(path);
         Ok(vault)
     }
@@ -235,6 +315,7 @@ impl Vault {
         rand::rngs::OsRng.fill_bytes(&mut salt);
         let key = derive(passphrase, &salt, params)?;
         let cipher = ChaCha20Poly1305::new(Key::from_slice(key.as_slice()));
+        let anchor_key = anchor_key(&key);
         let txn = db.begin_write()?;
         {
             let mut h = txn.open_table(HEADER)?;
@@ -251,8 +332,27 @@ impl Vault {
         for space in Space::ALL {
             txn.open_table(space.table())?;
         }
+        txn.open_table(MANIFEST)?;
         txn.commit()?;
-        Ok(Self { db, cipher, batch: Mutex::new(None), owner: None })
+        Ok(Self::assemble(db, cipher, anchor_key, 0))
+    }
+
+    fn assemble(
+        db: Database,
+        cipher: ChaCha20Poly1305,
+        anchor_key: hmac::Key,
+        generation: u64,
+    ) -> Self {
+        Self {
+            db,
+            cipher,
+            batch: Mutex::new(None),
+            owner: None,
+            generation: AtomicU64::new(generation),
+            dirty: AtomicBool::new(false),
+            anchor: None,
+            anchor_key,
+        }
     }
 
     /// Opens the vault at `path` with `passphrase`.
@@ -262,7 +362,32 @@ impl Vault {
     /// [`VaultError::WrongPassphrase`] and changes nothing logical (on an intact store it
     /// writes nothing at all). A store held by another process is [`VaultError::Locked`],
     /// naming that process.
+    ///
+    /// The store is checked against its anchor file (see the module documentation): an older
+    /// copy is [`VaultError::RolledBack`], a missing anchor beside a store that has been
+    /// written is [`VaultError::AnchorMissing`], a forged one [`VaultError::AnchorTampered`].
+    /// A store without an anchor that was never written by this build (generation 0) gets one.
     pub fn open(path: &Path, passphrase: &[u8]) -> Result<Self, VaultError> {
+        Self::open_with(path, passphrase, Anchoring::Check)
+    }
+
+    /// Opens the store at `path` and takes it as the newest copy: its anchor is rewritten at
+    /// the store's own generation, whatever it recorded before (or if it is missing or fails
+    /// its MAC). For a user who moved or restored the store on purpose (`qpq reanchor`); an
+    /// older copy of a store reuses MLS state its groups have moved past. Returns the
+    /// generation.
+    pub fn reanchor(path: &Path, passphrase: &[u8]) -> Result<u64, VaultError> {
+        let vault = Self::open_with(path, passphrase, Anchoring::Accept)?;
+        Ok(vault.generation())
+    }
+
+    /// The store's generation: how many write transactions it has committed since it was
+    /// created (or since the first open by a build that counts them).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    fn open_with(path: &Path, passphrase: &[u8], anchoring: Anchoring) -> Result<Self, VaultError> {
         let mut head = [0u8; 4];
         match std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut head)) {
             Ok(()) if head == REDB_MAGIC => {}
@@ -294,8 +419,36 @@ impl Vault {
             Err(e) => return Err(locked(e.into())),
         };
         let mut vault = Self::unlock(db, passphrase)?;
+        let anchor = anchor_path(path);
+        vault.check_anchor(&anchor, anchoring)?;
+        vault.anchor = Some(anchor);
         vault.owner = claim(path);
         Ok(vault)
+    }
+
+    /// Compares the store's generation with the anchor at `anchor` (the store is locked: no
+    /// one writes either meanwhile), and brings the anchor up to date where that is safe.
+    fn check_anchor(&self, anchor: &Path, anchoring: Anchoring) -> Result<(), VaultError> {
+        let store = self.generation();
+        let recorded = match read_anchor(anchor, &self.anchor_key) {
+            Err(VaultError::AnchorTampered) if anchoring == Anchoring::Accept => None,
+            r => r?,
+        };
+        let verdict = match recorded {
+            Some(a) if store < a => Err(VaultError::RolledBack { store, anchor: a }),
+            Some(a) if store == a => return Ok(()),
+            // Ahead: the last process died between its commit and the anchor write.
+            Some(_) => Ok(()),
+            // Never anchored (a new store, or one written before this build): start now.
+            None if store == 0 => Ok(()),
+            None => Err(VaultError::AnchorMissing { generation: store }),
+        };
+        match (verdict, anchoring) {
+            (Ok(()), _) | (Err(_), Anchoring::Accept) => {
+                write_anchor(anchor, &self.anchor_key, store).map_err(|e| anchor_io(anchor, &e))
+            }
+            (Err(e), Anchoring::Check) => Err(e),
+        }
     }
 
     /// Like [`Vault::open`] on any redb storage backend (tests use one that can lose power).
@@ -309,8 +462,9 @@ impl Vault {
     }
 
     fn unlock(db: Database, passphrase: &[u8]) -> Result<Self, VaultError> {
-        let cipher = Header::read(&db)?.unlock(passphrase)?;
-        Ok(Self { db, cipher, batch: Mutex::new(None), owner: None })
+        let (cipher, anchor_key) = Header::read(&db)?.unlock(passphrase)?;
+        let generation = read_generation(&db, &cipher)?;
+        Ok(Self::assemble(db, cipher, anchor_key, generation))
     }
 
     /// Reads and opens the value at `key`.
@@ -419,7 +573,20 @@ impl Vault {
         }
         let result = f();
         let txn = self.lock().take();
+        let dirty = self.dirty.swap(false, Ordering::AcqRel);
         match (result, txn) {
+            (Ok(v), Some(txn)) if dirty => {
+                let next = match self.stamp(&txn) {
+                    Ok(next) => next,
+                    Err(e) => {
+                        let _ = txn.abort();
+                        return Err(e.into());
+                    }
+                };
+                txn.commit().map_err(VaultError::from)?;
+                self.advance(next);
+                Ok(v)
+            }
             (Ok(v), Some(txn)) => {
                 txn.commit().map_err(VaultError::from)?;
                 Ok(v)
@@ -439,13 +606,37 @@ impl Vault {
     ) -> Result<T, VaultError> {
         let batch = self.lock();
         if let Some(txn) = batch.as_ref() {
+            self.dirty.store(true, Ordering::Release);
             return f(txn);
         }
         drop(batch);
         let txn = self.db.begin_write()?;
         let out = f(&txn)?;
+        let next = self.stamp(&txn)?;
         txn.commit()?;
+        self.advance(next);
         Ok(out)
+    }
+
+    /// Writes the next generation into `txn` (the transaction about to commit); returns it.
+    fn stamp(&self, txn: &WriteTransaction) -> Result<u64, VaultError> {
+        let next = self
+            .generation()
+            .checked_add(1)
+            .ok_or(VaultError::Corrupt("the store's generation counter is exhausted".into()))?;
+        let sealed = seal(&self.cipher, "manifest", GENERATION, &next.to_be_bytes())?;
+        txn.open_table(MANIFEST)?.insert(GENERATION, sealed.as_slice())?;
+        Ok(next)
+    }
+
+    /// Records a committed generation and mirrors it to the anchor. Best effort: the commit is
+    /// durable already, and an anchor left behind the store is harmless (only a store behind
+    /// its anchor is a rollback); the next commit or open writes it again.
+    fn advance(&self, next: u64) {
+        self.generation.store(next, Ordering::Release);
+        if let Some(anchor) = &self.anchor {
+            let _ = write_anchor(anchor, &self.anchor_key, next);
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<WriteTransaction>> {
@@ -488,15 +679,101 @@ impl Header {
         Ok(Self { params, salt: get("salt")?, check: get("check")? })
     }
 
-    /// The cipher of this passphrase, if it opens the check value.
-    fn unlock(&self, passphrase: &[u8]) -> Result<ChaCha20Poly1305, VaultError> {
+    /// The cipher and anchor key of this passphrase, if it opens the check value.
+    fn unlock(&self, passphrase: &[u8]) -> Result<(ChaCha20Poly1305, hmac::Key), VaultError> {
         let key = derive(passphrase, &self.salt, self.params)?;
         let cipher = ChaCha20Poly1305::new(Key::from_slice(key.as_slice()));
         match open_sealed(&cipher, "header", b"check", &self.check) {
-            Ok(p) if p.as_slice() == CHECK_PLAINTEXT => Ok(cipher),
+            Ok(p) if p.as_slice() == CHECK_PLAINTEXT => Ok((cipher, anchor_key(&key))),
             _ => Err(VaultError::WrongPassphrase),
         }
     }
+}
+
+/// The anchor's MAC key: HMAC-SHA256 keyed with the vault key over a fixed label (a PRF), so
+/// the anchor never holds or reveals the vault key itself.
+fn anchor_key(vault_key: &[u8; 32]) -> hmac::Key {
+    let derived = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, vault_key), ANCHOR_KEY_LABEL);
+    hmac::Key::new(hmac::HMAC_SHA256, derived.as_ref())
+}
+
+/// The store's generation as committed (0 if it was never counted).
+fn read_generation(db: &Database, cipher: &ChaCha20Poly1305) -> Result<u64, VaultError> {
+    let txn = db.begin_read()?;
+    let table = match txn.open_table(MANIFEST) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
+        Err(e) => return Err(e.into()),
+    };
+    let Some(sealed) = table.get(GENERATION)? else { return Ok(0) };
+    let plain = open_sealed(cipher, "manifest", GENERATION, sealed.value())?;
+    let bytes: [u8; 8] = plain.as_slice().try_into().map_err(|_| VaultError::Tampered)?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
+/// The path of the anchor file of the store at `path`: `<store>.anchor`.
+pub fn anchor_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".anchor");
+    path.with_file_name(name)
+}
+
+fn encode_anchor(key: &hmac::Key, generation: u64) -> [u8; ANCHOR_LEN] {
+    let mut out = [0u8; ANCHOR_LEN];
+    out[..8].copy_from_slice(ANCHOR_MAGIC);
+    out[8..16].copy_from_slice(&generation.to_be_bytes());
+    let tag = hmac::sign(key, &out[..16]);
+    out[16..].copy_from_slice(tag.as_ref());
+    out
+}
+
+/// The generation an anchor file records; `None` if there is none.
+fn read_anchor(path: &Path, key: &hmac::Key) -> Result<Option<u64>, VaultError> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(anchor_io(path, &e)),
+    };
+    if bytes.len() != ANCHOR_LEN || &bytes[..8] != ANCHOR_MAGIC {
+        return Err(VaultError::AnchorTampered);
+    }
+    hmac::verify(key, &bytes[..16], &bytes[16..]).map_err(|_| VaultError::AnchorTampered)?;
+    let generation: [u8; 8] = bytes[8..16].try_into().map_err(|_| VaultError::AnchorTampered)?;
+    Ok(Some(u64::from_be_bytes(generation)))
+}
+
+/// Replaces the anchor file atomically: a temporary file, synced, renamed over it. A kill at
+/// any point leaves the old anchor or the new one, both at most the store's generation. The
+/// directory is synced when the anchor is new, so a power cut cannot lose it once a store
+/// has been written past it.
+fn write_anchor(path: &Path, key: &hmac::Key, generation: u64) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut tmp = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    tmp.push(".tmp");
+    let tmp = path.with_file_name(tmp);
+    let fresh = !path.exists();
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&encode_anchor(key, generation))?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if fresh {
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        // Directories cannot be synced everywhere; where they cannot, the rename stands alone.
+        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+    }
+    Ok(())
+}
+
+fn anchor_io(path: &Path, e: &std::io::Error) -> VaultError {
+    VaultError::Io(format!(
+        "cannot write or read the store's anchor file {}: {e} (qpq keeps it beside the store)",
+        path.display()
+    ))
 }
 
 /// The path of the file naming the process that holds the store at `path`.
@@ -786,5 +1063,187 @@ mod tests {
         })
         .unwrap();
         assert!(matches!(v.get(Space::Account, b"b"), Err(VaultError::Tampered)));
+    }
+
+    fn anchored(path: &Path) -> Option<u64> {
+        let v = Vault::open(path, b"p").unwrap();
+        let key = v.anchor_key.clone();
+        drop(v);
+        read_anchor(&anchor_path(path), &key).unwrap()
+    }
+
+    #[test]
+    fn every_committing_write_advances_the_generation_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.qpq");
+        let v = Vault::create(&path, b"p", FAST).unwrap();
+        assert_eq!(v.generation(), 0);
+        v.put(Space::State, b"a", b"1").unwrap();
+        v.delete(Space::State, b"a").unwrap();
+        assert_eq!(v.generation(), 2, "one per single write");
+        v.atomic(|| -> Result<(), VaultError> {
+            v.put(Space::State, b"a", b"1")?;
+            v.put(Space::Messages, b"b", b"2")?;
+            v.atomic(|| v.put(Space::Outbox, b"c", b"3"))
+        })
+        .unwrap();
+        assert_eq!(v.generation(), 3, "one per transaction, nested ones included");
+        let r: Result<(), VaultError> = v.atomic(|| {
+            v.put(Space::State, b"x", b"1")?;
+            Err(VaultError::Crypto("abort"))
+        });
+        assert!(r.is_err());
+        v.atomic(|| v.get(Space::State, b"a").map(drop)).unwrap();
+        assert_eq!(v.generation(), 3, "an aborted or read-only transaction counts nothing");
+        let key = v.anchor_key.clone();
+        assert_eq!(read_anchor(&anchor_path(&path), &key).unwrap(), Some(3), "mirrored");
+        drop(v);
+        let v = Vault::open(&path, b"p").unwrap();
+        assert_eq!(v.generation(), 3, "sealed in the store");
+        assert!(v.scan(Space::State, b"").unwrap().iter().all(|(k, _)| k != GENERATION));
+        let raw = std::fs::read(anchor_path(&path)).unwrap();
+        assert_eq!(raw.len(), ANCHOR_LEN);
+    }
+
+    #[test]
+    fn an_older_copy_put_back_is_refused_until_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.qpq");
+        let old = dir.path().join("old.qpq");
+        {
+            let v = Vault::create(&path, b"p", FAST).unwrap();
+            v.put(Space::Mls, b"epoch", b"1").unwrap();
+        }
+        std::fs::copy(&path, &old).unwrap();
+        {
+            let v = Vault::open(&path, b"p").unwrap();
+            v.put(Space::Mls, b"epoch", b"2").unwrap();
+            v.put(Space::Mls, b"epoch", b"3").unwrap();
+        }
+        std::fs::copy(&old, &path).unwrap();
+        let e = Vault::open(&path, b"p").unwrap_err();
+        assert!(matches!(e, VaultError::RolledBack { store: 1, anchor: 3 }), "{e:?}");
+        let text = e.to_string();
+        assert!(text.contains("older copy") && text.contains("qpq reanchor"), "{text}");
+        assert!(!dir.path().join("v.qpq.owner").exists(), "a refused open holds nothing");
+        // Still refused the second time: the refusal changed nothing.
+        assert!(matches!(Vault::open(&path, b"p"), Err(VaultError::RolledBack { .. })));
+        // A wrong passphrase is still that, and writes nothing.
+        let anchor = std::fs::read(anchor_path(&path)).unwrap();
+        assert!(matches!(Vault::open(&path, b"q"), Err(VaultError::WrongPassphrase)));
+        assert_eq!(std::fs::read(anchor_path(&path)).unwrap(), anchor);
+        // The user takes the old copy on purpose.
+        assert_eq!(Vault::reanchor(&path, b"p").unwrap(), 1);
+        let v = Vault::open(&path, b"p").unwrap();
+        assert_eq!(v.get(Space::Mls, b"epoch").unwrap().unwrap().as_slice(), b"1");
+    }
+
+    #[test]
+    fn a_deleted_generation_is_a_rollback() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.qpq");
+        {
+            let v = Vault::create(&path, b"p", FAST).unwrap();
+            v.put(Space::Account, b"pin", b"x").unwrap();
+        }
+        // Keys are plaintext: anyone with the file can delete an entry.
+        let db = Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(MANIFEST).unwrap().remove(GENERATION).unwrap();
+        txn.commit().unwrap();
+        drop(db);
+        assert!(matches!(
+            Vault::open(&path, b"p"),
+            Err(VaultError::RolledBack { store: 0, anchor: 1 })
+        ));
+    }
+
+    #[test]
+    fn a_store_ahead_of_its_anchor_opens_and_catches_it_up() {
+        // What a kill between the store's commit and the anchor write leaves behind.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.qpq");
+        {
+            let v = Vault::create(&path, b"p", FAST).unwrap();
+            v.put(Space::State, b"a", b"1").unwrap();
+        }
+        let behind = std::fs::read(anchor_path(&path)).unwrap();
+        {
+            let v = Vault::open(&path, b"p").unwrap();
+            v.put(Space::State, b"a", b"2").unwrap();
+            v.put(Space::State, b"a", b"3").unwrap();
+        }
+        std::fs::write(anchor_path(&path), &behind).unwrap();
+        // A kill inside the anchor write leaves its temporary file: ignored.
+        let mut tmp = anchor_path(&path).into_os_string();
+        tmp.push(".tmp");
+        std::fs::write(&tmp, b"half").unwrap();
+        assert_eq!(anchored(&path), Some(3), "opens, and the anchor is brought up to date");
+        let v = Vault::open(&path, b"p").unwrap();
+        assert_eq!(v.get(Space::State, b"a").unwrap().unwrap().as_slice(), b"3");
+    }
+
+    #[test]
+    fn a_forged_or_foreign_anchor_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.qpq");
+        let other = dir.path().join("other.qpq");
+        for p in [&path, &other] {
+            let v = Vault::create(p, b"p", FAST).unwrap();
+            v.put(Space::State, b"a", b"1").unwrap();
+        }
+        let good = std::fs::read(anchor_path(&path)).unwrap();
+        // A higher count without the key (it would lock the user out): the MAC fails.
+        let mut forged = good.clone();
+        forged[15] = 9;
+        std::fs::write(anchor_path(&path), &forged).unwrap();
+        assert!(matches!(Vault::open(&path, b"p"), Err(VaultError::AnchorTampered)));
+        // Same passphrase, another store: another salt, another key.
+        std::fs::copy(anchor_path(&other), anchor_path(&path)).unwrap();
+        let e = Vault::open(&path, b"p").unwrap_err();
+        assert!(matches!(e, VaultError::AnchorTampered), "{e:?}");
+        assert!(e.to_string().contains("failed authentication"), "{e}");
+        std::fs::write(anchor_path(&path), &good[..20]).unwrap();
+        assert!(matches!(Vault::open(&path, b"p"), Err(VaultError::AnchorTampered)));
+        std::fs::write(anchor_path(&path), &good).unwrap();
+        assert!(Vault::open(&path, b"p").is_ok());
+    }
+
+    #[test]
+    fn a_missing_anchor_is_started_only_for_a_store_never_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.qpq");
+        drop(Vault::create(&path, b"p", FAST).unwrap());
+        // A store as a build without rollback detection left it: no manifest, no anchor.
+        let db = Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.delete_table(MANIFEST).unwrap();
+        txn.commit().unwrap();
+        drop(db);
+        std::fs::remove_file(anchor_path(&path)).unwrap();
+        assert_eq!(anchored(&path), Some(0), "the first open starts the anchor");
+        {
+            let v = Vault::open(&path, b"p").unwrap();
+            v.put(Space::State, b"a", b"1").unwrap();
+            assert_eq!(v.generation(), 1);
+        }
+        std::fs::remove_file(anchor_path(&path)).unwrap();
+        let e = Vault::open(&path, b"p").unwrap_err();
+        assert!(matches!(e, VaultError::AnchorMissing { generation: 1 }), "{e:?}");
+        assert_eq!(Vault::reanchor(&path, b"p").unwrap(), 1);
+        assert_eq!(anchored(&path), Some(1));
+    }
+
+    #[test]
+    fn creating_a_store_replaces_an_anchor_left_by_a_former_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.qpq");
+        {
+            let v = Vault::create(&path, b"p", FAST).unwrap();
+            v.put(Space::State, b"a", b"1").unwrap();
+        }
+        std::fs::remove_file(&path).unwrap();
+        drop(Vault::create(&path, b"p", FAST).unwrap());
+        assert_eq!(anchored(&path), Some(0));
     }
 }

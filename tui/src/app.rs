@@ -102,8 +102,9 @@ pub enum Command {
     Verify(String),
     /// Send a file.
     SendFile { conv: Vec<u8>, path: PathBuf },
-    /// Download a file offer.
-    Download { conv: Vec<u8>, message_id: [u8; 16], dir: PathBuf },
+    /// Download a file offer into `dir` (`None`: the XDG download directory, which the worker
+    /// looks up: the UI does no I/O).
+    Download { conv: Vec<u8>, message_id: [u8; 16], dir: Option<PathBuf> },
     /// React to a message.
     React { conv: Vec<u8>, target: [u8; 16], emoji: String },
     /// Edit one of our messages.
@@ -570,11 +571,7 @@ impl App {
                 if let (Some(conv), Some(e)) = (conv, self.selected_entry())
                     && e.file.is_some()
                 {
-                    return vec![Command::Download {
-                        conv,
-                        message_id: e.message_id,
-                        dir: PathBuf::from("."),
-                    }];
+                    return vec![Command::Download { conv, message_id: e.message_id, dir: None }];
                 }
             }
             _ => {}
@@ -785,7 +782,7 @@ impl App {
                     (Some(conv), Some(message_id)) => vec![Command::Download {
                         conv,
                         message_id,
-                        dir: if rest.is_empty() { PathBuf::from(".") } else { expand_home(rest) },
+                        dir: (!rest.is_empty()).then(|| expand_home(rest)),
                     }],
                     _ => usage(self, "/download [dir] (in a conversation with a file)"),
                 }
@@ -937,17 +934,31 @@ impl App {
         }
     }
 
-    /// Indices of conversations matching `query` (subsequence match), best first.
+    /// Indices of conversations matching `query` (subsequence match against `@name` or
+    /// `#name`, so a leading `@` or `#` picks the kind), best first.
     pub fn switcher_matches(&self, query: &str) -> Vec<usize> {
         let mut scored: Vec<(usize, usize)> = self
             .convs
             .iter()
             .enumerate()
-            .filter_map(|(i, c)| fuzzy_score(query, &c.name).map(|s| (s, i)))
+            .filter_map(|(i, c)| fuzzy_score(query, &label(c)).map(|s| (s, i)))
             .collect();
         scored.sort_by_key(|(s, i)| (*s, *i));
         scored.into_iter().map(|(_, i)| i).collect()
     }
+
+    /// Whether `c` is a group named like a person here (us, or the peer of one of our DMs):
+    /// whoever runs a group chooses its name, so `#bob` may not be bob. Shown with a warning.
+    pub fn named_like_person(&self, c: &ConvView) -> bool {
+        c.kind == ConvKind::Group
+            && (c.name == self.username
+                || self.convs.iter().any(|d| d.kind == ConvKind::Dm && d.name == c.name))
+    }
+}
+
+/// How a conversation is written: `@name` for a direct conversation, `#name` for a group.
+pub fn label(c: &ConvView) -> String {
+    format!("{}{}", if c.kind == ConvKind::Dm { "@" } else { "#" }, c.name)
 }
 
 /// Lower is better; `None` if `query` is not a subsequence of `name` (case-insensitive).

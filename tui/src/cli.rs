@@ -11,9 +11,11 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use qpq_core::client::{Client, ClientError, Event, RegisterOptions};
+use qpq_core::client::{Client, ClientError, ConvKind, Conversation, Event, RegisterOptions};
 use qpq_core::identity::hex;
-use qpq_core::vault::KdfParams;
+use qpq_core::vault::{KdfParams, Vault};
+
+use crate::downloads::printable;
 
 #[derive(Parser)]
 #[command(name = "qpq", version, about = "End-to-end encrypted group messaging for the terminal")]
@@ -61,7 +63,8 @@ enum Command {
     Group(GroupCommand),
     /// Send to a conversation (text from the arguments, or stdin with `-`).
     Send {
-        /// Conversation: group name or DM peer.
+        /// Conversation: `@user` for the direct conversation, `#group` for a group; a bare
+        /// name only when exactly one conversation has it.
         conversation: String,
         /// Text, or `-` to read stdin.
         text: Vec<String>,
@@ -70,7 +73,7 @@ enum Command {
     Sync,
     /// Print a conversation's history; with --follow keep printing new messages.
     Tail {
-        /// Conversation.
+        /// Conversation (`@user`, `#group`, or a name only one conversation has).
         conversation: String,
         /// Lines of history.
         #[arg(long, short = 'n', default_value_t = 20)]
@@ -87,21 +90,23 @@ enum Command {
     },
     /// Send a file.
     SendFile {
-        /// Conversation.
+        /// Conversation (`@user`, `#group`, or a name only one conversation has).
         conversation: String,
         /// File.
         path: PathBuf,
     },
     /// Download a file offered in a conversation (the latest, or one by name).
     Download {
-        /// Conversation.
+        /// Conversation (`@user`, `#group`, or a name only one conversation has).
         conversation: String,
         /// File name (default: the latest file offer).
         #[arg(long)]
         name: Option<String>,
-        /// Directory to save to.
-        #[arg(long, default_value = ".")]
-        dir: PathBuf,
+        /// Directory to save to (default: `$XDG_DOWNLOAD_DIR`, the download directory of
+        /// `user-dirs.dirs`, else `~/Downloads`). The file gets a safe form of the offered
+        /// name and never replaces one: `notes (1).pdf`.
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
     /// Show the safety number shared with a user.
     Verify {
@@ -122,6 +127,10 @@ enum Command {
     },
     /// The users you know, their account keys and whether you verified them.
     Contacts,
+    /// Accept this store as the newest copy after you moved or restored it yourself: its
+    /// anchor file (`account.qpq.anchor`) is rewritten to match it. Not for a store you did
+    /// not put back yourself: an older copy rewinds encryption state its groups have left.
+    Reanchor,
 }
 
 #[derive(Subcommand)]
@@ -199,6 +208,7 @@ fn holder_label(cli: &Cli) -> String {
         Some(Command::Verify { .. }) => "verify",
         Some(Command::Trust { .. }) => "trust",
         Some(Command::Contacts) => "contacts",
+        Some(Command::Reanchor) => "reanchor",
     };
     format!("qpq {sub}")
 }
@@ -260,6 +270,15 @@ async fn run(cli: Cli, signals: crate::signals::Signals) -> anyhow::Result<()> {
         bail!("no account in {}; run `qpq register` first", home.display());
     }
     let passphrase = ask(&signals, "QPQ_PASSPHRASE", "Passphrase: ").await?;
+    if matches!(command, Command::Reanchor) {
+        let generation = Vault::reanchor(&store, passphrase.as_bytes())?;
+        writeln!(
+            std::io::stdout().lock(),
+            "{} accepted as the newest copy (write {generation})",
+            store.display()
+        )?;
+        return Ok(());
+    }
     let mut client = Client::open(&store, &passphrase)?;
     if let Some(server) = cli.server {
         client.set_server(server);
@@ -353,6 +372,7 @@ async fn act(client: &mut Client, command: Command) -> anyhow::Result<()> {
         }
         Command::Tail { conversation, lines, follow } => {
             let conv = client.find_conversation(&conversation)?;
+            say!("-- {} --", printable(&client.conversation_label(&conv)?))?;
             for e in client.history(&conv.id, lines)? {
                 print_entry(client, &e)?;
             }
@@ -376,22 +396,25 @@ async fn act(client: &mut Client, command: Command) -> anyhow::Result<()> {
             let convs: Vec<_> =
                 client.conversations()?.into_iter().filter(|c| c.unread > 0).collect();
             if json {
-                let list: Vec<serde_json::Value> = convs
+                let list = convs
                     .iter()
                     .map(|c| {
-                        serde_json::json!({
-                            "conversation": c.name,
+                        let label = client.conversation_label(c)?;
+                        Ok(serde_json::json!({
+                            "conversation": address(c),
+                            "name": c.name,
                             "id": hex(&c.id),
-                            "kind": if c.kind == qpq_core::client::ConvKind::Dm { "dm" } else { "group" },
+                            "kind": if c.kind == ConvKind::Dm { "dm" } else { "group" },
+                            "named_like_person": label != address(c),
                             "unread": c.unread,
                             "mentions": c.mentions,
-                        })
+                        }))
                     })
-                    .collect();
+                    .collect::<anyhow::Result<Vec<serde_json::Value>>>()?;
                 say!("{}", serde_json::Value::Array(list))?;
             } else {
                 for c in convs {
-                    say!("{:>4}  {}", c.unread, c.name)?;
+                    say!("{:>4}  {}", c.unread, printable(&client.conversation_label(&c)?))?;
                 }
             }
         }
@@ -411,8 +434,18 @@ async fn act(client: &mut Client, command: Command) -> anyhow::Result<()> {
                 })
                 .context("no such file offer in this conversation")?;
             let offer = Client::offer_of(&entry).context("no file")?;
+            let dir = dir.unwrap_or_else(crate::downloads::default_dir);
             let path = client.download(&offer, &dir).await?;
-            say!("saved {}", path.display())?;
+            let used = path.file_name().map(|n| n.to_string_lossy().into_owned());
+            if used.as_deref() == Some(offer.name.as_str()) {
+                say!("saved {}", printable(&path.display().to_string()))?;
+            } else {
+                say!(
+                    "saved {} (offered as {:?})",
+                    printable(&path.display().to_string()),
+                    offer.name
+                )?;
+            }
         }
         Command::Verify { user, mark, unmark } => {
             let n = client.safety_number(&user).await?;
@@ -448,51 +481,96 @@ async fn act(client: &mut Client, command: Command) -> anyhow::Result<()> {
                 say!("{name}  {}  {mark}", hex(&c.key))?;
             }
         }
-        Command::Register { .. } | Command::Login | Command::Whoami => {}
+        Command::Register { .. } | Command::Login | Command::Whoami | Command::Reanchor => {}
     }
     Ok(())
 }
 
+/// A group command's conversation: a bare name means the group of that name.
+fn group_address(group: &str) -> String {
+    if group.starts_with(['#', '@']) { group.to_string() } else { format!("#{group}") }
+}
+
+/// How a conversation is addressed: `@user` or `#group`.
+fn address(c: &Conversation) -> String {
+    match c.kind {
+        ConvKind::Dm => format!("@{}", c.name),
+        ConvKind::Group => format!("#{}", c.name),
+    }
+}
+
+/// Why `name` may not be a group's name here: it is a person's (ours, a contact's, a DM
+/// peer's), and `#bob` next to `@bob` is a trap for whoever reads the list. The CLI and the
+/// terminal UI both ask before creating or renaming a group.
+pub(crate) fn personal_name(client: &Client, name: &str) -> Result<Option<String>, ClientError> {
+    let personal = name == client.username()
+        || client.contact(name)?.is_some()
+        || client.conversations()?.iter().any(|c| c.kind == ConvKind::Dm && c.name == name);
+    Ok(personal.then(|| {
+        format!(
+            "{:?} is a person's name here (@{}); choose another name for the group, so that no \
+             one confuses the two",
+            printable(name),
+            printable(name)
+        )
+    }))
+}
+
+fn refuse_personal_name(client: &Client, name: &str) -> anyhow::Result<()> {
+    match personal_name(client, name)? {
+        Some(why) => bail!("{why}"),
+        None => Ok(()),
+    }
+}
+
 async fn group(client: &mut Client, g: GroupCommand) -> anyhow::Result<()> {
+    let find = |client: &Client, group: &str| -> anyhow::Result<Vec<u8>> {
+        Ok(client.find_conversation(&group_address(group))?.id)
+    };
     match g {
         GroupCommand::Create { name } => {
+            refuse_personal_name(client, &name)?;
             client.create_group(&name).await?;
-            say!("created {name}")?;
+            say!("created #{}", printable(&name))?;
         }
         GroupCommand::Add { group, users } => {
-            let conv = client.find_conversation(&group)?.id;
+            let conv = find(client, &group)?;
             client.add_members(&conv, &users).await?;
         }
         GroupCommand::Remove { group, user } => {
-            let conv = client.find_conversation(&group)?.id;
+            let conv = find(client, &group)?;
             client.remove_member(&conv, &user).await?;
         }
         GroupCommand::Promote { group, user } => {
-            let conv = client.find_conversation(&group)?.id;
+            let conv = find(client, &group)?;
             client.set_admin(&conv, &user, true).await?;
         }
         GroupCommand::Demote { group, user } => {
-            let conv = client.find_conversation(&group)?.id;
+            let conv = find(client, &group)?;
             client.set_admin(&conv, &user, false).await?;
         }
         GroupCommand::Rename { group, name, topic } => {
-            let conv = client.find_conversation(&group)?.id;
+            let conv = find(client, &group)?;
+            // Setting the topic under the same name is no new claim to it.
+            if client.conversation(&conv)?.is_none_or(|c| c.name != name) {
+                refuse_personal_name(client, &name)?;
+            }
             client.rename(&conv, &name, topic.as_deref()).await?;
         }
         GroupCommand::Leave { group } => {
-            let conv = client.find_conversation(&group)?.id;
+            let conv = find(client, &group)?;
             client.leave(&conv).await?;
         }
         GroupCommand::Rotate { group } => {
-            let conv = client.find_conversation(&group)?.id;
+            let conv = find(client, &group)?;
             client.rotate_keys(&conv).await?;
         }
         GroupCommand::Info { group } => {
-            let conv = client.find_conversation(&group)?.id;
+            let conv = find(client, &group)?;
             let info = client.group_info(&conv).await?;
-            say!("name {}", info.conversation.name)?;
+            say!("name {}", printable(&info.conversation.name))?;
             if !info.conversation.topic.is_empty() {
-                say!("topic {}", info.conversation.topic)?;
+                say!("topic {}", printable(&info.conversation.topic))?;
             }
             say!("epoch {}", info.epoch)?;
             say!("verification {}", info.verification_code)?;
@@ -505,8 +583,9 @@ async fn group(client: &mut Client, g: GroupCommand) -> anyhow::Result<()> {
 }
 
 fn print_entry(client: &Client, e: &qpq_core::client::HistoryEntry) -> std::io::Result<()> {
+    // Peers choose the text and file names: shown, never obeyed by the terminal.
     if e.system {
-        return say!("* {}", e.text);
+        return say!("* {}", printable(&e.text));
     }
     let who =
         client.cached_name(&e.sender).unwrap_or_else(|| hex(&e.sender[..e.sender.len().min(6)]));
@@ -517,7 +596,7 @@ fn print_entry(client: &Client, e: &qpq_core::client::HistoryEntry) -> std::io::
     if let Some(f) = &e.file {
         line = format!("[{who}] file {} ({} bytes)", f.name, f.size);
     }
-    say!("{line}")
+    say!("{}", printable(&line))
 }
 
 /// A secret from `var`, or typed at the terminal without echo. The prompt runs on a blocking

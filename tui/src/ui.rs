@@ -11,7 +11,7 @@ use ratatui::widgets::{
     Block, BorderType, Borders, Clear, Gauge, List, ListItem, ListState, Paragraph, Wrap,
 };
 
-use crate::app::{App, Focus, Overlay, short_id};
+use crate::app::{App, ConvView, Focus, Overlay, label, short_id};
 use crate::config::color;
 
 /// Narrower than this, the members pane hides itself.
@@ -69,8 +69,10 @@ fn conversations(f: &mut Frame<'_>, app: &App, area: Rect) {
         .convs
         .iter()
         .map(|c| {
-            let sigil = if c.kind == ConvKind::Dm { "@" } else { "#" };
-            let mut spans = vec![Span::raw(format!("{sigil}{}", c.name))];
+            let mut spans = vec![Span::raw(label(c))];
+            if app.named_like_person(c) {
+                spans.push(Span::styled(" ⚠", warning()));
+            }
             if c.mentions > 0 {
                 spans.push(Span::styled(
                     format!(" ({}!)", c.mentions),
@@ -98,11 +100,18 @@ fn conversations(f: &mut Frame<'_>, app: &App, area: Rect) {
 
 fn timeline_pane(f: &mut Frame<'_>, app: &App, area: Rect) {
     let title = match app.current() {
-        Some(c) if !c.topic.is_empty() => {
-            format!(" {}{} — {} ", if c.kind == ConvKind::Dm { "@" } else { "#" }, c.name, c.topic)
+        Some(c) => {
+            let mut spans = vec![Span::raw(format!(" {}", label(c)))];
+            if app.named_like_person(c) {
+                spans.push(Span::styled(format!(" ⚠ a group, not @{}", c.name), warning()));
+            }
+            if !c.topic.is_empty() {
+                spans.push(Span::raw(format!(" — {}", c.topic)));
+            }
+            spans.push(Span::raw(" "));
+            Line::from(spans)
         }
-        Some(c) => format!(" {}{} ", if c.kind == ConvKind::Dm { "@" } else { "#" }, c.name),
-        None => " qpq ".to_string(),
+        None => Line::from(" qpq "),
     };
     let inner_width = area.width.saturating_sub(2).max(1) as usize;
     let mut lines: Vec<Line<'_>> = Vec::new();
@@ -401,7 +410,7 @@ pub const HELP: &[(&str, &str)] = &[
     ("/leave", "leave the group (asks)"),
     ("/info, /verify [user]", "group info / safety number"),
     ("/send-file <path>", "send a file (up to 50 MB)"),
-    ("/download [dir]", "download the latest file"),
+    ("/download [dir]", "download the latest file (default ~/Downloads)"),
     ("/react <emoji>", "react to the selected or last message"),
     ("/edit <text>, /delete", "edit or delete your last message"),
     ("/notify all|mentions|none", "notifications for this conversation"),
@@ -427,12 +436,12 @@ fn overlay(f: &mut Frame<'_>, app: &App, o: &Overlay) {
         Overlay::Switcher { query, selected } => {
             let mut lines = vec![Line::from(format!("> {query}▏"))];
             for (i, idx) in app.switcher_matches(query).iter().take(10).enumerate() {
-                let c = &app.convs[*idx];
-                let l = Line::from(format!(
-                    "{}{}",
-                    if c.kind == ConvKind::Dm { "@" } else { "#" },
-                    c.name
-                ));
+                let c: &ConvView = &app.convs[*idx];
+                let l = if app.named_like_person(c) {
+                    Line::from(vec![Span::raw(label(c)), Span::styled(" ⚠", warning())])
+                } else {
+                    Line::from(label(c))
+                };
                 lines.push(if i == *selected { l.reversed() } else { l });
             }
             (" Jump to ".into(), Text::from(lines), 40, 13)
@@ -494,6 +503,11 @@ pub fn centered(area: Rect, w: u16, h: u16) -> Rect {
         width: w,
         height: h,
     }
+}
+
+/// The style of a warning marker: a group named like a person.
+fn warning() -> Style {
+    Style::new().fg(ratatui::style::Color::Yellow).bold()
 }
 
 fn time(ms: u64) -> String {

@@ -246,6 +246,9 @@ async fn handle(
             send_history(client, &conv, tx).await?;
         }
         Command::CreateGroup(name) => {
+            if let Some(why) = crate::cli::personal_name(client, &name)? {
+                return Err(ClientError::Invalid(why));
+            }
             client.create_group(&name).await?;
             send_conversations(client, tx).await;
             let _ = tx.send(WorkerEvent::Notice(format!("created #{name}; /invite people"))).await;
@@ -266,6 +269,13 @@ async fn handle(
             send_history(client, &conv, tx).await?;
         }
         Command::Rename { conv, name, topic } => {
+            // `/topic` keeps the name it has; only a new name is checked.
+            let current = client.conversation(&conv)?.map(|c| c.name);
+            if current.as_deref() != Some(name.as_str())
+                && let Some(why) = crate::cli::personal_name(client, &name)?
+            {
+                return Err(ClientError::Invalid(why));
+            }
             client.rename(&conv, &name, topic.as_deref()).await?;
             send_conversations(client, tx).await;
         }
@@ -306,8 +316,16 @@ async fn handle(
                 .ok_or_else(|| ClientError::Invalid("no such message".into()))?;
             let offer = Client::offer_of(&entry)
                 .ok_or_else(|| ClientError::Invalid("not a file".into()))?;
+            let dir = dir.unwrap_or_else(crate::downloads::default_dir);
             let path = client.download(&offer, &dir).await?;
-            let _ = tx.send(WorkerEvent::Notice(format!("saved {}", path.display()))).await;
+            let saved = crate::downloads::printable(&path.display().to_string());
+            let renamed = path.file_name().is_none_or(|n| n.to_string_lossy() != offer.name);
+            let notice = if renamed {
+                format!("saved {saved} (offered as {:?})", offer.name)
+            } else {
+                format!("saved {saved}")
+            };
+            let _ = tx.send(WorkerEvent::Notice(notice)).await;
         }
         Command::React { conv, target, emoji } => {
             client.send(&conv, Body::Reaction { target, emoji, remove: false }).await?;

@@ -159,6 +159,57 @@ fn the_switcher_finds_conversations_fuzzily() {
 }
 
 #[test]
+fn the_switcher_matches_the_prefix_too() {
+    let mut a = app();
+    a.update(Action::Worker(WorkerEvent::Conversations(vec![
+        conv(1, "team", ConvKind::Group, 0),
+        conv(2, "bob", ConvKind::Dm, 2),
+        conv(3, "bob", ConvKind::Group, 0),
+    ])));
+    assert_eq!(a.switcher_matches("@bob"), vec![1], "@ picks the DM");
+    assert_eq!(a.switcher_matches("#bob"), vec![2], "# picks the group");
+    assert_eq!(a.switcher_matches("bob").len(), 2);
+    assert!(a.named_like_person(&a.convs[2]), "a group named like a DM peer");
+    assert!(!a.named_like_person(&a.convs[1]), "the DM itself");
+    assert!(!a.named_like_person(&a.convs[0]));
+    a.convs[0].name = "alice".into();
+    assert!(a.named_like_person(&a.convs[0]), "a group named like us");
+}
+
+#[test]
+fn downloads_go_to_the_default_directory_unless_one_is_given() {
+    let mut a = app();
+    let mut file = HistoryEntry::system(1, String::new(), 0);
+    file.system = false;
+    file.message_id = [7; 16];
+    file.file = Some(qpq_core::content::FileOffer {
+        blob_id: [0; 32],
+        size: 1,
+        ciphertext_size: 17,
+        name: ".bashrc".into(),
+        media_type: String::new(),
+        key: [0; 32],
+        sha256: [0; 32],
+    });
+    a.update(Action::Worker(WorkerEvent::History {
+        conv: vec![1; 16],
+        entries: vec![file],
+        names: vec![],
+    }));
+    let run = |a: &mut App, line: &str| {
+        typed(a, line);
+        a.update(key(KeyCode::Enter))
+    };
+    let want = |dir: Option<PathBuf>| {
+        vec![Command::Download { conv: vec![1; 16], message_id: [7; 16], dir }]
+    };
+    assert_eq!(run(&mut a, "/download"), want(None), "the worker picks the XDG directory");
+    assert_eq!(run(&mut a, "/download /tmp/in"), want(Some("/tmp/in".into())));
+    a.focus = Focus::Timeline;
+    assert_eq!(a.update(key(KeyCode::Char('d'))), want(None));
+}
+
+#[test]
 fn help_opens_and_closes_and_quit_quits() {
     let mut a = app();
     a.update(key(KeyCode::F(1)));

@@ -171,6 +171,24 @@ fn group_info_overlay_and_timeline_selection() {
 }
 
 #[test]
+fn a_group_named_like_a_contact_is_flagged_and_never_shown_bare() {
+    let mut a = base();
+    // mallory named her group "bob"; the DM with the real bob is there too.
+    a.update(Action::Worker(WorkerEvent::Conversations(vec![
+        conv(4, "bob", ConvKind::Group, 1, 0),
+        conv(2, "bob", ConvKind::Dm, 0, 0),
+        conv(1, "team", ConvKind::Group, 0, 0),
+    ])));
+    a.overlay = Some(Overlay::Switcher { query: "bob".into(), selected: 0 });
+    let screen = render(&a, 100, 30);
+    insta::assert_snapshot!("named_like_a_contact_100x30", screen);
+    let text = screen.to_string();
+    assert!(text.contains("#bob ⚠") && text.contains("@bob"), "{text}");
+    assert!(text.contains("⚠ a group, not @bob"), "the open group's title says so: {text}");
+    assert!(!text.contains("#team ⚠"), "{text}");
+}
+
+#[test]
 fn login_screen() {
     let mut form = Form::register("192.0.2.1:5001");
     for c in "alice".chars() {
