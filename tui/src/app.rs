@@ -51,6 +51,15 @@ pub enum Overlay {
         user: String,
         /// The 60 digits.
         number: String,
+        /// Already marked as compared.
+        verified: bool,
+    },
+    /// A warning that stops everything until it is acknowledged (a contact's key changed).
+    Alert {
+        /// Headline.
+        title: String,
+        /// What happened and what to do.
+        text: String,
     },
 }
 
@@ -100,6 +109,13 @@ pub enum Command {
     Info(Vec<u8>),
     /// Safety number with a user.
     Verify(String),
+    /// Record (or forget) that a user's safety number was compared.
+    MarkVerified {
+        /// The user.
+        user: String,
+        /// Verified or not.
+        verified: bool,
+    },
     /// Send a file.
     SendFile { conv: Vec<u8>, path: PathBuf },
     /// Download a file offer into `dir` (`None`: the XDG download directory, which the worker
@@ -152,7 +168,9 @@ pub enum WorkerEvent {
     /// Group info.
     Info(InfoView),
     /// Safety number.
-    Safety { user: String, number: String },
+    Safety { user: String, number: String, verified: bool },
+    /// A warning the user must acknowledge before anything else (a contact's key changed).
+    Alert { title: String, text: String },
     /// Transfer progress.
     Transfer { name: String, done: u64, total: u64, upload: bool },
     /// Connection and outbox.
@@ -383,8 +401,12 @@ impl App {
                 }
             }
             WorkerEvent::Info(info) => self.overlay = Some(Overlay::Info(info)),
-            WorkerEvent::Safety { user, number } => {
-                self.overlay = Some(Overlay::Safety { user, number })
+            WorkerEvent::Safety { user, number, verified } => {
+                self.overlay = Some(Overlay::Safety { user, number, verified })
+            }
+            WorkerEvent::Alert { title, text } => {
+                self.pending_alert = Some(title.clone());
+                self.overlay = Some(Overlay::Alert { title, text });
             }
             WorkerEvent::Transfer { name, done, total, upload } => {
                 self.transfers.retain(|t| t.name != name);
@@ -921,6 +943,18 @@ impl App {
                         Vec::new()
                     }
                 }
+            }
+            Overlay::Safety { user, verified, .. } if key.code == KeyCode::Char('m') => {
+                let command = Command::MarkVerified { user: user.clone(), verified: !verified };
+                self.overlay = None;
+                vec![command]
+            }
+            // Only a deliberate Enter or Esc dismisses it; other keys do nothing meanwhile.
+            Overlay::Alert { .. } => {
+                if matches!(key.code, KeyCode::Esc | KeyCode::Enter) {
+                    self.overlay = None;
+                }
+                Vec::new()
             }
             Overlay::Help | Overlay::Info(_) | Overlay::Safety { .. } => {
                 if matches!(key.code, KeyCode::Esc | KeyCode::Enter | KeyCode::Char('q'))

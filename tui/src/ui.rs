@@ -73,6 +73,9 @@ fn conversations(f: &mut Frame<'_>, app: &App, area: Rect) {
             if app.named_like_person(c) {
                 spans.push(Span::styled(" ⚠", warning()));
             }
+            if c.verified {
+                spans.push(Span::styled(" ✓", Style::new().fg(ratatui::style::Color::Green)));
+            }
             if c.mentions > 0 {
                 spans.push(Span::styled(
                     format!(" ({}!)", c.mentions),
@@ -475,16 +478,36 @@ fn overlay(f: &mut Frame<'_>, app: &App, o: &Overlay) {
             let h = lines.len() as u16 + 2;
             (" Group info ".into(), Text::from(lines), 60, h)
         }
-        Overlay::Safety { user, number } => (
+        Overlay::Safety { user, number, verified } => (
             format!(" Safety number with {user} "),
             Text::from(vec![
                 Line::from(number.clone()).bold(),
                 Line::from(""),
-                Line::from("Compare it with them in person or on a call."),
+                if *verified {
+                    Line::from("✓ verified: you compared it with them.")
+                } else {
+                    Line::from("Compare it with them in person or on a call.")
+                },
+                Line::from(if *verified {
+                    "m: forget that  Esc: close"
+                } else {
+                    "m: it matches, mark verified  Esc: close"
+                })
+                .italic(),
             ]),
             60,
-            5,
+            8,
         ),
+        Overlay::Alert { title, text } => {
+            let lines = vec![
+                Line::from(title.clone()).style(warning().bold()),
+                Line::from(""),
+                Line::from(text.clone()),
+                Line::from(""),
+                Line::from("Enter or Esc: I understand").italic(),
+            ];
+            (" ⚠ WARNING ".into(), Text::from(lines), 70, 14)
+        }
     };
     let rect = centered(area, w, h);
     f.render_widget(Clear, rect);

@@ -64,7 +64,15 @@ pub async fn run(
                     open = Some(id.clone());
                 }
                 if let Err(e) = handle(&mut client, cmd, &tx).await {
-                    let _ = tx.send(WorkerEvent::Error(e.to_string())).await;
+                    let event = match &e {
+                        // Loud and blocking: an overlay that must be acknowledged.
+                        ClientError::KeyChanged { username, .. } => WorkerEvent::Alert {
+                            title: format!("{username}'s key changed"),
+                            text: e.to_string(),
+                        },
+                        _ => WorkerEvent::Error(e.to_string()),
+                    };
+                    let _ = tx.send(event).await;
                 }
                 let _ = tx.send(WorkerEvent::Status { conn: state(&client), outbox: client.outbox_len().unwrap_or(0) }).await;
             }
@@ -301,7 +309,14 @@ async fn handle(
         }
         Command::Verify(user) => {
             let number = client.safety_number(&user).await?;
-            let _ = tx.send(WorkerEvent::Safety { user, number }).await;
+            let verified = client.contact(&user)?.is_some_and(|c| c.verified);
+            let _ = tx.send(WorkerEvent::Safety { user, number, verified }).await;
+        }
+        Command::MarkVerified { user, verified } => {
+            client.mark_verified(&user, verified)?;
+            let what = if verified { "marked verified ✓" } else { "no longer marked verified" };
+            let _ = tx.send(WorkerEvent::Notice(format!("{user}: {what}"))).await;
+            send_conversations(client, tx).await;
         }
         Command::SendFile { conv, path } => {
             let offer = client.send_file(&conv, &path).await?;

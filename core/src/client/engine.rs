@@ -802,6 +802,12 @@ impl Client {
             .iter()
             .map(|(_, v)| unjson(v))
             .collect::<Result<_, _>>()?;
+        let verified: Vec<[u8; 32]> =
+            self.contacts()?.into_iter().filter(|(_, c)| c.verified).map(|(_, c)| c.key).collect();
+        for c in &mut out {
+            c.verified = c.kind == ConvKind::Dm
+                && c.peer.as_deref().is_some_and(|p| verified.iter().any(|v| v.as_slice() == p));
+        }
         out.sort_by_key(|c| std::cmp::Reverse(c.last_activity_ms));
         Ok(out)
     }
@@ -985,6 +991,7 @@ impl Client {
             unread: 0,
             mentions: 0,
             next_seq: 0,
+            verified: false,
         };
         self.save_conversation(&c)?;
         Ok(c)

@@ -34,6 +34,10 @@ pub struct Conversation {
     pub mentions: u32,
     /// Next local history sequence number.
     pub next_seq: u64,
+    /// A DM whose peer's key is the one remembered for its name and was verified (safety
+    /// number compared). Not stored: filled in from the contacts on every read.
+    #[serde(skip)]
+    pub verified: bool,
 }
 
 /// One message in a conversation's history, with what later messages did to it.

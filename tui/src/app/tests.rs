@@ -33,6 +33,7 @@ fn conv(id: u8, name: &str, kind: ConvKind, unread: u32) -> Conversation {
         unread,
         mentions: 0,
         next_seq: 10,
+        verified: false,
     }
 }
 
@@ -360,4 +361,42 @@ fn scrolling_past_the_oldest_loaded_entry_asks_for_the_page_before() {
         );
     }
     assert_eq!(a.cursor, 6);
+}
+
+#[test]
+fn a_changed_key_is_a_blocking_warning_until_acknowledged() {
+    let mut a = app();
+    a.update(Action::Worker(WorkerEvent::Alert {
+        title: "bob's key changed".into(),
+        text: "WARNING: the server now says bob is account ...".into(),
+    }));
+    assert!(matches!(a.overlay, Some(Overlay::Alert { .. })));
+    assert!(a.pending_alert.is_some(), "it rings");
+    // Typing, quitting, switching: nothing happens while it is up.
+    for k in [key(KeyCode::Char('x')), key(KeyCode::Char('q')), ctrl('k'), Action::Key(KeyEvent::from(KeyCode::Tab))] {
+        assert!(a.update(k).is_empty());
+        assert!(matches!(a.overlay, Some(Overlay::Alert { .. })), "dismissed by a stray key");
+    }
+    assert!(!a.quit);
+    a.update(Action::Key(KeyEvent::from(KeyCode::Enter)));
+    assert!(a.overlay.is_none());
+}
+
+#[test]
+fn the_safety_number_overlay_marks_a_contact_verified() {
+    let mut a = app();
+    a.update(Action::Worker(WorkerEvent::Safety {
+        user: "bob".into(),
+        number: "12345".into(),
+        verified: false,
+    }));
+    let cmds = a.update(key(KeyCode::Char('m')));
+    assert_eq!(cmds, vec![Command::MarkVerified { user: "bob".into(), verified: true }]);
+    assert!(a.overlay.is_none());
+    a.update(Action::Worker(WorkerEvent::Safety {
+        user: "bob".into(),
+        number: "12345".into(),
+        verified: true,
+    }));
+    assert_eq!(a.update(key(KeyCode::Char('m'))), vec![Command::MarkVerified { user: "bob".into(), verified: false }]);
 }

@@ -24,6 +24,8 @@ fn conv(id: u8, name: &str, kind: ConvKind, unread: u32, mentions: u32) -> Conve
         unread,
         mentions,
         next_seq: 6,
+        // bob's safety number was compared: the list marks him.
+        verified: kind == ConvKind::Dm && name == "bob",
     }
 }
 
@@ -208,4 +210,29 @@ fn a_resize_redraws_without_garbage() {
     t.resize(ratatui::layout::Rect::new(0, 0, 80, 24)).unwrap();
     t.draw(|f| super::draw(f, &a)).unwrap();
     assert_eq!(t.backend().to_string(), render(&a, 80, 24).to_string());
+}
+
+#[test]
+fn a_changed_key_warning_fits_80x24() {
+    let mut a = with_history();
+    a.update(Action::Worker(WorkerEvent::Alert {
+        title: "bob's key changed".into(),
+        text: "WARNING: the server now says bob is account 9f2c…, but you have known bob as \
+               account 41d0…. Someone may be impersonating bob (or they registered again). \
+               Nothing was sent. Compare safety numbers with bob in person or on a call, then \
+               accept the new key with `qpq trust bob`."
+            .into(),
+    }));
+    insta::assert_snapshot!("key_changed_80x24", render(&a, 80, 24));
+}
+
+#[test]
+fn safety_number_overlay_offers_to_mark_verified() {
+    let mut a = with_history();
+    a.update(Action::Worker(WorkerEvent::Safety {
+        user: "bob".into(),
+        number: "12345 67890 12345 67890 12345 67890 12345 67890 12345 67890 12345 67890".into(),
+        verified: false,
+    }));
+    insta::assert_snapshot!("safety_80x24", render(&a, 80, 24));
 }
