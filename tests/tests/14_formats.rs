@@ -2,7 +2,8 @@
 //! back everything they hold.
 //!
 //! `tests/fixtures/v0.1/data` was written by the v0.1 binaries (commit b63c7e5) through their
-//! command lines (`tests/fixtures/v0.1/make.sh`): a server data directory (redb database,
+//! command lines (`tests/fixtures/v0.1/make.sh`), and `v0.2` likewise by the build that
+//! introduced server schema 2 and the vault's generation anchor: a server data directory (redb database,
 //! blob, certificate and key) and alice's and bob's client stores, with a DM both ways, a group
 //! with a message and a file offer, and one group message still queued on the server for bob.
 //! This build's server serves the old database with the old certificate; this build's `qpq`
@@ -53,7 +54,18 @@ fn qpq(home: &Path, name: &str, server: &ServerProcess, args: &[&str]) -> String
 
 #[test]
 fn v0_1_server_database_and_client_stores_open_and_read_back() {
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/v0.1/data");
+    opens_and_reads_back("v0.1");
+}
+
+/// Server schema 2 (sender shares, handshake reserve), vaults with a generation counter and
+/// their anchor files.
+#[test]
+fn v0_2_server_database_and_client_stores_open_and_read_back() {
+    opens_and_reads_back("v0.2");
+}
+
+fn opens_and_reads_back(version: &str) {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(version).join("data");
     let dir = tempfile::tempdir().unwrap();
     copy_dir(&fixture, dir.path());
     #[cfg(unix)]
