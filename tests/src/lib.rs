@@ -549,3 +549,49 @@ impl Default for KeyMaker {
 pub fn message_id() -> [u8; 16] {
     rand::random()
 }
+
+/// Argon2id parameters fast enough for tests (1 MiB, one pass) for stores the tests create.
+pub const FAST_KDF: qpq_core::vault::KdfParams =
+    qpq_core::vault::KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 };
+
+/// Registers `name` on `server` through the client engine (pinning its fingerprint), with the
+/// store `home/account.qpq` sealed by `passphrase`; returns the account's identity key.
+pub async fn register_account(
+    server: &ServerProcess,
+    home: &Path,
+    name: &str,
+    passphrase: &str,
+    password: &str,
+) -> [u8; 32] {
+    let mut c = qpq_core::client::Client::register(qpq_core::client::RegisterOptions {
+        store: home.join("account.qpq"),
+        passphrase: passphrase.into(),
+        server: server.addr,
+        pin: Some(server.fingerprint.clone()),
+        username: name.into(),
+        password: password.into(),
+        invite: String::new(),
+        kdf: FAST_KDF,
+    })
+    .await
+    .unwrap_or_else(|e| panic!("registering {name}: {e}"));
+    let id = c.identity_key();
+    c.disconnect().await;
+    id
+}
+
+/// The real `qpq` on the store in `home`, with its secrets in the environment, stdin closed,
+/// output captured, and nothing inherited that could point it at another account or server.
+pub fn qpq_command(home: &Path, passphrase: &str, password: &str) -> Command {
+    let mut c = Command::new(workspace_bin("qpq"));
+    c.arg("--home")
+        .arg(home)
+        .env("QPQ_PASSPHRASE", passphrase)
+        .env("QPQ_PASSWORD", password)
+        .env_remove("QPQ_HOME")
+        .env_remove("QPQ_SERVER")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}

@@ -7,27 +7,12 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use qpq_core::client::{Client, RegisterOptions};
-use qpq_core::vault::KdfParams;
-use qpq_tests::ServerProcess;
 use qpq_tests::tmux::Tmux;
-
-const FAST: KdfParams = KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 };
+use qpq_tests::{ServerProcess, register_account};
 
 async fn account(server: &ServerProcess, home: &Path, name: &str) {
-    let mut c = Client::register(RegisterOptions {
-        store: home.join("account.qpq"),
-        passphrase: format!("{name}-pass"),
-        server: server.addr,
-        pin: Some(server.fingerprint.clone()),
-        username: name.into(),
-        password: format!("{name}-password"),
-        invite: String::new(),
-        kdf: FAST,
-    })
-    .await
-    .unwrap();
-    c.disconnect().await;
+    register_account(server, home, name, &format!("{name}-pass"), &format!("{name}-password"))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

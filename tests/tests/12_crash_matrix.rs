@@ -18,16 +18,12 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use qpq_core::client::{Client, RegisterOptions};
-use qpq_core::vault::KdfParams;
-use qpq_tests::{ServerProcess, workspace_bin};
+use qpq_tests::{ServerProcess, qpq_command, register_account};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-
-const FAST: KdfParams = KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 };
 
 struct Account {
     name: &'static str,
@@ -36,17 +32,10 @@ struct Account {
 
 impl Account {
     fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(workspace_bin("qpq"));
-        c.arg("--home")
-            .arg(&self.home)
-            .args(args)
-            .env("QPQ_PASSPHRASE", format!("{} passphrase", self.name))
-            .env("QPQ_PASSWORD", format!("{} password", self.name))
-            .env_remove("QPQ_HOME")
-            .env_remove("QPQ_SERVER")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        let (pass, password) =
+            (format!("{} passphrase", self.name), format!("{} password", self.name));
+        let mut c = qpq_command(&self.home, &pass, &password);
+        c.args(args);
         c
     }
 
@@ -118,19 +107,8 @@ fn env_or(var: &str, default: u64) -> u64 {
 
 async fn register(server: &ServerProcess, dir: &Path, name: &'static str) -> Account {
     let home = dir.join(name);
-    let mut c = Client::register(RegisterOptions {
-        store: home.join("account.qpq"),
-        passphrase: format!("{name} passphrase"),
-        server: server.addr,
-        pin: Some(server.fingerprint.clone()),
-        username: name.into(),
-        password: format!("{name} password"),
-        invite: String::new(),
-        kdf: FAST,
-    })
-    .await
-    .unwrap();
-    c.disconnect().await;
+    let (pass, password) = (format!("{name} passphrase"), format!("{name} password"));
+    register_account(server, &home, name, &pass, &password).await;
     Account { name, home }
 }
 

@@ -6,44 +6,21 @@
 //! `qpq` refused by the lock names the holder; user errors never print a backtrace.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use qpq_core::client::{Client, RegisterOptions};
-use qpq_core::vault::{KdfParams, needs_recovery};
+use qpq_core::vault::needs_recovery;
 use qpq_tests::tmux::Tmux;
-use qpq_tests::{ServerProcess, workspace_bin};
-
-const FAST: KdfParams = KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 };
+use qpq_tests::{ServerProcess, qpq_command, register_account};
 
 async fn account(server: &ServerProcess, home: &Path, name: &str) {
-    let mut c = Client::register(RegisterOptions {
-        store: home.join("account.qpq"),
-        passphrase: format!("{name}-pass"),
-        server: server.addr,
-        pin: Some(server.fingerprint.clone()),
-        username: name.into(),
-        password: format!("{name}-password"),
-        invite: String::new(),
-        kdf: FAST,
-    })
-    .await
-    .unwrap();
-    c.disconnect().await;
+    register_account(server, home, name, &format!("{name}-pass"), &format!("{name}-password"))
+        .await;
 }
 
 fn qpq(home: &Path, name: &str, args: &[&str]) -> Command {
-    let mut c = Command::new(workspace_bin("qpq"));
-    c.arg("--home")
-        .arg(home)
-        .args(args)
-        .env("QPQ_PASSPHRASE", format!("{name}-pass"))
-        .env("RUST_BACKTRACE", "1")
-        .env_remove("QPQ_HOME")
-        .env_remove("QPQ_SERVER")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    let mut c = qpq_command(home, &format!("{name}-pass"), &format!("{name}-password"));
+    c.args(args).env("RUST_BACKTRACE", "1");
     c
 }
 

@@ -2,7 +2,7 @@
 //! back everything they hold.
 //!
 //! `tests/fixtures/v0.1/data` was written by the v0.1 binaries (commit b63c7e5) through their
-//! command lines (`tests/fixtures/v0.1/make.sh`), and `v0.2` likewise by the build that
+//! command lines (`tests/fixtures/make.sh`), and `v0.2` likewise by the build that
 //! introduced server schema 2 and the vault's generation anchor: a server data directory (redb database,
 //! blob, certificate and key) and alice's and bob's client stores, with a DM both ways, a group
 //! with a message and a file offer, and one group message still queued on the server for bob.

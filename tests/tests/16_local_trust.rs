@@ -8,12 +8,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use qpq_core::client::{Client, RegisterOptions};
+use qpq_core::client::Client;
 use qpq_core::content::Body;
-use qpq_core::vault::{KdfParams, Space, Vault};
-use qpq_tests::{ServerProcess, workspace_bin};
-
-const FAST: KdfParams = KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 };
+use qpq_core::vault::{Space, Vault};
+use qpq_tests::{ServerProcess, register_account, workspace_bin};
 
 /// An account driven through the `qpq` binary. Its `$HOME` is a directory of its own, and the
 /// command runs in another (`work`), so nothing can land in either by accident.
@@ -104,19 +102,8 @@ async fn register(server: &ServerProcess, dir: &Path, name: &'static str) -> Acc
     };
     std::fs::create_dir_all(&account.home).unwrap();
     std::fs::create_dir_all(&account.work).unwrap();
-    let mut c = Client::register(RegisterOptions {
-        store: account.store(),
-        passphrase: account.passphrase(),
-        server: server.addr,
-        pin: Some(server.fingerprint.clone()),
-        username: name.into(),
-        password: format!("{name} password"),
-        invite: String::new(),
-        kdf: FAST,
-    })
-    .await
-    .unwrap();
-    c.disconnect().await;
+    let password = format!("{name} password");
+    register_account(server, &account.store_dir, name, &account.passphrase(), &password).await;
     account
 }
 

@@ -7,15 +7,11 @@
 //! and only `qpq trust bob` (the user's explicit decision) accepts the new key.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::time::Duration;
 
-use qpq_core::client::{Client, RegisterOptions};
-use qpq_core::vault::KdfParams;
-use qpq_tests::{ServerProcess, workspace_bin};
+use qpq_tests::{ServerProcess, qpq_command, register_account};
 use redb::{ReadableTable, TableDefinition};
-
-const FAST: KdfParams = KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 };
 
 // The server's tables as the operator sees them with any redb tool.
 const USERS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("users");
@@ -23,34 +19,16 @@ const KEY_PACKAGES: TableDefinition<'_, (&[u8], u64), &[u8]> = TableDefinition::
 
 async fn register(server: &ServerProcess, dir: &Path, name: &str) -> (PathBuf, [u8; 32]) {
     let home = dir.join(name);
-    let mut c = Client::register(RegisterOptions {
-        store: home.join("account.qpq"),
-        passphrase: format!("{name}-pass"),
-        server: server.addr,
-        pin: Some(server.fingerprint.clone()),
-        username: name.into(),
-        password: format!("{name}-password"),
-        invite: String::new(),
-        kdf: FAST,
-    })
-    .await
-    .unwrap();
-    let id = c.identity_key();
-    c.disconnect().await;
+    let (pass, password) = (format!("{name}-pass"), format!("{name}-password"));
+    let id = register_account(server, &home, name, &pass, &password).await;
     (home, id)
 }
 
 fn qpq(home: &Path, name: &str, server: &ServerProcess, args: &[&str]) -> Output {
-    Command::new(workspace_bin("qpq"))
-        .arg("--home")
-        .arg(home)
+    qpq_command(home, &format!("{name}-pass"), &format!("{name}-password"))
         .arg("--server")
         .arg(server.addr.to_string())
         .args(args)
-        .env("QPQ_PASSPHRASE", format!("{name}-pass"))
-        .env("QPQ_PASSWORD", format!("{name}-password"))
-        .env_remove("QPQ_HOME")
-        .stdin(Stdio::null())
         .output()
         .unwrap()
 }
