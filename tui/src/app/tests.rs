@@ -373,7 +373,12 @@ fn a_changed_key_is_a_blocking_warning_until_acknowledged() {
     assert!(matches!(a.overlay, Some(Overlay::Alert { .. })));
     assert!(a.pending_alert.is_some(), "it rings");
     // Typing, quitting, switching: nothing happens while it is up.
-    for k in [key(KeyCode::Char('x')), key(KeyCode::Char('q')), ctrl('k'), Action::Key(KeyEvent::from(KeyCode::Tab))] {
+    for k in [
+        key(KeyCode::Char('x')),
+        key(KeyCode::Char('q')),
+        ctrl('k'),
+        Action::Key(KeyEvent::from(KeyCode::Tab)),
+    ] {
         assert!(a.update(k).is_empty());
         assert!(matches!(a.overlay, Some(Overlay::Alert { .. })), "dismissed by a stray key");
     }
@@ -398,5 +403,8 @@ fn the_safety_number_overlay_marks_a_contact_verified() {
         number: "12345".into(),
         verified: true,
     }));
-    assert_eq!(a.update(key(KeyCode::Char('m'))), vec![Command::MarkVerified { user: "bob".into(), verified: false }]);
+    assert_eq!(
+        a.update(key(KeyCode::Char('m'))),
+        vec![Command::MarkVerified { user: "bob".into(), verified: false }]
+    );
 }
