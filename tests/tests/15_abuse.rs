@@ -192,9 +192,11 @@ async fn a_queue_flood_leaves_room_for_group_changes() {
     let bob_key = bob.identity_key();
     bob.disconnect().await; // bob is offline from here on
 
-    // mallory floods bob: five messages, then a clear refusal, by Enqueue and BatchEnqueue.
+    // mallory floods bob: her share of five, plus the three stored while bob's queue held
+    // less than half a share (not counted per sender), then a clear refusal, by Enqueue and
+    // BatchEnqueue.
     let mallory = raw(&h, "mallory", &identity()).await;
-    for i in 0..5u8 {
+    for i in 0..8u8 {
         mallory.enqueue(&bob_key, &[i; 100], message_id()).await.unwrap();
     }
     let (s, e) = refusal("sixth", mallory.enqueue(&bob_key, b"more", message_id()).await);
@@ -217,13 +219,16 @@ async fn a_queue_flood_leaves_room_for_group_changes() {
     let r = mallory.enqueue(&bob_key, &fake_commit, message_id()).await;
     assert_eq!(refusal("third fake commit", r).0, Status::RateLimited);
 
-    // Three more accounts fill bob's queue.
+    // Three more accounts fill bob's queue (the twelve places mallory left).
+    let mut room = 20 - 8;
     for n in 1..=3 {
         let sybil = raw(&h, &format!("sybil{n}"), &identity()).await;
-        for i in 0..5u8 {
+        for i in 0..room.min(5) {
             sybil.enqueue(&bob_key, &[i; 100], message_id()).await.unwrap();
+            room -= 1;
         }
     }
+    assert_eq!(room, 0);
 
     // An application message from alice finds the queue full; alice is told who missed it.
     let mut events = alice.subscribe();

@@ -271,7 +271,10 @@ async fn one_sender_gets_a_share_and_handshakes_get_a_reserve() {
         }
     };
     let stored = |o: EnqueueOutcome| matches!(o, EnqueueOutcome::Stored { duplicate: false, .. });
-    // A flood from one sender stops at its share, application or (labelled) handshake.
+    // A flood from one sender stops at its share, application or (labelled) handshake. The
+    // message stored while the queue held less than half a share is not counted against it:
+    // a sender gets at most one and a half shares.
+    assert!(stored(send(1, false).await));
     assert!(stored(send(1, false).await));
     assert!(stored(send(1, false).await));
     assert_eq!(send(1, false).await, EnqueueOutcome::SenderShare);
@@ -279,11 +282,12 @@ async fn one_sender_gets_a_share_and_handshakes_get_a_reserve() {
     assert!(stored(send(1, true).await));
     assert_eq!(send(1, true).await, EnqueueOutcome::SenderShare);
     assert_eq!(store.sender_usage(&bob, &[1; 32]).unwrap(), (2, 2, 1, 1));
-    // Three more senders fill the queue.
-    for s in 2..=4 {
+    // Three more senders fill the queue (3 + 2 + 2 + 1 = 8).
+    for s in 2..=3 {
         assert!(stored(send(s, false).await));
         assert!(stored(send(s, false).await));
     }
+    assert!(stored(send(4, false).await));
     assert_eq!(send(5, false).await, EnqueueOutcome::QueueFull);
     // A commit or Welcome from another member still gets in, once per sender, while the
     // reserve lasts.
