@@ -1,13 +1,17 @@
 //! The qpq credential: what the identity of an MLS leaf's `BasicCredential` holds, binding the
 //! leaf's signature key (a device key) to an account identity key.
 //!
-//! - **v1** (`identity` = 132 bytes): `"qpq1" ‖ account key (32) ‖ device key (32) ‖
-//!   Ed25519 signature by the account key (64)` over `"qpq device binding v1" ‖ account key ‖
-//!   device key`. The leaf's signature key must be the device key. Admin lists, safety numbers
-//!   and trust on first use refer to the account key. For now an account has one device, whose
-//!   key is the account key itself (so the binding signature is a self-signature, which the
-//!   leaf's own signatures already imply); linked devices will carry keys of their own, signed
-//!   the same way.
+//! - **v1, linked device** (`identity` = 132 bytes): `"qpq1" ‖ account key (32) ‖ device key
+//!   (32) ‖ Ed25519 signature by the account key (64)` over `"qpq device binding v1" ‖ account
+//!   key ‖ device key`. The leaf's signature key must be the device key.
+//! - **v1, the account's own device** (`identity` = 36 bytes): `"qpq1" ‖ account key`; the
+//!   device key is the account key, which must be the leaf's signature key, so the leaf's own
+//!   signatures prove the binding. For now every account has just this one device. (The first
+//!   builds of v0.2 wrote this case in the 132-byte form with a self-signature; it is still
+//!   accepted.) Every member's credential sits in every group's ratchet tree, so the short
+//!   form keeps a 1,000-member Welcome ~100 KB smaller.
+//!
+//! Admin lists, safety numbers and trust on first use refer to the account key.
 //! - **legacy** (`identity` = 32 bytes, written by v0.1): the account key, which must equal the
 //!   leaf's signature key.
 //!
@@ -17,8 +21,10 @@
 
 /// Tag at the start of a v1 credential.
 pub const V1_TAG: &[u8; 4] = b"qpq1";
-/// Length of a v1 credential.
+/// Length of a v1 credential for a linked device.
 pub const V1_LEN: usize = 4 + 32 + 32 + 64;
+/// Length of a v1 credential for the account's own device (its key is the account key).
+pub const V1_OWN_LEN: usize = 4 + 32;
 /// What the account key signs, before the two keys.
 pub const BINDING_LABEL: &[u8] = b"qpq device binding v1";
 
@@ -65,12 +71,21 @@ pub fn encode_v1(account: &[u8; 32], device: &[u8; 32], signature: &[u8; 64]) ->
     c
 }
 
+/// A v1 credential for the account's own device, whose key is the account key.
+pub fn encode_v1_own(account: &[u8; 32]) -> Vec<u8> {
+    [V1_TAG.as_slice(), account].concat()
+}
+
 /// The account and device a credential names, without checking the signature: for leaves
 /// that were verified with [`verify`] when they entered the group.
 pub fn parse(identity: &[u8]) -> Result<Binding, CredentialError> {
     match identity.len() {
         32 => {
             let key: [u8; 32] = identity.try_into().map_err(|_| CredentialError::Malformed)?;
+            Ok(Binding { account: key, device: key })
+        }
+        V1_OWN_LEN if identity.starts_with(V1_TAG) => {
+            let key: [u8; 32] = identity[4..].try_into().map_err(|_| CredentialError::Malformed)?;
             Ok(Binding { account: key, device: key })
         }
         V1_LEN if identity.starts_with(V1_TAG) => {
@@ -131,6 +146,12 @@ mod tests {
         // There the leaf's signatures (by the same key) carry the proof, not this field.
         let unsigned = encode_v1(&public(&alice), &public(&alice), &[0; 64]);
         assert_eq!(verify(&unsigned, &public(&alice)).unwrap().account, public(&alice));
+        // ... which the short form says without the field.
+        let short = encode_v1_own(&public(&alice));
+        assert_eq!(short.len(), V1_OWN_LEN);
+        assert_eq!(verify(&short, &public(&alice)).unwrap().account, public(&alice));
+        let bob = key(2);
+        assert_eq!(verify(&short, &public(&bob)), Err(CredentialError::KeyMismatch));
     }
 
     #[test]

@@ -229,15 +229,12 @@ pub struct Mls {
 impl Mls {
     /// MLS state for `identity`, stored in `vault`.
     ///
-    /// New leaves carry a v1 [`credential`](crate::credential): the account key vouches for
-    /// the device key, which for an account's first (and for now only) device is the account
-    /// key itself.
+    /// New leaves carry the short v1 [`credential`](crate::credential) of an account's own
+    /// device (its key is the account key); for now an account has no other device.
     pub fn new(vault: Arc<Vault>, identity: Identity) -> Self {
         let account = identity.public_key();
-        let signature = identity.sign_bytes(&credential::binding_message(&account, &account));
         let credential = CredentialWithKey {
-            credential: BasicCredential::new(credential::encode_v1(&account, &account, &signature))
-                .into(),
+            credential: BasicCredential::new(credential::encode_v1_own(&account)).into(),
             signature_key: account.to_vec().into(),
         };
         Self { provider: QpqProvider::new(vault), identity, credential }
