@@ -427,3 +427,68 @@ async fn the_disk_budget_answers_unavailable_and_keeps_a_tail_for_handshakes() {
     alice.enqueue(&bob_key, &welcome, message_id()).await.unwrap();
     h.assert_alive();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_no_queue_takes_is_dropped_not_merged() {
+    // bob's queue takes two messages and one handshake message beyond them.
+    let mut h = TempServer::start(&[
+        "--set",
+        "limits.max_queue_messages=2",
+        "--set",
+        "limits.handshake_reserve_messages=1",
+        // No per-sender shares in the way here (a share of so small a queue is one message).
+        "--set",
+        "limits.queue_sender_share_percent=100",
+        // Six accounts register from one address.
+        "--set",
+        "limits.auth_per_ip_burst=100",
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut alice = account(&h, dir.path(), "alice").await;
+    let mut bob = account(&h, dir.path(), "bob").await;
+    let team = alice.create_group("team").await.unwrap();
+    alice.add_members(&team, &["bob".into()]).await.unwrap();
+    bob.sync().await.unwrap();
+    let bob_key = bob.identity_key();
+    bob.disconnect().await;
+    let before = alice.group_info(&team).await.unwrap();
+
+    // Flooders fill his queue and his reserve (junk and junk labelled as commits) ...
+    let fake_commit = [&[0u8, 1, 0, 2, 1, 7][..], &[0; 8], &[3], &[9; 40]].concat();
+    for n in 0..3 {
+        let flooder = raw(&h, &format!("flooder{n}"), &identity()).await;
+        for payload in [&b"junk"[..], &fake_commit] {
+            let _ = flooder.enqueue(&bob_key, payload, message_id()).await;
+        }
+    }
+    // ... until not even a message labelled as a commit gets in.
+    let last = raw(&h, "flooder-last", &identity()).await;
+    refusal("a commit into a full queue", last.enqueue(&bob_key, &fake_commit, message_id()).await);
+
+    // alice's rotation reaches no one: it is reported and dropped, never merged.
+    let mut events = alice.subscribe();
+    let err = alice.rotate_keys(&team).await.unwrap_err();
+    assert!(err.to_string().contains("dropped"), "{err}");
+    assert!(rejections(&mut events).iter().any(|r| r.contains("not delivered to bob")));
+    let after = alice.group_info(&team).await.unwrap();
+    assert_eq!((after.epoch, &after.verification_code), (before.epoch, &before.verification_code));
+    assert_eq!(alice.outbox_len().unwrap(), 0);
+
+    // Once bob drains his queue, the next change reaches him and both stay in step.
+    bob.sync().await.unwrap();
+    alice.rotate_keys(&team).await.unwrap();
+    let mut alice_events = alice.subscribe();
+    alice.send_text(&team, "in step").await.unwrap();
+    let mut bob_events = bob.subscribe();
+    bob.sync().await.unwrap();
+    assert_eq!(
+        texts(&bob, &team).last().map(String::as_str),
+        Some("in step"),
+        "alice: {:?} bob: {:?}",
+        rejections(&mut alice_events),
+        rejections(&mut bob_events)
+    );
+    let (a, b) = (alice.group_info(&team).await.unwrap(), bob.group_info(&team).await.unwrap());
+    assert_eq!((a.epoch, a.verification_code), (b.epoch, b.verification_code));
+    h.assert_alive();
+}

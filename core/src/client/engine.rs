@@ -1296,6 +1296,20 @@ impl Client {
                             reason: format!("group change not delivered to {who}: {why}"),
                         });
                     }
+                    // Nobody took it: merging would put us alone in an epoch no other member
+                    // reaches. Drop it instead; the group stays as it was for everyone.
+                    if !resp.seqs.is_empty() && resp.seqs.iter().all(|s| *s == 0) {
+                        self.vault.atomic(|| -> Result<(), ClientError> {
+                            self.mls.abandon(&conv)?;
+                            self.vault.delete(Space::State, &key)?;
+                            Ok(())
+                        })?;
+                        return Err(ClientError::Invalid(
+                            "no member's queue took the group change, so it was dropped and the \
+                             group is unchanged; try again later"
+                                .into(),
+                        ));
+                    }
                 }
                 Err(e @ (NetError::Connection(_) | NetError::Timeout)) => {
                     self.conn = None;
