@@ -66,6 +66,10 @@ fn v0_2_server_database_and_client_stores_open_and_read_back() {
 
 fn opens_and_reads_back(version: &str) {
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(version).join("data");
+    // Every file of the set must be there (a *.redb once went missing to .gitignore).
+    for f in ["server/qpq.redb", "server/server-key.der", "alice/account.qpq", "bob/account.qpq"] {
+        assert!(fixture.join(f).is_file(), "the {version} fixture lacks {f}");
+    }
     let dir = tempfile::tempdir().unwrap();
     copy_dir(&fixture, dir.path());
     #[cfg(unix)]
