@@ -4,7 +4,7 @@
 #
 # Targets (see targets.txt):
 #   x86_64-unknown-linux-musl        rust-std from rustup, Debian musl-tools (musl-gcc)
-#   aarch64-unknown-linux-musl       rust-std from rustup, Debian gcc-aarch64-linux-gnu
+#   aarch64-unknown-linux-musl       rust-std from rustup, Debian gcc-aarch64-linux-gnu + libc6-dev-arm64-cross
 #   armv7-unknown-linux-musleabihf   no rust-std is served: -Zbuild-std, Debian
 #                                    gcc-arm-linux-gnueabihf + musl-dev:armhf through gcc specs
 #   armv7-unknown-linux-musleabi     the same, soft-float: gcc-arm-linux-gnueabi + musl-dev:armel
@@ -30,7 +30,10 @@ cross_target_info() {
         x86_64-unknown-linux-musl)
             T_GCC="" T_APT="musl-tools" T_DEBARCH=amd64 T_MUSL=x86_64-linux-musl T_QEMU="" ;;
         aarch64-unknown-linux-musl)
-            T_GCC=aarch64-linux-gnu T_APT="gcc-aarch64-linux-gnu" T_DEBARCH=arm64
+            # The cross gcc alone (installed without recommends) brings no target headers:
+            # ring's C wants stdint.h and its bits/. libc6-dev-arm64-cross has them.
+            T_GCC=aarch64-linux-gnu T_APT="gcc-aarch64-linux-gnu libc6-dev-arm64-cross"
+            T_DEBARCH=arm64
             T_MUSL=aarch64-linux-musl T_QEMU=qemu-aarch64-static ;;
         armv7-unknown-linux-musleabihf)
             T_GCC=arm-linux-gnueabihf T_APT="gcc-arm-linux-gnueabihf" T_DEBARCH=armhf
