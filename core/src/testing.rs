@@ -544,3 +544,25 @@ mod tests {
         assert!(lock_range(Bound::Excluded(3), Bound::Included(3)).is_err());
     }
 }
+
+/// Which way the disk goes down, for tests that try each: [`Cut::take`] takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cut {
+    /// [`PowerCutBackend::power_cut`].
+    Power,
+    /// [`PowerCutBackend::crash`].
+    Crash,
+    /// [`PowerCutBackend::torn`] with this seed.
+    Torn(u64),
+}
+
+impl Cut {
+    /// Takes this cut of `disk`, which is dead from then on.
+    pub fn take(self, disk: &PowerCutBackend) -> PowerCutBackend {
+        match self {
+            Cut::Power => disk.power_cut(),
+            Cut::Crash => disk.crash(),
+            Cut::Torn(seed) => disk.torn(seed),
+        }
+    }
+}

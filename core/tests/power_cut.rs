@@ -18,7 +18,7 @@
 
 use std::collections::BTreeMap;
 
-use qpq_core::testing::{PowerCutBackend, SECTOR, SplitMix64};
+use qpq_core::testing::{Cut, PowerCutBackend, SECTOR, SplitMix64};
 use qpq_core::vault::{KdfParams, Space, Vault, VaultError};
 
 const FAST: KdfParams = KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 };
@@ -163,23 +163,6 @@ fn describe(model: &Model) -> Vec<String> {
             )
         })
         .collect()
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Cut {
-    Power,
-    Crash,
-    Torn(u64),
-}
-
-impl Cut {
-    fn take(self, disk: &PowerCutBackend) -> PowerCutBackend {
-        match self {
-            Cut::Power => disk.power_cut(),
-            Cut::Crash => disk.crash(),
-            Cut::Torn(seed) => disk.torn(seed),
-        }
-    }
 }
 
 /// What the runs covered, so that a test that could not fail does not pass quietly.

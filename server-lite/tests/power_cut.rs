@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
 use std::sync::Arc;
 
-use qpq_core::testing::{PowerCutBackend, SECTOR, SplitMix64};
+use qpq_core::testing::{Cut, PowerCutBackend, SECTOR, SplitMix64};
 use qpq_server_lite::store::{
     EnqueueItem, EnqueueOutcome, QueueLimits, RegisterOutcome, Store, StoreError, queue_key,
 };
@@ -317,23 +317,6 @@ fn summary(s: &State) -> String {
         .collect();
     let stock: Vec<(u8, u32)> = s.stock.iter().map(|(id, n)| (id[0] - 1, *n)).collect();
     format!("users {:?}, queues {queues:?}, key packages {stock:?}", s.users.keys())
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Cut {
-    Power,
-    Crash,
-    Torn(u64),
-}
-
-impl Cut {
-    fn take(self, disk: &PowerCutBackend) -> PowerCutBackend {
-        match self {
-            Cut::Power => disk.power_cut(),
-            Cut::Crash => disk.crash(),
-            Cut::Torn(seed) => disk.torn(seed),
-        }
-    }
 }
 
 /// What the runs covered, so that a test that could not fail does not pass quietly.

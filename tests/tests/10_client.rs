@@ -601,12 +601,9 @@ async fn leaving_takes_effect_when_an_admin_commits_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_proposals_extension_changes_and_typing_channel_commits_are_rejected() {
     use openmls::prelude::tls_codec::Serialize as _;
-    use openmls::prelude::{
-        Extension, ExtensionType, Extensions, GroupId, MlsGroup, RequiredCapabilitiesExtension,
-        UnknownExtension,
-    };
+    use openmls::prelude::{GroupId, MlsGroup};
     use openmls_traits::OpenMlsProvider as _;
-    use qpq_core::mls::{QPQ_GROUP_EXTENSION, QpqProvider};
+    use qpq_core::mls::{GroupPolicy, Kind, QpqProvider};
 
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProcess::start(&dir.path().join("server"), &[]).unwrap();
@@ -620,20 +617,7 @@ async fn forged_proposals_extension_changes_and_typing_channel_commits_are_rejec
     let Stolen { vault, identity, raw } = stolen(&server, dir.path(), "bob").await;
     let provider = QpqProvider::new(vault);
     let load = || MlsGroup::load(provider.storage(), &GroupId::from_slice(&team)).unwrap().unwrap();
-    let bob_only = {
-        let mut policy = vec![0u8]; // a group, with bob as the only admin
-        policy.extend_from_slice(&bob_key);
-        let required = RequiredCapabilitiesExtension::new(
-            &[ExtensionType::Unknown(QPQ_GROUP_EXTENSION)],
-            &[],
-            &[],
-        );
-        Extensions::from_vec(vec![
-            Extension::RequiredCapabilities(required),
-            Extension::Unknown(QPQ_GROUP_EXTENSION, UnknownExtension(policy)),
-        ])
-        .unwrap()
-    };
+    let bob_only = GroupPolicy { kind: Kind::Group, admins: vec![bob_key] }.extensions().unwrap();
     let mut forged = Vec::new();
     // By reference: "make bob the only admin", "remove carol", for an admin to commit.
     let mut group = load();

@@ -136,7 +136,9 @@ impl GroupPolicy {
         group.extensions().unknown(QPQ_GROUP_EXTENSION).and_then(|u| Self::decode(&u.0))
     }
 
-    fn extensions(&self) -> Result<Extensions<GroupContext>, GroupError> {
+    /// The group context extensions carrying this policy (and requiring members to
+    /// understand it), as a GroupContextExtensions proposal or a new group sets them.
+    pub fn extensions(&self) -> Result<Extensions<GroupContext>, GroupError> {
         // Every member must understand the qpq extension, so the group requires it.
         let required = RequiredCapabilitiesExtension::new(
             &[ExtensionType::Unknown(QPQ_GROUP_EXTENSION)],
