@@ -63,8 +63,10 @@ const LABEL_PREFIX: &[u8] = b"MLS 1.0 ";
 const LEAF_NODE_LABEL: &[u8] = b"LeafNodeTBS";
 const KEY_PACKAGE_LABEL: &[u8] = b"KeyPackageTBS";
 const LEAF_SOURCE_KEY_PACKAGE: u8 = 1;
-const CONTENT_PROPOSAL: u8 = 2;
-const CONTENT_COMMIT: u8 = 3;
+/// `ContentType::proposal`.
+pub const CONTENT_PROPOSAL: u8 = 2;
+/// `ContentType::commit`.
+pub const CONTENT_COMMIT: u8 = 3;
 
 /// Why a KeyPackage was refused. The messages are meant for the uploader.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -224,45 +226,84 @@ pub fn parse(message: &[u8]) -> Result<KeyPackage<'_>, KeyPackageError> {
     })
 }
 
+/// What a relay can read of an `MLSMessage` in the clear: a Welcome, or a public or private
+/// message's group, epoch, content type and authenticated data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClearHeader<'a> {
+    /// A Welcome (nothing of it is in the clear).
+    Welcome,
+    /// A `PublicMessage` or `PrivateMessage`.
+    Framed {
+        /// The group id.
+        group_id: &'a [u8],
+        /// The epoch the message was made in.
+        epoch: u64,
+        /// `ContentType`: 1 application, 2 proposal, 3 commit.
+        content_type: u8,
+        /// The sender-chosen authenticated data (bound by the message's AEAD or signature).
+        authenticated_data: &'a [u8],
+    },
+}
+
+/// Reads the clear header of an `MLSMessage`; `None` for other wire formats and bytes that do
+/// not parse. Nothing here is authenticated until the message is processed.
+pub fn clear_header(message: &[u8]) -> Option<ClearHeader<'_>> {
+    read_clear_header(message).ok().flatten()
+}
+
+fn read_clear_header(message: &[u8]) -> Result<Option<ClearHeader<'_>>, KeyPackageError> {
+    let mut r = Reader::new(message);
+    if r.u16()? != MLS10 {
+        return Ok(None);
+    }
+    let (group_id, epoch, content_type, authenticated_data) = match r.u16()? {
+        WIRE_WELCOME => return Ok(Some(ClearHeader::Welcome)),
+        WIRE_PUBLIC_MESSAGE => {
+            // FramedContent { group_id<V>, u64 epoch, Sender, authenticated_data<V>, u8 type }
+            let group_id = r.vector()?;
+            let epoch = r.u64()?;
+            match r.u8()? {
+                1 | 2 => {
+                    r.u32()?; // member leaf index, or external sender index
+                }
+                3 | 4 => {}
+                _ => return Ok(None),
+            }
+            let aad = r.vector()?;
+            (group_id, epoch, r.u8()?, aad)
+        }
+        WIRE_PRIVATE_MESSAGE => {
+            // PrivateMessage { group_id<V>, u64 epoch, u8 content_type, authenticated_data<V>,
+            //                  encrypted_sender_data<V>, ciphertext<V> }
+            let group_id = r.vector()?;
+            let epoch = r.u64()?;
+            let content_type = r.u8()?;
+            (group_id, epoch, content_type, r.vector()?)
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(ClearHeader::Framed { group_id, epoch, content_type, authenticated_data }))
+}
+
 /// Whether an `MLSMessage` is a handshake message, judged by the header a relay can read in
 /// the clear: a Welcome, or a public or private message whose content type is a proposal or
 /// a commit. Anything else (application messages, other wire formats, bytes that do not parse)
 /// is not. The label is not authenticated: a sender can put it on any payload, so whatever it
 /// earns must be bounded per sender.
 pub fn is_handshake(message: &[u8]) -> bool {
-    handshake_header(message).unwrap_or(false)
+    match clear_header(message) {
+        Some(ClearHeader::Welcome) => true,
+        Some(ClearHeader::Framed { content_type, .. }) => {
+            matches!(content_type, CONTENT_PROPOSAL | CONTENT_COMMIT)
+        }
+        None => false,
+    }
 }
 
-fn handshake_header(message: &[u8]) -> Result<bool, KeyPackageError> {
-    let mut r = Reader::new(message);
-    if r.u16()? != MLS10 {
-        return Ok(false);
-    }
-    let content_type = match r.u16()? {
-        WIRE_WELCOME => return Ok(true),
-        WIRE_PUBLIC_MESSAGE => {
-            // FramedContent { group_id<V>, u64 epoch, Sender, authenticated_data<V>, u8 type }
-            r.vector()?;
-            r.u64()?;
-            match r.u8()? {
-                1 | 2 => {
-                    r.u32()?; // member leaf index, or external sender index
-                }
-                3 | 4 => {}
-                _ => return Ok(false),
-            }
-            r.vector()?;
-            r.u8()?
-        }
-        WIRE_PRIVATE_MESSAGE => {
-            // PrivateMessage { group_id<V>, u64 epoch, u8 content_type, ... }
-            r.vector()?;
-            r.u64()?;
-            r.u8()?
-        }
-        _ => return Ok(false),
-    };
-    Ok(matches!(content_type, CONTENT_PROPOSAL | CONTENT_COMMIT))
+/// Whether an `MLSMessage` is labelled a commit in its clear header (unauthenticated, like
+/// [`is_handshake`]).
+pub fn is_commit(message: &[u8]) -> bool {
+    matches!(clear_header(message), Some(ClearHeader::Framed { content_type: CONTENT_COMMIT, .. }))
 }
 
 /// The TLS encoding of `SignContent { label<V> = "MLS 1.0 " + label, content<V> }`.

@@ -115,6 +115,8 @@ fn shapes(method: u16, payload: &[u8], body: &[u8]) -> Option<(bool, bool, bool)
         ACK => AckRequest, AckResponse, true;
         BATCH_ENQUEUE => BatchEnqueueRequest, BatchEnqueueResponse, true;
         RELAY_EPHEMERAL => RelayEphemeralRequest, RelayEphemeralResponse, true;
+        CLAIM_SLOT => ClaimSlotRequest, ClaimSlotResponse, true;
+        FETCH_SLOT => FetchSlotRequest, FetchSlotResponse, true;
         UPLOAD_KEY_PACKAGE => UploadKeyPackageRequest, UploadKeyPackageResponse, true;
         FETCH_KEY_PACKAGE => FetchKeyPackageRequest, FetchKeyPackageResponse, true;
         UPLOAD_HYBRID_KEY => UploadHybridKeyRequest, UploadHybridKeyResponse, true;

@@ -168,6 +168,22 @@ fn requests(opaque: &Opaque) -> Vec<(u16, &'static str, Vec<u8>)> {
             .encode_to_vec(),
         ),
         (
+            method::CLAIM_SLOT,
+            "claim-slot",
+            v1::ClaimSlotRequest {
+                slot: vec![6; 16],
+                payload: commit(),
+                recipient_keys: vec![bob.clone()],
+                message_id: id16.clone(),
+            }
+            .encode_to_vec(),
+        ),
+        (
+            method::FETCH_SLOT,
+            "fetch-slot",
+            v1::FetchSlotRequest { slot: vec![6; 16], from: 0 }.encode_to_vec(),
+        ),
+        (
             method::UPLOAD_KEY_PACKAGE,
             "upload-key-package",
             v1::UploadKeyPackageRequest {
@@ -282,6 +298,16 @@ fn opaque_messages() -> std::io::Result<Opaque> {
             opaque::login_start(b"alice-pw").map_err(|e| err(e.to_string()))?.request;
         Ok(Opaque { register_request, upload, login_request, key_package: alice_key_package()? })
     })
+}
+
+/// A payload whose clear MLS header says commit (what ClaimSlot takes): an `MLSMessage` v1
+/// `PrivateMessage` of group "g", epoch 7, content type 3, empty authenticated data.
+fn commit() -> Vec<u8> {
+    let mut p = vec![0, 1, 0, 2, 1, b'g'];
+    p.extend_from_slice(&7u64.to_be_bytes());
+    p.extend_from_slice(&[3, 0]);
+    p.extend_from_slice(b"sender data and ciphertext");
+    p
 }
 
 /// SHA-256("hello").

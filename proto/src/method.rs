@@ -29,6 +29,11 @@ pub const ACK: u16 = 204;
 pub const BATCH_ENQUEUE: u16 = 205;
 /// 206: relay an ephemeral payload to connected recipients; never stored.
 pub const RELAY_EPHEMERAL: u16 = 206;
+/// 207: claim an epoch's commit slot: append the commit there and enqueue it, in one durable
+/// transaction.
+pub const CLAIM_SLOT: u16 = 207;
+/// 208: read an epoch's claims in order.
+pub const FETCH_SLOT: u16 = 208;
 
 /// 300: upload one single-use KeyPackage.
 pub const UPLOAD_KEY_PACKAGE: u16 = 300;
@@ -92,6 +97,8 @@ pub const METHODS: &[(u16, &str)] = &[
     (ACK, "Ack"),
     (BATCH_ENQUEUE, "BatchEnqueue"),
     (RELAY_EPHEMERAL, "RelayEphemeral"),
+    (CLAIM_SLOT, "ClaimSlot"),
+    (FETCH_SLOT, "FetchSlot"),
     (UPLOAD_KEY_PACKAGE, "UploadKeyPackage"),
     (FETCH_KEY_PACKAGE, "FetchKeyPackage"),
     (UPLOAD_HYBRID_KEY, "UploadHybridKey"),

@@ -104,6 +104,11 @@ pub struct Limits {
     pub max_ttl_secs: u64,
     /// How long a message id is remembered for idempotent enqueue, seconds. Default 7 days.
     pub dedup_window_secs: u64,
+    /// Claims one epoch commit slot holds (`ClaimSlot`; a slot lives `max_ttl_secs` from its
+    /// first claim). Default 1024.
+    pub max_slot_claims: u32,
+    /// Claims one account may hold across the slots not yet expired. Default 1024.
+    pub max_open_claims: u32,
     /// KeyPackages held per user. Default 100.
     pub max_key_packages: u32,
     /// Below this stock the owner gets a `KeyPackagesLow` push. Default 5.
@@ -189,6 +194,8 @@ impl Default for Limits {
             default_ttl_secs: 14 * 86_400,
             max_ttl_secs: 30 * 86_400,
             dedup_window_secs: 7 * 86_400,
+            max_slot_claims: 1024,
+            max_open_claims: 1024,
             max_key_packages: 100,
             key_package_low_water: 5,
             max_key_package_bytes: 64 << 10,
@@ -328,6 +335,9 @@ impl Config {
         if l.max_batch_recipients == 0 || l.max_key_packages == 0 {
             return Err(bad("limits.max_batch_recipients and max_key_packages must be at least 1"));
         }
+        if l.max_slot_claims == 0 || l.max_open_claims == 0 {
+            return Err(bad("limits.max_slot_claims and max_open_claims must be at least 1"));
+        }
         Ok(())
     }
 }
@@ -429,6 +439,8 @@ mod tests {
             ("limits.queue_sender_share_percent", "101"),
             ("limits.disk_budget_bytes", "0"),
             ("limits.key_package_fetch_per_target_per_min", "0"),
+            ("limits.max_slot_claims", "0"),
+            ("limits.max_open_claims", "0"),
         ] {
             let e = Config::load(None, env(&[]), &vec![(key.into(), value.into())]).unwrap_err();
             assert!(e.to_string().contains(key.trim_start_matches("limits.")), "{key}: {e}");

@@ -25,7 +25,7 @@ use crate::server::Shared;
 use crate::store::{RegisterOutcome, Store, StoreError, now_ms};
 
 /// Runs one request on `conn` the way a QUIC stream does once its payload is read: refused
-/// while draining, a large-response slot for Fetch/Peek/DownloadBlob, then
+/// while draining, a large-response slot for Fetch/Peek/DownloadBlob/FetchSlot, then
 /// [`handler::dispatch`]. The result is what the stream would send: the response message or
 /// the error that becomes the `Error` payload.
 pub async fn handle_request(conn: &Conn, method: u16, payload: &[u8]) -> Result<Vec<u8>, RpcError> {
@@ -72,7 +72,12 @@ pub struct Account {
 impl Harness {
     /// Opens (creating) the store in `dir` with [`Harness::config`]'s limits.
     pub async fn open(dir: &Path) -> Result<Self, StoreError> {
-        let config = Self::config(dir);
+        Self::open_with(Self::config(dir)).await
+    }
+
+    /// Opens (creating) the store in `config.data_dir` with `config`'s limits.
+    pub async fn open_with(config: Config) -> Result<Self, StoreError> {
+        let dir = config.data_dir.clone();
         let store =
             Store::open(&config.db_path(), &dir.join("blobs"), config.limits.db_cache_bytes)?;
         let setup = store

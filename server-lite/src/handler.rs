@@ -6,6 +6,7 @@ mod auth;
 mod blob;
 mod delivery;
 mod keys;
+mod slots;
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -88,9 +89,9 @@ pub struct Conn {
     /// When this connection last refreshed its session's idle clock, ms.
     touched_ms: std::sync::atomic::AtomicU64,
     pending_login: Mutex<Option<(String, ServerLogin<Suite>)>>,
-    /// Slots for calls whose responses can be megabytes (Fetch, Peek, DownloadBlob, and a
-    /// FetchWait once it has data): a connection holds at most this many such responses at
-    /// once, however many streams it opens and however slowly it reads.
+    /// Slots for calls whose responses can be megabytes (Fetch, Peek, DownloadBlob, FetchSlot,
+    /// and a FetchWait once it has data): a connection holds at most this many such responses
+    /// at once, however many streams it opens and however slowly it reads.
     pub large_responses: Arc<tokio::sync::Semaphore>,
 }
 
@@ -99,7 +100,7 @@ pub const LARGE_RESPONSES_PER_CONNECTION: usize = 2;
 
 /// Whether a method's response can be megabytes.
 pub fn large_response(method_id: u16) -> bool {
-    matches!(method_id, method::FETCH | method::PEEK | method::DOWNLOAD_BLOB)
+    matches!(method_id, method::FETCH | method::PEEK | method::DOWNLOAD_BLOB | method::FETCH_SLOT)
 }
 
 impl Conn {
@@ -222,6 +223,8 @@ async fn call(ctx: &Conn, method_id: u16, body: &[u8]) -> RpcResult {
         PEEK => delivery::peek(ctx, decode(body)?).await,
         ACK => delivery::ack(ctx, decode(body)?).await,
         RELAY_EPHEMERAL => delivery::relay(ctx, decode(body)?).await,
+        CLAIM_SLOT => slots::claim_slot(ctx, decode(body)?).await,
+        FETCH_SLOT => slots::fetch_slot(ctx, decode(body)?).await,
         UPLOAD_KEY_PACKAGE => keys::upload_key_package(ctx, decode(body)?).await,
         FETCH_KEY_PACKAGE => keys::fetch_key_package(ctx, decode(body)?).await,
         KEY_PACKAGE_STOCK => keys::stock(ctx, decode(body)?).await,

@@ -765,6 +765,8 @@ async fn sweep_loop(shared: Arc<Shared>) {
                 dedup = r.dedup,
                 blobs = r.blobs,
                 sessions = r.sessions,
+                slots = r.slots,
+                claims = r.claims,
                 "expired records removed"
             ),
             Ok(_) => {}

@@ -15,6 +15,7 @@ pub(crate) mod codec;
 mod delivery;
 mod keys;
 pub mod records;
+mod slots;
 mod sweep;
 pub(crate) mod tables;
 
@@ -30,6 +31,7 @@ pub use blobs::{BlobChunk, BlobLimits, UploadOutcome, hex};
 pub use delivery::{EnqueueItem, EnqueueOutcome, QueueLimits, StoredEnvelope, queue_key};
 pub use keys::KeyPackagePop;
 pub use records::Invite;
+pub use slots::{ClaimOutcome, SLOT_ID_LEN, SlotClaim, SlotClaims, SlotLimits};
 pub use sweep::SweepReport;
 use tables::*;
 
@@ -39,7 +41,9 @@ use tables::*;
 /// - 2: tables `sender_usage` and `last_resort`; META `stored_bytes`; `Queued` records gain
 ///   the sender and the reserve flag, `Usage` the reserve counters (appended: schema 1 records
 ///   still decode, as sender unknown and nothing in the reserve).
-pub const SCHEMA_VERSION: u32 = 2;
+/// - 3: epoch commit slots: tables `slots`, `slot_claims`, `slot_claimers`, `claim_usage` and
+///   `expiry` kind 3 (nothing older changes).
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// Jobs the writer folds into one transaction at most.
 const MAX_BATCH: usize = 512;
@@ -234,6 +238,10 @@ fn migrate(db: &Database) -> Result<(), StoreError> {
     txn.open_table(BLOBS)?;
     txn.open_table(INVITES)?;
     txn.open_table(DEVICES)?;
+    txn.open_table(SLOTS)?;
+    txn.open_table(SLOT_CLAIMS)?;
+    txn.open_table(SLOT_CLAIMERS)?;
+    txn.open_table(CLAIM_USAGE)?;
     let found = {
         let meta = txn.open_table(META)?;
         match meta.get("schema_version")? {
@@ -261,6 +269,7 @@ fn migrate(db: &Database) -> Result<(), StoreError> {
                 }
                 set_stored_bytes(&txn, total)?;
             }
+            // 2 -> 3: the slot tables, created above, start empty; no record changes.
             txn.open_table(META)?
                 .insert("schema_version", SCHEMA_VERSION.to_be_bytes().as_slice())?;
         }

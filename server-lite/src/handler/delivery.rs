@@ -22,9 +22,9 @@ pub const MAX_EPHEMERAL: usize = 4096;
 const DEFAULT_FETCH: usize = 100;
 const MAX_FETCH: usize = 500;
 /// Payload bytes per Fetch response.
-const FETCH_BYTES: usize = MAX_PAYLOAD as usize - 64 * 1024;
+pub(super) const FETCH_BYTES: usize = MAX_PAYLOAD as usize - 64 * 1024;
 /// Retry hint when a recipient's queue, the caller's share of it, or the disk budget is full.
-const QUEUE_FULL_RETRY: Duration = Duration::from_secs(60);
+pub(super) const QUEUE_FULL_RETRY: Duration = Duration::from_secs(60);
 /// The share of the disk budget application messages and blobs may use; the rest takes only
 /// handshake messages, so a full disk still carries the group changes that keep members in.
 pub const DISK_APPLICATION_PERCENT: u64 = 90;
@@ -72,7 +72,7 @@ fn sender_share_message(ctx: &Conn) -> String {
     )
 }
 
-fn storage_full() -> RpcError {
+pub(super) fn storage_full() -> RpcError {
     RpcError::retry(
         Status::Unavailable,
         "the server's storage budget is used up; try again later",
@@ -82,29 +82,7 @@ fn storage_full() -> RpcError {
 
 pub(super) async fn batch_enqueue(ctx: &Conn, req: v1::BatchEnqueueRequest) -> RpcResult {
     let me = ctx.principal()?;
-    let max = ctx.shared.config.limits.max_batch_recipients as usize;
-    if req.recipient_keys.is_empty() {
-        return Err(RpcError::new(Status::BadRequest, "no recipients"));
-    }
-    if req.recipient_keys.len() > max {
-        return Err(RpcError::new(Status::PayloadTooLarge, format!("more than {max} recipients")));
-    }
-    let mut recipients = Vec::with_capacity(req.recipient_keys.len());
-    for k in &req.recipient_keys {
-        let r = key32("recipient_keys[]", k)?;
-        if recipients.contains(&r) {
-            return Err(RpcError::new(Status::BadRequest, "a recipient is listed twice"));
-        }
-        recipients.push(r);
-    }
-    let batch_bytes = req.payload.len().saturating_mul(recipients.len()) as u64;
-    let max_bytes = ctx.shared.config.limits.max_batch_bytes;
-    if batch_bytes > max_bytes {
-        return Err(RpcError::new(
-            Status::PayloadTooLarge,
-            format!("payload x recipients is {batch_bytes} bytes, more than {max_bytes}"),
-        ));
-    }
+    let recipients = recipients(ctx, &req.recipient_keys, req.payload.len())?;
     let payload = Arc::new(req.payload);
     let items = recipients
         .iter()
@@ -127,16 +105,64 @@ pub(super) async fn batch_enqueue(ctx: &Conn, req: v1::BatchEnqueueRequest) -> R
     if outcomes.contains(&EnqueueOutcome::StorageFull) {
         return Err(storage_full());
     }
-    let mut resp = v1::BatchEnqueueResponse::default();
-    for (item, outcome) in items.iter().zip(&outcomes) {
+    let (seqs, duplicates, refusals) = batch_results(ctx, &items, &outcomes, now);
+    ok(v1::BatchEnqueueResponse { seqs, duplicates, refusals })
+}
+
+/// The recipients of a batch (BatchEnqueue, ClaimSlot): 1 to `max_batch_recipients`, each 32
+/// bytes, none twice, and `payload_len` times their number within `max_batch_bytes` (the
+/// batch is one write transaction).
+pub(super) fn recipients(
+    ctx: &Conn,
+    keys: &[Vec<u8>],
+    payload_len: usize,
+) -> Result<Vec<[u8; 32]>, RpcError> {
+    let max = ctx.shared.config.limits.max_batch_recipients as usize;
+    if keys.is_empty() {
+        return Err(RpcError::new(Status::BadRequest, "no recipients"));
+    }
+    if keys.len() > max {
+        return Err(RpcError::new(Status::PayloadTooLarge, format!("more than {max} recipients")));
+    }
+    let mut recipients = Vec::with_capacity(keys.len());
+    for k in keys {
+        let r = key32("recipient_keys[]", k)?;
+        if recipients.contains(&r) {
+            return Err(RpcError::new(Status::BadRequest, "a recipient is listed twice"));
+        }
+        recipients.push(r);
+    }
+    let batch_bytes = payload_len.saturating_mul(recipients.len()) as u64;
+    let max_bytes = ctx.shared.config.limits.max_batch_bytes;
+    if batch_bytes > max_bytes {
+        return Err(RpcError::new(
+            Status::PayloadTooLarge,
+            format!("payload x recipients is {batch_bytes} bytes, more than {max_bytes}"),
+        ));
+    }
+    Ok(recipients)
+}
+
+/// A batch's per-recipient answer (`seqs`, `duplicates`, `refusals`; seq 0 = not stored), after
+/// announcing each newly stored message. The caller has ruled out a disk-budget refusal.
+pub(super) fn batch_results(
+    ctx: &Conn,
+    items: &[EnqueueItem],
+    outcomes: &[EnqueueOutcome],
+    now: u64,
+) -> (Vec<u64>, Vec<bool>, Vec<i32>) {
+    let mut seqs = Vec::with_capacity(outcomes.len());
+    let mut duplicates = Vec::with_capacity(outcomes.len());
+    let mut refusals = Vec::with_capacity(outcomes.len());
+    for (item, outcome) in items.iter().zip(outcomes) {
         let refusal = match outcome {
             EnqueueOutcome::Stored { seq, duplicate } => {
                 if !duplicate {
                     announce(ctx, item, *seq, now);
                 }
-                resp.seqs.push(*seq);
-                resp.duplicates.push(*duplicate);
-                resp.refusals.push(v1::EnqueueRefusal::None.into());
+                seqs.push(*seq);
+                duplicates.push(*duplicate);
+                refusals.push(v1::EnqueueRefusal::None.into());
                 continue;
             }
             EnqueueOutcome::UnknownRecipient => v1::EnqueueRefusal::UnknownRecipient,
@@ -145,11 +171,11 @@ pub(super) async fn batch_enqueue(ctx: &Conn, req: v1::BatchEnqueueRequest) -> R
             }
             EnqueueOutcome::SenderShare => v1::EnqueueRefusal::SenderShare,
         };
-        resp.seqs.push(0);
-        resp.duplicates.push(false);
-        resp.refusals.push(refusal.into());
+        seqs.push(0);
+        duplicates.push(false);
+        refusals.push(refusal.into());
     }
-    ok(resp)
+    (seqs, duplicates, refusals)
 }
 
 pub(super) async fn fetch(ctx: &Conn, req: v1::FetchRequest) -> RpcResult {
@@ -261,8 +287,22 @@ pub(super) async fn relay(ctx: &Conn, req: v1::RelayEphemeralRequest) -> RpcResu
     ok(v1::RelayEphemeralResponse { delivered })
 }
 
+/// A stored message's payload: 1 to [`MAX_MESSAGE`] bytes.
+pub(super) fn check_payload(payload: &[u8]) -> Result<(), RpcError> {
+    if payload.is_empty() {
+        return Err(RpcError::new(Status::BadRequest, "empty payload"));
+    }
+    if payload.len() > MAX_MESSAGE {
+        return Err(RpcError::new(
+            Status::PayloadTooLarge,
+            format!("payloads are at most {MAX_MESSAGE} bytes"),
+        ));
+    }
+    Ok(())
+}
+
 /// Builds a validated queue item.
-fn item(
+pub(super) fn item(
     ctx: &Conn,
     sender: [u8; 32],
     recipient: [u8; 32],
@@ -273,15 +313,7 @@ fn item(
 ) -> Result<EnqueueItem, RpcError> {
     id16("channel_id", channel)?;
     id16("message_id", message_id)?;
-    if payload.is_empty() {
-        return Err(RpcError::new(Status::BadRequest, "empty payload"));
-    }
-    if payload.len() > MAX_MESSAGE {
-        return Err(RpcError::new(
-            Status::PayloadTooLarge,
-            format!("payloads are at most {MAX_MESSAGE} bytes"),
-        ));
-    }
+    check_payload(&payload)?;
     let l = &ctx.shared.config.limits;
     let ttl =
         if ttl_secs == 0 { l.default_ttl_secs } else { u64::from(ttl_secs).min(l.max_ttl_secs) };
@@ -296,7 +328,7 @@ fn item(
     })
 }
 
-fn limits(ctx: &Conn) -> QueueLimits {
+pub(super) fn limits(ctx: &Conn) -> QueueLimits {
     let l = &ctx.shared.config.limits;
     let share = |n: u64| (u128::from(n) * u128::from(l.queue_sender_share_percent) / 100) as u64;
     QueueLimits {

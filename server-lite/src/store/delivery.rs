@@ -124,62 +124,7 @@ impl Store {
         limits: QueueLimits,
         now_ms: u64,
     ) -> Result<Vec<EnqueueOutcome>, StoreError> {
-        self.write(move |txn| {
-            // Tables are opened once per job: opening and closing a table costs a lookup and a
-            // write to redb's table of tables, which dominated a 100-recipient batch.
-            let mut t = EnqueueTables {
-                identities: txn.open_table(IDENTITIES)?,
-                dedup: txn.open_table(DEDUP)?,
-                usage: txn.open_table(USAGE)?,
-                senders: txn.open_table(SENDER_USAGE)?,
-                next: txn.open_table(QUEUE_NEXT)?,
-                queues: txn.open_table(QUEUES)?,
-                expiry: txn.open_table(EXPIRY)?,
-            };
-            let stored = stored_bytes(&txn.open_table(META)?)?;
-            let mut seen = std::collections::HashSet::new();
-            let pre =
-                items.iter().map(|i| precheck(&t, i, &mut seen)).collect::<Result<Vec<_>, _>>()?;
-            // The disk budget: the call's new bytes fit whole, or nothing new is stored.
-            let mut total = stored;
-            let mut over = false;
-            for (item, p) in items.iter().zip(&pre) {
-                if matches!(p, Pre::Fresh) {
-                    total = total.saturating_add(item.payload.len() as u64);
-                    let cap = if item.handshake {
-                        limits.disk_handshake_bytes
-                    } else {
-                        limits.disk_bytes
-                    };
-                    over |= total > cap;
-                }
-            }
-            if over {
-                return Ok(pre
-                    .iter()
-                    .map(|p| match p {
-                        Pre::Unknown => EnqueueOutcome::UnknownRecipient,
-                        Pre::Duplicate(seq) => {
-                            EnqueueOutcome::Stored { seq: *seq, duplicate: true }
-                        }
-                        Pre::Fresh | Pre::Again => EnqueueOutcome::StorageFull,
-                    })
-                    .collect());
-            }
-            let mut added = 0u64;
-            let mut outcomes = Vec::with_capacity(items.len());
-            for (item, p) in items.iter().zip(pre) {
-                let outcome = enqueue_one(&mut t, item, p, &limits, now_ms)?;
-                if matches!(outcome, EnqueueOutcome::Stored { duplicate: false, .. }) {
-                    added += item.payload.len() as u64;
-                }
-                outcomes.push(outcome);
-            }
-            drop(t);
-            change_stored_bytes(txn, added, 0)?;
-            Ok(outcomes)
-        })
-        .await
+        self.write(move |txn| Ok(enqueue_in(txn, &items, &limits, now_ms, 0)?.outcomes)).await
     }
 
     /// Up to `limit` unexpired messages of a queue in seq order, stopping before their payloads
@@ -267,6 +212,79 @@ impl Store {
         let t = self.read()?.open_table(USAGE)?;
         Ok(usage_of(&t, identity)?.messages)
     }
+}
+
+/// What [`enqueue_in`] did.
+pub(super) struct Enqueued {
+    /// Per item, in item order.
+    pub outcomes: Vec<EnqueueOutcome>,
+    /// The disk budget refused the call, and nothing was written.
+    pub storage_full: bool,
+}
+
+/// Stores each item in the caller's transaction: the body of [`Store::enqueue`], shared with
+/// the slot claims (`slots.rs`), which store one more copy of the payload in the same job.
+/// `extra_handshake_bytes` is that copy: it is counted against the disk budget with the
+/// items, at the handshake ceiling, so the call's new bytes fit whole or none are stored. The
+/// caller charges (and writes) the extra bytes itself.
+pub(super) fn enqueue_in(
+    txn: &WriteTransaction,
+    items: &[EnqueueItem],
+    limits: &QueueLimits,
+    now_ms: u64,
+    extra_handshake_bytes: u64,
+) -> Result<Enqueued, StoreError> {
+    // Tables are opened once per job: opening and closing a table costs a lookup and a
+    // write to redb's table of tables, which dominated a 100-recipient batch.
+    let mut t = EnqueueTables {
+        identities: txn.open_table(IDENTITIES)?,
+        dedup: txn.open_table(DEDUP)?,
+        usage: txn.open_table(USAGE)?,
+        senders: txn.open_table(SENDER_USAGE)?,
+        next: txn.open_table(QUEUE_NEXT)?,
+        queues: txn.open_table(QUEUES)?,
+        expiry: txn.open_table(EXPIRY)?,
+    };
+    let stored = stored_bytes(&txn.open_table(META)?)?;
+    let mut seen = std::collections::HashSet::new();
+    let pre = items.iter().map(|i| precheck(&t, i, &mut seen)).collect::<Result<Vec<_>, _>>()?;
+    // The disk budget: the call's new bytes fit whole, or nothing new is stored.
+    let mut total = stored;
+    let mut over = false;
+    for (item, p) in items.iter().zip(&pre) {
+        if matches!(p, Pre::Fresh) {
+            total = total.saturating_add(item.payload.len() as u64);
+            let cap = if item.handshake { limits.disk_handshake_bytes } else { limits.disk_bytes };
+            over |= total > cap;
+        }
+    }
+    if extra_handshake_bytes > 0 {
+        total = total.saturating_add(extra_handshake_bytes);
+        over |= total > limits.disk_handshake_bytes;
+    }
+    if over {
+        let outcomes = pre
+            .iter()
+            .map(|p| match p {
+                Pre::Unknown => EnqueueOutcome::UnknownRecipient,
+                Pre::Duplicate(seq) => EnqueueOutcome::Stored { seq: *seq, duplicate: true },
+                Pre::Fresh | Pre::Again => EnqueueOutcome::StorageFull,
+            })
+            .collect();
+        return Ok(Enqueued { outcomes, storage_full: true });
+    }
+    let mut added = 0u64;
+    let mut outcomes = Vec::with_capacity(items.len());
+    for (item, p) in items.iter().zip(pre) {
+        let outcome = enqueue_one(&mut t, item, p, limits, now_ms)?;
+        if matches!(outcome, EnqueueOutcome::Stored { duplicate: false, .. }) {
+            added += item.payload.len() as u64;
+        }
+        outcomes.push(outcome);
+    }
+    drop(t);
+    change_stored_bytes(txn, added, 0)?;
+    Ok(Enqueued { outcomes, storage_full: false })
 }
 
 /// The EXPIRY reference of a queued message.

@@ -278,6 +278,45 @@ impl Device {
     }
 }
 
+/// An epoch commit slot: how many claims it holds and when the whole slot expires (a fixed
+/// time after its first claim).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct SlotHeader {
+    pub count: u32,
+    pub expires_ms: u64,
+}
+
+impl SlotHeader {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        Enc::default().u32(self.count).u64(self.expires_ms).done()
+    }
+    pub(crate) fn decode(b: &[u8]) -> Result<Self, StoreError> {
+        let mut d = Dec::new(b);
+        Ok(Self { count: d.u32()?, expires_ms: d.u64()? })
+    }
+}
+
+/// One claim in a slot: who claimed it, under which message id, and the commit.
+pub(crate) struct Claim {
+    pub claimer: [u8; 32],
+    pub message_id: Vec<u8>,
+    pub payload: Vec<u8>,
+}
+
+impl Claim {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        Enc::default().bytes(&self.claimer).bytes(&self.message_id).bytes(&self.payload).done()
+    }
+    pub(crate) fn decode(b: &[u8]) -> Result<Self, StoreError> {
+        let mut d = Dec::new(b);
+        Ok(Self {
+            claimer: key32(d.bytes()?)?,
+            message_id: d.bytes()?.to_vec(),
+            payload: d.bytes()?.to_vec(),
+        })
+    }
+}
+
 pub(crate) fn key32(b: &[u8]) -> Result<[u8; 32], StoreError> {
     b.try_into().map_err(|_| StoreError::Corrupt("identity key length"))
 }

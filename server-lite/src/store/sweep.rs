@@ -1,4 +1,4 @@
-//! The TTL sweep: expired messages, dedup records, blobs and idle sessions.
+//! The TTL sweep: expired messages, dedup records, blobs, commit slots and idle sessions.
 //!
 //! It first looks with a read transaction and writes only when something is due, so an idle
 //! server writes nothing to flash.
@@ -9,6 +9,7 @@ use super::accounts::delete_session_in;
 use super::blobs::remove_blob_in;
 use super::delivery::{Gone, release};
 use super::records::{Blob, Queued, Session};
+use super::slots::{expiring_slot, remove_slot_in};
 use super::tables::*;
 use super::{Store, StoreError};
 
@@ -23,9 +24,14 @@ pub struct SweepReport {
     pub blobs: u64,
     /// Sessions idle for longer than the session lifetime.
     pub sessions: u64,
+    /// Expired epoch commit slots ...
+    pub slots: u64,
+    /// ... and the claims they held.
+    pub claims: u64,
 }
 
-/// Entries removed per write transaction, so one sweep never holds the writer for long.
+/// Entries removed per write transaction, so one sweep never holds the writer for long (a
+/// slot counts once plus once per claim it holds; one slot may go over).
 const SWEEP_BATCH: usize = 1000;
 
 impl Store {
@@ -39,16 +45,26 @@ impl Store {
         let mut total = SweepReport::default();
         loop {
             let due = {
-                let t = self.read()?.open_table(EXPIRY)?;
+                let txn = self.read()?;
+                let t = txn.open_table(EXPIRY)?;
+                let slots = txn.open_table(SLOTS)?;
                 let mut due = Vec::new();
+                let mut weight = 0usize;
                 for row in t.range((0u64, &[][..])..=(now_ms, &[0xffu8; 64][..]))? {
                     let (k, _) = row?;
                     let (at, r) = k.value();
                     if at > now_ms {
                         break;
                     }
+                    // A slot takes its claims with it: they count towards the batch.
+                    if let Some((&EXPIRE_SLOT, slot)) = r.split_first()
+                        && let Some(h) = expiring_slot(&slots, slot, at)?
+                    {
+                        weight = weight.saturating_add(h.count as usize);
+                    }
+                    weight = weight.saturating_add(1);
                     due.push((at, r.to_vec()));
-                    if due.len() >= SWEEP_BATCH {
+                    if weight >= SWEEP_BATCH {
                         break;
                     }
                 }
@@ -64,6 +80,8 @@ impl Store {
             total.messages += report.messages;
             total.dedup += report.dedup;
             total.blobs += report.blobs;
+            total.slots += report.slots;
+            total.claims += report.claims;
         }
         let idle: Vec<Vec<u8>> = {
             let t = self.read()?.open_table(SESSIONS)?;
@@ -122,6 +140,13 @@ fn expire_in(
                     remove_blob_in(txn, rest, &b.owner, b.total_size)?;
                     files.push(rest.to_vec());
                     report.blobs += 1;
+                }
+            }
+            EXPIRE_SLOT => {
+                let header = expiring_slot(&txn.open_table(SLOTS)?, rest, *at)?;
+                if let Some(h) = header {
+                    report.claims += remove_slot_in(txn, rest, &h)?;
+                    report.slots += 1;
                 }
             }
             _ => {}

@@ -52,12 +52,29 @@ pub(crate) const INVITES: TableDefinition<'_, &str, &[u8]> = TableDefinition::ne
 pub(crate) const DEVICES: TableDefinition<'_, (&[u8], &[u8]), &[u8]> =
     TableDefinition::new("devices");
 
+/// slot id (16) -> [`super::records::SlotHeader`]: an epoch commit slot's claim count and
+/// expiry (schema 3).
+pub(crate) const SLOTS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("slots");
+/// (slot id, index) -> [`super::records::Claim`]: a slot's claims in arrival order, index from
+/// 0 (schema 3).
+pub(crate) const SLOT_CLAIMS: TableDefinition<'_, (&[u8], u32), &[u8]> =
+    TableDefinition::new("slot_claims");
+/// slot id (16) || claimer identity (32) -> index of its claim in the slot (schema 3).
+pub(crate) const SLOT_CLAIMERS: TableDefinition<'_, &[u8], u32> =
+    TableDefinition::new("slot_claimers");
+/// identity -> claims it holds in slots not yet swept (schema 3; rows at zero are deleted).
+pub(crate) const CLAIM_USAGE: TableDefinition<'_, &[u8], u64> = TableDefinition::new("claim_usage");
+
 /// [`EXPIRY`] kind: a queued message; reference is queue key || seq (u64 BE).
 pub(crate) const EXPIRE_MESSAGE: u8 = 0;
 /// [`EXPIRY`] kind: a dedup record; reference is the [`DEDUP`] key.
 pub(crate) const EXPIRE_DEDUP: u8 = 1;
 /// [`EXPIRY`] kind: a blob; reference is the blob id.
 pub(crate) const EXPIRE_BLOB: u8 = 2;
+
+/// [`EXPIRY`] kind: an epoch commit slot; reference is the slot id. Only the entry whose time
+/// matches the slot's current expiry removes it.
+pub(crate) const EXPIRE_SLOT: u8 = 3;
 
 /// [`META`] key: queued payload bytes plus charged blob bytes on the whole server, for the
 /// disk budget (schema 2; kept in the transactions that change them).

@@ -443,3 +443,395 @@ async fn the_last_resort_is_handed_out_only_when_the_stock_is_empty_and_kept() {
     store.delete_account(bob).await.unwrap();
     assert!(store.pop_key_package(bob).await.unwrap().package.is_none());
 }
+
+/// A payload whose clear MLS header says commit (`qpq_core::keypackage::is_commit`): an
+/// `MLSMessage` v1 `PrivateMessage`, group "g", epoch 7, content type 3, empty AAD, padded
+/// with `fill` to `len` bytes.
+pub(crate) fn commit(fill: u8, len: usize) -> Vec<u8> {
+    let mut p = vec![0, 1, 0, 2, 1, b'g'];
+    p.extend_from_slice(&7u64.to_be_bytes());
+    p.extend_from_slice(&[3, 0]);
+    p.resize(len.max(p.len()), fill);
+    assert!(qpq_core::keypackage::is_commit(&p));
+    p
+}
+
+const SLOT_LIMITS: SlotLimits =
+    SlotLimits { max_claims: 1024, max_open_claims: 1024, ttl_ms: 1_000 };
+
+fn claim(slot: u8, claimer: [u8; 32], mid: u8, payload: &[u8], to: &[[u8; 32]]) -> SlotClaim {
+    let payload = Arc::new(payload.to_vec());
+    SlotClaim {
+        slot: [slot; 16],
+        claimer,
+        message_id: [mid; 16],
+        payload: payload.clone(),
+        items: to
+            .iter()
+            .map(|r| EnqueueItem {
+                recipient: *r,
+                channel: Vec::new(),
+                message_id: vec![mid; 16],
+                payload: payload.clone(),
+                expires_ms: u64::MAX,
+                sender: claimer,
+                handshake: true,
+            })
+            .collect(),
+    }
+}
+
+fn table_len<K: redb::Key + 'static, V: redb::Value + 'static>(
+    store: &Store,
+    def: redb::TableDefinition<'_, K, V>,
+) -> u64 {
+    redb::ReadableTableMetadata::len(&store.read().unwrap().open_table(def).unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn slot_claims_are_first_come_deduplicated_and_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let alice = user(&store, "alice", 1).await;
+    let bob = user(&store, "bob", 2).await;
+    let carol = user(&store, "carol", 3).await;
+    let limits = SlotLimits { max_claims: 2, ..SLOT_LIMITS };
+    let run = |c: SlotClaim| {
+        let store = store.clone();
+        async move { store.claim_slot(c, LIMITS, limits, 100).await.unwrap() }
+    };
+    let (a, b) = (commit(0xA, 20), commit(0xB, 30));
+    let stored = |seq| EnqueueOutcome::Stored { seq, duplicate: false };
+    assert_eq!(
+        run(claim(7, alice, 1, &a, &[bob, carol])).await,
+        ClaimOutcome::Claimed { position: 0, total: 1, outcomes: vec![stored(1), stored(1)] }
+    );
+    assert_eq!(
+        run(claim(7, bob, 2, &b, &[alice, carol])).await,
+        ClaimOutcome::Claimed { position: 1, total: 2, outcomes: vec![stored(1), stored(2)] }
+    );
+    let all = store.fetch_slot(&[7; 16], 0, 100, usize::MAX, 100).unwrap();
+    assert_eq!(all, SlotClaims { claims: vec![a.clone(), b.clone()], total: 2 });
+    // 2 x 20 + 2 x 30 queued, and a copy of each in the slot.
+    assert_eq!(store.stored_bytes().unwrap(), 150);
+    // A retry is a duplicate: nothing enqueued again, nothing written.
+    assert_eq!(
+        run(claim(7, alice, 1, &a, &[bob, carol])).await,
+        ClaimOutcome::Duplicate { position: 0, total: 2 }
+    );
+    assert_eq!(store.queued_count(&bob).unwrap(), 1);
+    assert_eq!(store.queued_count(&carol).unwrap(), 2);
+    // Another commit from the same account in the same slot is refused, naming its claim.
+    assert_eq!(
+        run(claim(7, alice, 3, &commit(0xC, 20), &[bob, carol])).await,
+        ClaimOutcome::AlreadyClaimed { position: 0, total: 2 }
+    );
+    assert_eq!(store.queued_count(&bob).unwrap(), 1);
+    // The slot is full at two claims.
+    assert_eq!(
+        run(claim(7, carol, 4, &commit(0xD, 20), &[alice, bob])).await,
+        ClaimOutcome::SlotFull { total: 2 }
+    );
+    assert_eq!(store.queued_count(&alice).unwrap(), 1);
+    assert_eq!(store.stored_bytes().unwrap(), 150);
+    assert_eq!((store.open_claims(&alice).unwrap(), store.open_claims(&bob).unwrap()), (1, 1));
+    assert_eq!(store.open_claims(&carol).unwrap(), 0);
+    // Another slot is another list.
+    assert_eq!(
+        run(claim(8, carol, 4, &commit(0xD, 20), &[alice])).await,
+        ClaimOutcome::Claimed { position: 0, total: 1, outcomes: vec![stored(2)] }
+    );
+    assert_eq!(store.fetch_slot(&[7; 16], 0, 100, usize::MAX, 100).unwrap().total, 2);
+    assert_eq!(store.fetch_slot(&[9; 16], 0, 100, usize::MAX, 100).unwrap().total, 0);
+}
+
+#[tokio::test]
+async fn open_claims_are_bounded_and_an_undelivered_claim_leaves_no_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let alice = user(&store, "alice", 1).await;
+    let bob = user(&store, "bob", 2).await;
+    let limits = SlotLimits { max_open_claims: 2, ..SLOT_LIMITS };
+    let run = |c: SlotClaim| {
+        let store = store.clone();
+        async move { store.claim_slot(c, LIMITS, limits, 100).await.unwrap() }
+    };
+    let p = commit(0, 10);
+    // Nobody stored it: not in the slot, not counted.
+    assert_eq!(
+        run(claim(1, alice, 1, &p, &[[9; 32], [8; 32]])).await,
+        ClaimOutcome::NotDelivered {
+            total: 0,
+            outcomes: vec![EnqueueOutcome::UnknownRecipient; 2]
+        }
+    );
+    // A queue that is full (no reserve at all here) refuses it too.
+    let full = QueueLimits { max_messages: 0, ..LIMITS };
+    assert_eq!(
+        store.claim_slot(claim(1, alice, 1, &p, &[bob]), full, limits, 100).await.unwrap(),
+        ClaimOutcome::NotDelivered { total: 0, outcomes: vec![EnqueueOutcome::QueueFull] }
+    );
+    assert_eq!(store.fetch_slot(&[1; 16], 0, 100, usize::MAX, 100).unwrap().total, 0);
+    assert_eq!(table_len(&store, SLOTS), 0);
+    assert_eq!(store.open_claims(&alice).unwrap(), 0);
+    assert_eq!(store.stored_bytes().unwrap(), 0);
+    // One recipient of two is enough.
+    assert!(matches!(
+        run(claim(1, alice, 1, &p, &[[9; 32], bob])).await,
+        ClaimOutcome::Claimed { position: 0, total: 1, .. }
+    ));
+    assert!(matches!(run(claim(2, alice, 2, &p, &[bob])).await, ClaimOutcome::Claimed { .. }));
+    assert_eq!(store.open_claims(&alice).unwrap(), 2);
+    assert_eq!(run(claim(3, alice, 3, &p, &[bob])).await, ClaimOutcome::TooManyOpenClaims);
+    assert_eq!(store.queued_count(&bob).unwrap(), 2, "the refused claim was not enqueued");
+    // A repeat of a claim held is still answered.
+    assert_eq!(
+        run(claim(2, alice, 2, &p, &[bob])).await,
+        ClaimOutcome::Duplicate { position: 0, total: 1 }
+    );
+    // Another account is not limited by alice's claims.
+    assert!(matches!(run(claim(3, bob, 3, &p, &[alice])).await, ClaimOutcome::Claimed { .. }));
+}
+
+#[tokio::test]
+async fn the_disk_budget_counts_the_slot_copy_and_refuses_the_claim_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let alice = user(&store, "alice", 1).await;
+    let bob = user(&store, "bob", 2).await;
+    let p = commit(0, 20);
+    // Two queued copies fit, the slot's third does not.
+    let tight = QueueLimits { disk_bytes: 0, disk_handshake_bytes: 59, ..LIMITS };
+    let c = claim(1, alice, 1, &p, &[bob, [9; 32], alice]);
+    assert_eq!(
+        store.claim_slot(c.clone(), tight, SLOT_LIMITS, 100).await.unwrap(),
+        ClaimOutcome::StorageFull
+    );
+    assert_eq!(store.stored_bytes().unwrap(), 0);
+    assert_eq!(store.queued_count(&bob).unwrap(), 0);
+    assert_eq!(table_len(&store, SLOTS), 0);
+    // Exactly at the budget (handshakes may use all of it) it goes in.
+    let room = QueueLimits { disk_handshake_bytes: 60, ..tight };
+    assert!(matches!(
+        store.claim_slot(c, room, SLOT_LIMITS, 100).await.unwrap(),
+        ClaimOutcome::Claimed { position: 0, total: 1, .. }
+    ));
+    assert_eq!(store.stored_bytes().unwrap(), 60);
+    // Already queued everywhere (a BatchEnqueue with the same id, say), the slot copy alone
+    // must still fit.
+    store.enqueue(claim(2, bob, 2, &p, &[alice]).items, LIMITS, 100).await.unwrap();
+    let stored = store.stored_bytes().unwrap();
+    let budget = QueueLimits { disk_handshake_bytes: stored + 19, ..room };
+    assert_eq!(
+        store.claim_slot(claim(2, bob, 2, &p, &[alice]), budget, SLOT_LIMITS, 100).await.unwrap(),
+        ClaimOutcome::StorageFull
+    );
+    let budget = QueueLimits { disk_handshake_bytes: stored + 20, ..room };
+    assert_eq!(
+        store.claim_slot(claim(2, bob, 2, &p, &[alice]), budget, SLOT_LIMITS, 100).await.unwrap(),
+        ClaimOutcome::Claimed {
+            position: 0,
+            total: 1,
+            outcomes: vec![EnqueueOutcome::Stored { seq: 2, duplicate: true }]
+        }
+    );
+    assert_eq!(store.stored_bytes().unwrap(), stored + 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_slot_pages_in_claim_order_by_count_and_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let bob = user(&store, "bob", 2).await;
+    // 150 claimers at once (group commits): each position is given once, and the slot reads
+    // back in position order.
+    let mut tasks = Vec::new();
+    for i in 0..150u32 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut claimer = [0u8; 32];
+            claimer[..4].copy_from_slice(&i.to_be_bytes());
+            let mut p = commit(i as u8, 100);
+            p.extend_from_slice(&i.to_be_bytes());
+            let c = claim(5, claimer, i as u8, &p, &[bob]);
+            let out = store.claim_slot(c, LIMITS, SLOT_LIMITS, 100).await;
+            match out.unwrap() {
+                ClaimOutcome::Claimed { position, .. } => (position, p),
+                other => panic!("{other:?}"),
+            }
+        }));
+    }
+    let mut expected = Vec::new();
+    for t in tasks {
+        expected.push(t.await.unwrap());
+    }
+    expected.sort();
+    assert_eq!(expected.iter().map(|(p, _)| *p).collect::<Vec<_>>(), (0..150).collect::<Vec<_>>());
+    let expected: Vec<Vec<u8>> = expected.into_iter().map(|(_, p)| p).collect();
+    let slot = [5; 16];
+    let page = store.fetch_slot(&slot, 0, 100, usize::MAX, 100).unwrap();
+    assert_eq!((page.claims.as_slice(), page.total), (&expected[..100], 150));
+    let page = store.fetch_slot(&slot, 100, 100, usize::MAX, 100).unwrap();
+    assert_eq!((page.claims.as_slice(), page.total), (&expected[100..], 150));
+    for from in [150, 151, u32::MAX] {
+        assert_eq!(
+            store.fetch_slot(&slot, from, 100, usize::MAX, 100).unwrap(),
+            SlotClaims { claims: vec![], total: 150 }
+        );
+    }
+    // 104 bytes each, with the 64 counted per claim: 168 ...
+    let page = store.fetch_slot(&slot, 10, 100, 3 * 168 - 1, 100).unwrap();
+    assert_eq!(page.claims, &expected[10..12]);
+    let page = store.fetch_slot(&slot, 10, 100, 3 * 168, 100).unwrap();
+    assert_eq!(page.claims, &expected[10..13]);
+    let page = store.fetch_slot(&slot, 10, 7, usize::MAX, 100).unwrap();
+    assert_eq!(page.claims, &expected[10..17]);
+    // ... and at least one is returned however small the budget.
+    let page = store.fetch_slot(&slot, 149, 100, 0, 100).unwrap();
+    assert_eq!(page.claims, &expected[149..]);
+}
+
+#[tokio::test]
+async fn expired_slots_are_absent_and_the_sweep_gives_their_counts_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let alice = user(&store, "alice", 1).await;
+    let bob = user(&store, "bob", 2).await;
+    let p = commit(0, 20);
+    let at = |c: SlotClaim, now: u64| {
+        let store = store.clone();
+        async move { store.claim_slot(c, LIMITS, SLOT_LIMITS, now).await.unwrap() }
+    };
+    // The slot lives 1000 ms from its first claim; a later claim does not extend it.
+    assert!(matches!(at(claim(1, alice, 1, &p, &[bob]), 100).await, ClaimOutcome::Claimed { .. }));
+    assert!(matches!(
+        at(claim(1, bob, 2, &p, &[alice]), 900).await,
+        ClaimOutcome::Claimed { position: 1, .. }
+    ));
+    assert!(matches!(at(claim(2, alice, 3, &p, &[bob]), 500).await, ClaimOutcome::Claimed { .. }));
+    assert_eq!(store.stored_bytes().unwrap(), 120, "3 queued copies, 3 slot copies");
+    assert_eq!(store.fetch_slot(&[1; 16], 0, 100, usize::MAX, 1_099).unwrap().total, 2);
+    assert_eq!(
+        store.fetch_slot(&[1; 16], 0, 100, usize::MAX, 1_100).unwrap(),
+        SlotClaims { claims: vec![], total: 0 },
+        "expired, not swept yet: absent"
+    );
+    assert_eq!(store.sweep(1_099, u64::MAX).await.unwrap().slots, 0);
+    let r = store.sweep(1_100, u64::MAX).await.unwrap();
+    assert_eq!((r.slots, r.claims, r.messages), (1, 2, 0));
+    assert_eq!(store.open_claims(&alice).unwrap(), 1, "its claim in slot 2 is still open");
+    assert_eq!(store.open_claims(&bob).unwrap(), 0);
+    assert_eq!(table_len(&store, CLAIM_USAGE), 1, "rows at zero are deleted");
+    assert_eq!(store.stored_bytes().unwrap(), 80, "4 queued copies and slot 2's");
+    let r = store.sweep(1_500, u64::MAX).await.unwrap();
+    assert_eq!((r.slots, r.claims), (1, 1));
+    for n in [table_len(&store, SLOTS), table_len(&store, SLOT_CLAIMS)] {
+        assert_eq!(n, 0);
+    }
+    assert_eq!(table_len(&store, SLOT_CLAIMERS) + table_len(&store, CLAIM_USAGE), 0);
+    assert_eq!(store.stored_bytes().unwrap(), 60, "the queued copies stay until acked");
+    // A claim on a slot that expired before the sweep came starts it afresh ...
+    assert!(matches!(
+        at(claim(3, alice, 4, &p, &[bob]), 2_000).await,
+        ClaimOutcome::Claimed { .. }
+    ));
+    assert!(matches!(
+        at(claim(3, bob, 5, &p, &[alice]), 3_000).await,
+        ClaimOutcome::Claimed { position: 0, total: 1, .. }
+    ));
+    assert_eq!(store.open_claims(&alice).unwrap(), 0, "the old slot was deleted with it");
+    assert_eq!(store.open_claims(&bob).unwrap(), 1);
+    // ... and the old slot's expiry entry is gone with it: the new one stays until its time.
+    let r = store.sweep(3_999, u64::MAX).await.unwrap();
+    assert_eq!((r.slots, r.claims), (0, 0));
+    assert_eq!(store.fetch_slot(&[3; 16], 0, 100, usize::MAX, 3_999).unwrap().total, 1);
+    let r = store.sweep(4_000, u64::MAX).await.unwrap();
+    assert_eq!((r.slots, r.claims), (1, 1));
+    assert_eq!(store.open_claims(&bob).unwrap(), 0);
+    assert_eq!(store.stored_bytes().unwrap(), 100, "five queued copies, no slot copy");
+    assert!(
+        store.ack(bob, queue_key(&bob, &[]), u64::MAX).await.unwrap() > 0
+            && store.ack(alice, queue_key(&alice, &[]), u64::MAX).await.unwrap() > 0
+    );
+    assert_eq!(store.stored_bytes().unwrap(), 0);
+}
+
+#[tokio::test]
+async fn a_schema_2_database_migrates_to_3_and_takes_claims() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open(dir.path());
+        user(&store, "alice", 1).await;
+        user(&store, "bob", 2).await;
+        store.enqueue(vec![item([2; 32], b"old", Some(1), u64::MAX)], LIMITS, 1).await.unwrap();
+        // What schema 2 had: no slot tables, version 2.
+        store
+            .write(|txn| {
+                txn.delete_table(SLOTS)?;
+                txn.delete_table(SLOT_CLAIMS)?;
+                txn.delete_table(SLOT_CLAIMERS)?;
+                txn.delete_table(CLAIM_USAGE)?;
+                txn.open_table(META)?.insert("schema_version", 2u32.to_be_bytes().as_slice())?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+    }
+    let store = open(dir.path());
+    assert_eq!(store.meta("schema_version").unwrap().unwrap(), 3u32.to_be_bytes());
+    assert_eq!(store.stored_bytes().unwrap(), 3);
+    let c = claim(1, [1; 32], 9, &commit(0, 20), &[[2; 32]]);
+    assert!(matches!(
+        store.claim_slot(c, LIMITS, SLOT_LIMITS, 1).await.unwrap(),
+        ClaimOutcome::Claimed { position: 0, total: 1, .. }
+    ));
+    assert_eq!(store.fetch(&queue_key(&[2; 32], &[]), 10, usize::MAX, 0).unwrap().len(), 2);
+    assert_eq!(store.stored_bytes().unwrap(), 43);
+}
+
+/// The server databases of the committed format fixtures (`tests/fixtures`, written by the
+/// v0.1 and v0.2 servers: schemas 1 and 2) open, migrate to this schema, keep their users and
+/// take claims.
+#[tokio::test]
+async fn the_v0_1_and_v0_2_fixture_databases_migrate_and_take_claims() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+    for version in ["v0.1", "v0.2"] {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(
+            fixtures.join(version).join("data/server/qpq.redb"),
+            dir.path().join("t.redb"),
+        )
+        .unwrap_or_else(|e| panic!("{version}: {e}"));
+        let store = open(dir.path());
+        assert_eq!(store.meta("schema_version").unwrap().unwrap(), SCHEMA_VERSION.to_be_bytes());
+        let alice = store.login_record("alice").unwrap().expect("alice").identity;
+        let bob = store.login_record("bob").unwrap().expect("bob").identity;
+        let before = store.stored_bytes().unwrap();
+        assert!(before > 0, "{version}: a message is queued for bob");
+        let c = claim(1, alice, 0xF1, &commit(0, 20), &[bob]);
+        assert!(matches!(
+            store.claim_slot(c, LIMITS, SLOT_LIMITS, now_ms()).await.unwrap(),
+            ClaimOutcome::Claimed { position: 0, total: 1, .. }
+        ));
+        assert_eq!(store.stored_bytes().unwrap(), before + 40, "{version}");
+        let slot = store.fetch_slot(&[1; 16], 0, 100, usize::MAX, now_ms()).unwrap();
+        assert_eq!(slot.total, 1, "{version}");
+    }
+}
+
+#[test]
+fn slot_records_decode_or_are_corrupt() {
+    let c = records::Claim { claimer: [1; 32], message_id: vec![2; 16], payload: vec![3; 5] };
+    let bytes = c.encode();
+    let back = records::Claim::decode(&bytes).unwrap();
+    assert_eq!((back.claimer, back.message_id, back.payload), ([1; 32], vec![2; 16], vec![3; 5]));
+    for n in 0..bytes.len() {
+        assert!(matches!(records::Claim::decode(&bytes[..n]), Err(StoreError::Corrupt(_))));
+    }
+    let mut short_key = bytes.clone();
+    short_key[3] = 31;
+    assert!(matches!(records::Claim::decode(&short_key), Err(StoreError::Corrupt(_))));
+    let h = records::SlotHeader { count: 3, expires_ms: 9 };
+    assert_eq!(records::SlotHeader::decode(&h.encode()).unwrap(), h);
+    assert!(matches!(records::SlotHeader::decode(&[0; 11]), Err(StoreError::Corrupt(_))));
+}
