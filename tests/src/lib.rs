@@ -595,3 +595,113 @@ pub fn qpq_command(home: &Path, passphrase: &str, password: &str) -> Command {
         .stderr(Stdio::piped());
     c
 }
+
+/// Library [`qpq_core::client::Client`]s against a [`ServerProcess`], each account in
+/// `dir/<name>/account.qpq`, and what an attacker holding a device has ([`engine::Stolen`]):
+/// shared by the engine-level tests (10_client, 19_slot_attacks).
+pub mod engine {
+    use std::net::SocketAddr;
+    use std::path::{Path, PathBuf};
+    use std::sync::Arc;
+
+    use qpq_core::client::{Client, RegisterOptions};
+    use qpq_core::identity::Identity;
+    use qpq_core::mls::Mls;
+    use qpq_core::vault::{Space, Vault};
+
+    use super::{FAST_KDF, ServerProcess};
+
+    /// The store of account `name`.
+    pub fn store(dir: &Path, name: &str) -> PathBuf {
+        dir.join(name).join("account.qpq")
+    }
+
+    /// The vault passphrase of account `name`.
+    pub fn passphrase(name: &str) -> String {
+        format!("{name} passphrase")
+    }
+
+    /// Registers `name` (password "`name` password") on `server`.
+    pub async fn account(server: &ServerProcess, dir: &Path, name: &str) -> Client {
+        account_at(server.addr, &server.fingerprint, dir, name).await
+    }
+
+    /// Registers `name` on the server at `addr` with certificate fingerprint `pin`.
+    pub async fn account_at(addr: SocketAddr, pin: &str, dir: &Path, name: &str) -> Client {
+        Client::register(RegisterOptions {
+            store: store(dir, name),
+            passphrase: passphrase(name),
+            server: addr,
+            pin: Some(pin.to_string()),
+            username: name.into(),
+            password: format!("{name} password"),
+            invite: String::new(),
+            kdf: FAST_KDF,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("registering {name}: {e}"))
+    }
+
+    /// Opens `name`'s store again and connects (a new session of the engine).
+    pub async fn reopen(dir: &Path, name: &str) -> Client {
+        let mut c = Client::open(&store(dir, name), &passphrase(name)).unwrap();
+        c.connect().await.unwrap();
+        c
+    }
+
+    /// The texts (not system lines) of `conv`'s history, oldest first.
+    pub fn texts(c: &Client, conv: &[u8]) -> Vec<String> {
+        c.history(conv, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .filter(|e| !e.system)
+            .map(|e| e.text)
+            .collect()
+    }
+
+    /// alice, bob and carol, and the group "team" alice made with the other two in it (all
+    /// synced).
+    pub async fn team_of_three(
+        server: &ServerProcess,
+        dir: &Path,
+    ) -> (Client, Client, Client, Vec<u8>) {
+        let mut alice = account(server, dir, "alice").await;
+        let mut bob = account(server, dir, "bob").await;
+        let mut carol = account(server, dir, "carol").await;
+        let team = alice.create_group("team").await.unwrap();
+        alice.add_members(&team, &["bob".into(), "carol".into()]).await.unwrap();
+        bob.sync().await.unwrap();
+        carol.sync().await.unwrap();
+        (alice, bob, carol, team)
+    }
+
+    /// What an attacker holding `name`'s device has: its vault (MLS state), its identity, and
+    /// a raw protocol connection logged in with its session token. `name`'s `Client` must be
+    /// dropped first, and this dropped before it is opened again.
+    pub struct Stolen {
+        /// The open vault.
+        pub vault: Arc<Vault>,
+        /// The account's identity.
+        pub identity: Identity,
+        /// A raw connection resumed with the stored session token.
+        pub raw: super::Client,
+    }
+
+    impl Stolen {
+        /// The account's MLS state, to use as its own client would not.
+        pub fn mls(&self) -> Mls {
+            Mls::new(self.vault.clone(), Identity::from_seed(&self.identity.seed()))
+        }
+    }
+
+    /// Opens `name`'s vault and session as an attacker would (see [`Stolen`]).
+    pub async fn stolen(server: &ServerProcess, dir: &Path, name: &str) -> Stolen {
+        let vault = Arc::new(Vault::open(&store(dir, name), passphrase(name).as_bytes()).unwrap());
+        let seed: [u8; 32] =
+            vault.get(Space::Account, b"seed").unwrap().unwrap().as_slice().try_into().unwrap();
+        let token = vault.get(Space::Account, b"token").unwrap().unwrap().to_vec();
+        let raw = server.client().await.unwrap();
+        raw.resume(&token).await.unwrap();
+        Stolen { vault, identity: Identity::from_seed(&seed), raw }
+    }
+}

@@ -6,47 +6,19 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use qpq_core::client::{Client, ClientError, Event, RegisterOptions};
+use qpq_core::client::{Client, ClientError, Event};
 use qpq_core::content::Body;
 use qpq_core::mls::GroupError;
-use qpq_core::vault::{KdfParams, Space, Vault, VaultError};
+use qpq_core::vault::{Space, Vault, VaultError};
 use qpq_proto::{method, v1};
+use qpq_tests::engine::{Stolen, account, account_at, reopen, stolen, store, team_of_three, texts};
 use qpq_tests::{ServerProcess, message_id};
 
-const FAST: KdfParams = KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 };
-
-fn store(dir: &Path, name: &str) -> PathBuf {
-    dir.join(name).join("account.qpq")
-}
-
-async fn account(server: &ServerProcess, dir: &Path, name: &str) -> Client {
-    account_at(server.addr, &server.fingerprint, dir, name).await
-}
-
-async fn account_at(addr: std::net::SocketAddr, pin: &str, dir: &Path, name: &str) -> Client {
-    Client::register(RegisterOptions {
-        store: store(dir, name),
-        passphrase: format!("{name} passphrase"),
-        server: addr,
-        pin: Some(pin.to_string()),
-        username: name.into(),
-        password: format!("{name} password"),
-        invite: String::new(),
-        kdf: FAST,
-    })
-    .await
-    .unwrap()
-}
-
-async fn reopen(dir: &Path, name: &str) -> Client {
-    let mut c = Client::open(&store(dir, name), &format!("{name} passphrase")).unwrap();
-    c.connect().await.unwrap();
-    c
-}
-
-fn texts(c: &Client, conv: &[u8]) -> Vec<String> {
-    c.history(conv, usize::MAX).unwrap().into_iter().filter(|e| !e.system).map(|e| e.text).collect()
-}
+/// Server flags for tests whose accounts register, log in and reconnect (the thief's raw
+/// connections, reopened clients) many times from 127.0.0.1: the default per-address
+/// authentication budget runs out, and then refuses even a valid Resume.
+const AUTH: [&str; 4] =
+    ["--set", "limits.auth_per_ip_burst=1000", "--set", "limits.auth_per_ip_per_min=1000"];
 
 fn file_contains(path: &Path, needle: &[u8]) -> bool {
     let bytes = std::fs::read(path).unwrap();
@@ -395,38 +367,6 @@ async fn tampered_ciphertext_is_rejected_and_the_group_keeps_working() {
     assert_eq!(texts(&bob, &dm), ["still fine"]);
 }
 
-/// alice, bob and carol, and the group "team" alice made with the other two in it (all synced).
-async fn team_of_three(server: &ServerProcess, dir: &Path) -> (Client, Client, Client, Vec<u8>) {
-    let mut alice = account(server, dir, "alice").await;
-    let mut bob = account(server, dir, "bob").await;
-    let mut carol = account(server, dir, "carol").await;
-    let team = alice.create_group("team").await.unwrap();
-    alice.add_members(&team, &["bob".into(), "carol".into()]).await.unwrap();
-    bob.sync().await.unwrap();
-    carol.sync().await.unwrap();
-    (alice, bob, carol, team)
-}
-
-/// What an attacker holding `name`'s device has: its vault (MLS state), its identity, and a
-/// raw protocol connection logged in with its session token. `name`'s `Client` must be
-/// dropped first.
-struct Stolen {
-    vault: Arc<Vault>,
-    identity: qpq_core::identity::Identity,
-    raw: qpq_tests::Client,
-}
-
-async fn stolen(server: &ServerProcess, dir: &Path, name: &str) -> Stolen {
-    let pass = format!("{name} passphrase");
-    let vault = Arc::new(Vault::open(&store(dir, name), pass.as_bytes()).unwrap());
-    let seed: [u8; 32] =
-        vault.get(Space::Account, b"seed").unwrap().unwrap().as_slice().try_into().unwrap();
-    let token = vault.get(Space::Account, b"token").unwrap().unwrap().to_vec();
-    let raw = server.client().await.unwrap();
-    raw.resume(&token).await.unwrap();
-    Stolen { vault, identity: qpq_core::identity::Identity::from_seed(&seed), raw }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_commit_from_a_non_admin_is_rejected_by_the_others() {
     use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
@@ -435,7 +375,7 @@ async fn a_forged_commit_from_a_non_admin_is_rejected_by_the_others() {
     use qpq_core::mls::QpqProvider;
 
     let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(&dir.path().join("server"), &[]).unwrap();
+    let server = ServerProcess::start(&dir.path().join("server"), &AUTH).unwrap();
     let dave = account(&server, dir.path(), "dave").await;
     let dave_key = dave.identity_key();
     drop(dave);
@@ -444,8 +384,11 @@ async fn a_forged_commit_from_a_non_admin_is_rejected_by_the_others() {
     drop(bob);
 
     // Bob's device is compromised: the attacker uses his keys and MLS state directly to commit
-    // an Add of dave, which his own client would refuse to make.
-    let Stolen { vault, identity, raw } = stolen(&server, dir.path(), "bob").await;
+    // an Add of dave, which his own client would refuse to make, and claims the epoch's commit
+    // slot with it before anyone else (a commit outside the slot would simply be ignored).
+    let thief = stolen(&server, dir.path(), "bob").await;
+    let slot = thief.mls().slot(&team).unwrap();
+    let Stolen { vault, identity, raw } = thief;
     let provider = QpqProvider::new(vault);
     let kp: v1::FetchKeyPackageResponse = raw
         .call(
@@ -463,14 +406,16 @@ async fn a_forged_commit_from_a_non_admin_is_rejected_by_the_others() {
     let mut group =
         MlsGroup::load(provider.storage(), &GroupId::from_slice(&team)).unwrap().unwrap();
     let (commit, _welcome, _) = group.add_members(&provider, &identity, &[kp]).unwrap();
-    let commit = commit.tls_serialize_detached().unwrap();
-    let req = v1::BatchEnqueueRequest {
+    let forged = commit.tls_serialize_detached().unwrap();
+    let req = v1::ClaimSlotRequest {
+        slot: slot.to_vec(),
+        payload: forged.clone(),
         recipient_keys: vec![alice.identity_key().to_vec(), carol.identity_key().to_vec()],
-        payload: commit,
         message_id: message_id().to_vec(),
-        ..Default::default()
     };
-    let _: v1::BatchEnqueueResponse = raw.call(method::BATCH_ENQUEUE, &req).await.unwrap();
+    let claim: v1::ClaimSlotResponse = raw.call(method::CLAIM_SLOT, &req).await.unwrap();
+    assert!(claim.stored && claim.position == 0, "the forgery is the slot's first claim");
+    drop((group, provider, raw));
 
     for c in [&mut alice, &mut carol] {
         let mut events = c.subscribe();
@@ -488,6 +433,35 @@ async fn a_forged_commit_from_a_non_admin_is_rejected_by_the_others() {
     alice.send_text(&team, "after the forgery").await.unwrap();
     carol.sync().await.unwrap();
     assert_eq!(texts(&carol, &team), ["after the forgery"]);
+
+    // The forgery holds the slot's first place, but alice's real change (the second claim)
+    // wins for everyone: each member skips the invalid claim alike.
+    alice.rotate_keys(&team).await.unwrap();
+    carol.sync().await.unwrap();
+    let mut bob = reopen(dir.path(), "bob").await;
+    bob.sync().await.unwrap();
+    let code = alice.group_info(&team).await.unwrap().verification_code;
+    for c in [&mut alice, &mut bob, &mut carol] {
+        let info = c.group_info(&team).await.unwrap();
+        assert_eq!(info.epoch, epoch + 1, "{} is not in alice's epoch", c.username());
+        assert_eq!(info.verification_code, code, "{} is on another branch", c.username());
+        assert!(!info.members.iter().any(|(id, _, _)| *id == dave_key));
+    }
+    // The slot holds both claims, the forgery first (anyone logged in may read it).
+    let reader = stolen(&server, dir.path(), "dave").await;
+    let listed: v1::FetchSlotResponse = reader
+        .raw
+        .call(method::FETCH_SLOT, &v1::FetchSlotRequest { slot: slot.to_vec(), from: 0 })
+        .await
+        .unwrap();
+    assert_eq!(listed.total, 2, "the forgery, then alice's rotation");
+    assert_eq!(listed.claims[0], forged);
+    drop(reader);
+    bob.send_text(&team, "one group").await.unwrap();
+    for c in [&mut alice, &mut carol] {
+        c.sync().await.unwrap();
+        assert_eq!(texts(c, &team).last().unwrap(), "one group");
+    }
 }
 
 /// Sends `body` into `conv` as `name`, past its client's own checks (a modified client): the
@@ -606,15 +580,21 @@ async fn forged_proposals_extension_changes_and_typing_channel_commits_are_rejec
     use qpq_core::mls::{GroupPolicy, Kind, QpqProvider};
 
     let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(&dir.path().join("server"), &[]).unwrap();
+    let server = ServerProcess::start(&dir.path().join("server"), &AUTH).unwrap();
     let (mut alice, bob, mut carol, team) = team_of_three(&server, dir.path()).await;
+    // alice's first sync of the session also looks at the slot: have it done, so that each
+    // forgery below is reported exactly once.
+    alice.sync().await.unwrap();
     let before = alice.group_info(&team).await.unwrap();
     let bob_key = bob.identity_key();
     let others = vec![alice.identity_key().to_vec(), carol.identity_key().to_vec()];
     drop(bob);
 
-    // bob's device is compromised: raw openmls with his keys and MLS state.
-    let Stolen { vault, identity, raw } = stolen(&server, dir.path(), "bob").await;
+    // bob's device is compromised: raw openmls with his keys and MLS state. Commits go to the
+    // current epoch's slot (where members look for them), proposals to the queues.
+    let thief = stolen(&server, dir.path(), "bob").await;
+    let slot = thief.mls().slot(&team).unwrap();
+    let Stolen { vault, identity, raw } = thief;
     let provider = QpqProvider::new(vault);
     let load = || MlsGroup::load(provider.storage(), &GroupId::from_slice(&team)).unwrap().unwrap();
     let bob_only = GroupPolicy { kind: Kind::Group, admins: vec![bob_key] }.extensions().unwrap();
@@ -628,10 +608,6 @@ async fn forged_proposals_extension_changes_and_typing_channel_commits_are_rejec
         group.members().find(|m| m.signature_key == carol.identity_key().to_vec()).unwrap().index;
     let (p, _) = group.propose_remove_member(&provider, &identity, carol_leaf).unwrap();
     forged.push(p.tls_serialize_detached().unwrap());
-    // By value: bob commits the take-over himself.
-    group.clear_pending_proposals(provider.storage()).unwrap();
-    let (c, _, _) = group.update_group_context_extensions(&provider, bob_only, &identity).unwrap();
-    forged.push(c.tls_serialize_detached().unwrap());
     for payload in forged {
         let req = v1::BatchEnqueueRequest {
             recipient_keys: others.clone(),
@@ -641,6 +617,17 @@ async fn forged_proposals_extension_changes_and_typing_channel_commits_are_rejec
         };
         let _: v1::BatchEnqueueResponse = raw.call(method::BATCH_ENQUEUE, &req).await.unwrap();
     }
+    // By value: bob commits the take-over himself, as the slot's first claim.
+    group.clear_pending_proposals(provider.storage()).unwrap();
+    let (c, _, _) = group.update_group_context_extensions(&provider, bob_only, &identity).unwrap();
+    let req = v1::ClaimSlotRequest {
+        slot: slot.to_vec(),
+        payload: c.tls_serialize_detached().unwrap(),
+        recipient_keys: others.clone(),
+        message_id: message_id().to_vec(),
+    };
+    let claim: v1::ClaimSlotResponse = raw.call(method::CLAIM_SLOT, &req).await.unwrap();
+    assert!(claim.stored && claim.position == 0, "the take-over is the slot's first claim");
     // And a handshake message where typing indicators go (relayed to whoever is connected
     // now): bob's own removal, which an admin's client would commit if it were stored.
     group.clear_pending_commit(provider.storage()).unwrap();

@@ -344,6 +344,23 @@ macro_rules! say {
 }
 
 async fn act(client: &mut Client, command: Command) -> anyhow::Result<()> {
+    // What went wrong on the way (a message or group change refused for someone, a fork
+    // detected) is told on stderr at the end, whatever the command printed.
+    let mut notes = client.subscribe();
+    let result = act_on(client, command).await;
+    loop {
+        match notes.try_recv() {
+            Ok(Event::Rejected { reason }) => {
+                let _ = writeln!(std::io::stderr(), "qpq: note: {}", printable(&reason));
+            }
+            Ok(_) | Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => {}
+            Err(_) => break,
+        }
+    }
+    result
+}
+
+async fn act_on(client: &mut Client, command: Command) -> anyhow::Result<()> {
     client.flush_outbox().await?;
     client.sync().await?;
     match command {
@@ -574,6 +591,9 @@ async fn group(client: &mut Client, g: GroupCommand) -> anyhow::Result<()> {
             }
             say!("epoch {}", info.epoch)?;
             say!("verification {}", info.verification_code)?;
+            if !info.conversation.warning.is_empty() {
+                say!("warning {}", printable(&info.conversation.warning))?;
+            }
             for (id, name, admin) in info.members {
                 say!("member {name}{} {}", if admin { " (admin)" } else { "" }, hex(&id[..8]))?;
             }

@@ -15,6 +15,7 @@ use super::history::{ConvKind, Conversation, HistoryEntry, conv_prefix, message_
 use super::net::{Connection, NetError, Push};
 use crate::content::{Body, Content, ContentError, FileOffer};
 use crate::identity::{Identity, hex, safety_number};
+use crate::keypackage::{self, ClearHeader};
 use crate::mls::{GroupError, Incoming, Kind, Mls, Outgoing};
 use crate::opaque;
 use crate::vault::{KdfParams, Space, Vault, VaultError};
@@ -237,6 +238,8 @@ pub struct Client {
     progress: Option<ProgressHook>,
     idle_timeout: Duration,
     pending_pushes: Vec<Push>,
+    /// Look at every group's current slot at the next sync (set at start and by a gap).
+    probe_slots: bool,
 }
 
 /// Called after every uploaded or downloaded chunk with (bytes done, bytes in all).
@@ -391,6 +394,7 @@ impl Client {
             events,
             names: HashMap::new(),
             last_seq: 0,
+            probe_slots: true,
             progress: None,
             idle_timeout: super::net::IDLE_TIMEOUT,
             pending_pushes: Vec::new(),
@@ -992,6 +996,7 @@ impl Client {
             mentions: 0,
             next_seq: 0,
             verified: false,
+            warning: String::new(),
         };
         self.save_conversation(&c)?;
         Ok(c)
@@ -1016,8 +1021,9 @@ impl Client {
         let (id, pending) = self.vault.atomic(|| -> Result<_, ClientError> {
             let id = self.mls.create(Kind::Dm)?;
             self.new_conversation(id.clone(), ConvKind::Dm, username.to_string(), Some(peer))?;
-            let pending =
-                self.stage_commit(&id, self.mls.add(&id, &[kp], &[peer])?, false, None)?;
+            let intent = Intent::Add { kps: vec![kp], ids: vec![peer] };
+            let out = self.build(&id, &intent)?.ok_or(GroupError::NotMember)?;
+            let pending = self.stage_commit(&id, out, false, None, intent, 0)?;
             Ok((id, pending))
         })?;
         self.deliver_commit(pending).await?;
@@ -1048,24 +1054,16 @@ impl Client {
             kps.push(self.fetch_key_package(&id, u).await?);
             ids.push(id);
         }
-        self.settle_commits(conv).await?;
         let system = format!("{} added {}", self.username, usernames.join(", "));
         // Once merged, the newcomers are told the group's name and topic.
-        let pending = self.vault.atomic(|| {
-            self.stage_commit(conv, self.mls.add(conv, &kps, &ids)?, true, Some(system))
-        })?;
-        self.deliver_commit(pending).await
+        self.commit_change(conv, Intent::Add { kps, ids }, true, Some(system)).await
     }
 
     /// Removes a user (admins only).
     pub async fn remove_member(&mut self, conv: &[u8], username: &str) -> Result<(), ClientError> {
         let id = self.resolve(username).await?;
-        self.settle_commits(conv).await?;
         let system = format!("{} removed {username}", self.username);
-        let pending = self.vault.atomic(|| {
-            self.stage_commit(conv, self.mls.remove(conv, &[id])?, false, Some(system))
-        })?;
-        self.deliver_commit(pending).await
+        self.commit_change(conv, Intent::Remove { ids: vec![id] }, false, Some(system)).await
     }
 
     /// Makes a member an admin or not (admins only).
@@ -1076,32 +1074,89 @@ impl Client {
         admin: bool,
     ) -> Result<(), ClientError> {
         let id = self.resolve(username).await?;
-        self.settle_commits(conv).await?;
-        let members = self.mls.members(conv)?;
-        if !members.iter().any(|m| m.identity == id) {
+        if !self.mls.members(conv)?.iter().any(|m| m.identity == id) {
             return Err(GroupError::NotMember.into());
-        }
-        let mut admins: Vec<[u8; 32]> =
-            members.iter().filter(|m| m.admin).map(|m| m.identity).collect();
-        admins.retain(|a| *a != id);
-        if admin {
-            admins.push(id);
         }
         let verb = if admin { "promoted" } else { "demoted" };
         let system = format!("{} {verb} {username}", self.username);
-        let pending = self.vault.atomic(|| {
-            self.stage_commit(conv, self.mls.set_admins(conv, admins)?, false, Some(system))
-        })?;
-        self.deliver_commit(pending).await
+        self.commit_change(conv, Intent::Admin { id, admin }, false, Some(system)).await
     }
 
     /// Rotates our keys in a conversation.
     pub async fn rotate_keys(&mut self, conv: &[u8]) -> Result<(), ClientError> {
+        self.commit_change(conv, Intent::Rotate, false, None).await
+    }
+
+    /// Makes a commit for `intent` (nothing if there is nothing left to change), records it
+    /// as pending in the same vault transaction, and delivers it.
+    async fn commit_change(
+        &mut self,
+        conv: &[u8],
+        intent: Intent,
+        announce: bool,
+        system: Option<String>,
+    ) -> Result<(), ClientError> {
         self.settle_commits(conv).await?;
-        let pending = self
-            .vault
-            .atomic(|| self.stage_commit(conv, self.mls.self_update(conv)?, false, None))?;
-        self.deliver_commit(pending).await
+        let pending = self.vault.atomic(|| -> Result<_, ClientError> {
+            match self.build(conv, &intent)? {
+                Some(out) => Ok(Some(self.stage_commit(conv, out, announce, system, intent, 0)?)),
+                None => Ok(None),
+            }
+        })?;
+        match pending {
+            Some(pending) => self.deliver_commit(pending).await,
+            None => Ok(()),
+        }
+    }
+
+    /// The commit that carries out `intent` in the group's current epoch, or `None` if the
+    /// group already is as asked (another admin's commit did it first).
+    fn build(&self, conv: &[u8], intent: &Intent) -> Result<Option<Outgoing>, ClientError> {
+        let members = self.mls.members(conv)?;
+        let member = |id: &[u8; 32]| members.iter().any(|m| m.identity == *id);
+        Ok(match intent {
+            Intent::Add { kps, ids } => {
+                let (kps, ids): (Vec<Vec<u8>>, Vec<[u8; 32]>) = kps
+                    .iter()
+                    .cloned()
+                    .zip(ids.iter().copied())
+                    .filter(|(_, id)| !member(id))
+                    .unzip();
+                if ids.is_empty() { None } else { Some(self.mls.add(conv, &kps, &ids)?) }
+            }
+            Intent::Remove { ids } => {
+                let ids: Vec<[u8; 32]> = ids.iter().copied().filter(|id| member(id)).collect();
+                if ids.is_empty() { None } else { Some(self.mls.remove(conv, &ids)?) }
+            }
+            Intent::Admin { id, admin } => {
+                let Some(target) = members.iter().find(|m| m.identity == *id) else {
+                    return Ok(None);
+                };
+                if target.admin == *admin {
+                    return Ok(None);
+                }
+                let mut admins: Vec<[u8; 32]> =
+                    members.iter().filter(|m| m.admin).map(|m| m.identity).collect();
+                admins.retain(|a| a != id);
+                if *admin {
+                    admins.push(*id);
+                }
+                Some(self.mls.set_admins(conv, admins)?)
+            }
+            Intent::Rotate => Some(self.mls.self_update(conv)?),
+            // The members' own removal proposals, or, once another commit made them stale,
+            // their removal by us as an admin (the proposals were authenticated; leaving must
+            // not depend on winning a race).
+            Intent::Leave { ids } => match self.mls.commit_pending(conv)? {
+                Some(out) => Some(out),
+                None => {
+                    let me = self.identity_key();
+                    let ids: Vec<[u8; 32]> = ids.iter().copied().filter(|id| member(id)).collect();
+                    let admin = members.iter().any(|m| m.identity == me && m.admin);
+                    if ids.is_empty() || !admin { None } else { Some(self.mls.remove(conv, &ids)?) }
+                }
+            },
+        })
     }
 
     /// Renames a group and sets its topic (sent to all members).
@@ -1201,13 +1256,16 @@ impl Client {
     }
 
     /// Records a commit we just made as pending, in the caller's vault transaction (the one
-    /// that made it): from here on a crash leaves the record, and the next flush delivers it.
+    /// that made it): from here on a crash leaves the record, and the next flush delivers it
+    /// under the same message id, as a claim on the same slot.
     fn stage_commit(
         &self,
         conv: &[u8],
         out: Outgoing,
         announce: bool,
         system: Option<String>,
+        intent: Intent,
+        attempt: u8,
     ) -> Result<PendingCommit, ClientError> {
         let keys = |v: &[[u8; 32]]| v.iter().map(|k| k.to_vec()).collect();
         let pending = PendingCommit {
@@ -1220,24 +1278,46 @@ impl Client {
             welcome_id: random_id(),
             announce,
             system,
+            // While the commit is pending the group is still in the epoch it commits from.
+            slot: Some(self.mls.slot(conv)?),
+            intent: Some(intent),
+            attempt,
         };
         self.vault.put(Space::State, &commit_key(conv), &json(&pending)?)?;
         Ok(pending)
     }
 
+    /// The commit of ours pending in `conv`, if any.
+    fn pending_commit(&self, conv: &[u8]) -> Result<Option<PendingCommit>, ClientError> {
+        self.vault.get(Space::State, &commit_key(conv))?.map(|v| unjson(&v)).transpose()
+    }
+
     /// Delivers a staged commit after whatever the outbox already holds (those messages were
-    /// encrypted in the epoch the commit ends), merges it once the server has it, then sends
-    /// the Welcome. A network failure leaves it pending for the next flush, never abandoned:
-    /// the server may hold it.
+    /// encrypted in the epoch the commit ends), merges it once it has won its slot, then sends
+    /// the Welcome. If another member's commit won, ours is redone in the next epoch, up to
+    /// [`MAX_REDO`] times. A network failure leaves it pending for the next flush, never
+    /// abandoned: the server may hold it.
     async fn deliver_commit(&mut self, pending: PendingCommit) -> Result<(), ClientError> {
         self.flush_items().await?;
         let conv = pending.conv.clone();
-        self.send_commit(pending).await?;
+        self.send_with_redo(pending).await?;
         match self.flush_items().await {
             Ok(_) | Err(ClientError::Net(_)) => {}
             Err(e) => return Err(e),
         }
         self.emit(Event::Conversation { conv });
+        Ok(())
+    }
+
+    /// Sends a pending commit, then the redo our change gets each time another member's
+    /// commit wins (each try is a claim on a new slot).
+    async fn send_with_redo(&mut self, pending: PendingCommit) -> Result<(), ClientError> {
+        let conv = pending.conv.clone();
+        self.send_commit(pending).await?;
+        for _ in 0..MAX_REDO {
+            let Some(next) = self.pending_commit(&conv)? else { break };
+            self.send_commit(next).await?;
+        }
         Ok(())
     }
 
@@ -1249,9 +1329,11 @@ impl Client {
         Ok(())
     }
 
-    /// Sends one pending commit under its message id (a repeat is a duplicate the server
-    /// recognises), then merges it, queues its Welcome and follow-ups and drops the record in
-    /// one vault transaction. A refusal for good drops the commit; a transient failure keeps it.
+    /// Sends one pending commit as a claim on its epoch's slot, under its message id (a repeat
+    /// is a duplicate the server recognises). If it is the slot's first claim, or every claim
+    /// before it fails the public checks, it won: merge it. Otherwise the first valid claim is
+    /// applied instead and our change is staged again for the next epoch. A refusal for good
+    /// drops the commit; a transient failure keeps it.
     async fn send_commit(&mut self, pending: PendingCommit) -> Result<(), ClientError> {
         let conv = pending.conv.clone();
         let key = commit_key(&conv);
@@ -1264,98 +1346,179 @@ impl Client {
             }
             Err(e) => return Err(e.into()),
         }
-        let to = keys32(&pending.commit_to);
-        if !to.is_empty() {
-            let req = v1::BatchEnqueueRequest {
-                recipient_keys: pending.commit_to.clone(),
-                payload: pending.commit.clone(),
-                channel_id: Vec::new(),
-                ttl_secs: 0,
-                message_id: pending.message_id.to_vec(),
-            };
-            if self.conn.as_ref().is_none_or(|c| c.is_closed()) {
-                return Err(ClientError::Net(NetError::Connection("offline".into())));
+        // Alone in the group (a new DM or group): nobody to race, nobody to tell.
+        if pending.commit_to.is_empty() {
+            return self.finish_commit(&pending);
+        }
+        if self.conn.as_ref().is_none_or(|c| c.is_closed()) {
+            return Err(ClientError::Net(NetError::Connection("offline".into())));
+        }
+        let slot = match pending.slot {
+            Some(s) => s,
+            None => self.mls.slot(&conv)?, // a record from 0.2: same epoch, same slot
+        };
+        let req = v1::ClaimSlotRequest {
+            slot: slot.to_vec(),
+            payload: pending.commit.clone(),
+            recipient_keys: pending.commit_to.clone(),
+            message_id: pending.message_id.to_vec(),
+        };
+        let r: Result<v1::ClaimSlotResponse, NetError> =
+            self.connection()?.call(method::CLAIM_SLOT, &req, Duration::ZERO).await;
+        let resp = match r {
+            Ok(resp) => resp,
+            // A server from before slots: deliver without ordering (no fork protection).
+            Err(e) if e.status() == Some(Status::UnknownMethod) => {
+                return self.send_commit_unordered(pending).await;
             }
-            let r: Result<v1::BatchEnqueueResponse, NetError> =
-                self.connection()?.call(method::BATCH_ENQUEUE, &req, Duration::ZERO).await;
-            match r {
-                Ok(resp) => {
-                    // Members whose queue refused the commit (seq 0) miss this epoch: say who,
-                    // and why, instead of leaving them cut out in silence.
-                    for (i, k) in pending.commit_to.iter().enumerate() {
-                        if resp.seqs.get(i) != Some(&0) {
-                            continue;
-                        }
-                        let who = self.cached_name(k).unwrap_or_else(|| hex(&k[..k.len().min(8)]));
-                        let why =
-                            match resp.refusals.get(i).map(|r| v1::EnqueueRefusal::try_from(*r)) {
-                                Some(Ok(r)) if r != v1::EnqueueRefusal::None => r.describe(),
-                                _ => "the server did not store it",
-                            };
-                        self.emit(Event::Rejected {
-                            reason: format!("group change not delivered to {who}: {why}"),
-                        });
+            Err(e @ (NetError::Connection(_) | NetError::Timeout)) => {
+                self.conn = None;
+                return Err(e.into());
+            }
+            Err(e) if e.is_transient() || e.status() == Some(Status::Unauthorized) => {
+                return Err(e.into());
+            }
+            // Refused for good (malformed, too large): the server holds nothing of it.
+            Err(e) => {
+                self.drop_commit(&conv)?;
+                return Err(e.into());
+            }
+        };
+        self.report_refusals("group change", &pending.commit_to, &resp.seqs, &resp.refusals);
+        if resp.stored && resp.position == 0 {
+            return self.finish_commit(&pending);
+        }
+        let refusal = v1::SlotRefusal::try_from(resp.refusal).unwrap_or(v1::SlotRefusal::None);
+        if !resp.stored && refusal == v1::SlotRefusal::NotDelivered {
+            // Nobody took it: merging would put us alone in an epoch no other member reaches.
+            self.drop_commit(&conv)?;
+            return Err(ClientError::Invalid(
+                "no member's queue took the group change, so it was dropped and the group is \
+                 unchanged; try again later"
+                    .into(),
+            ));
+        }
+        // Someone claimed the slot first (or it is full): its first valid claim decides.
+        match self.resolve_slot(&conv, slot).await? {
+            Resolution::Won | Resolution::Applied | Resolution::Lost => Ok(()),
+            Resolution::Empty | Resolution::NoWinner | Resolution::Unsupported if resp.stored => {
+                // Our claim is in the slot and valid, so the list cannot lack a winner: the
+                // server answers inconsistently. Keep the commit; the next flush asks again.
+                Err(ClientError::Invalid(
+                    "the server's commit slot does not list the claim it just stored".into(),
+                ))
+            }
+            Resolution::Empty | Resolution::NoWinner | Resolution::Unsupported => {
+                self.drop_commit(&conv)?;
+                Err(ClientError::Invalid(format!(
+                    "the group change was not accepted: {}; the group is unchanged",
+                    match refusal {
+                        v1::SlotRefusal::SlotFull => "this epoch's commit slot is full",
+                        v1::SlotRefusal::AlreadyClaimed => "another commit of ours holds the slot",
+                        _ => "the server did not store it",
                     }
-                    // Nobody took it: merging would put us alone in an epoch no other member
-                    // reaches. Drop it instead; the group stays as it was for everyone.
-                    if !resp.seqs.is_empty() && resp.seqs.iter().all(|s| *s == 0) {
-                        self.vault.atomic(|| -> Result<(), ClientError> {
-                            self.mls.abandon(&conv)?;
-                            self.vault.delete(Space::State, &key)?;
-                            Ok(())
-                        })?;
-                        return Err(ClientError::Invalid(
-                            "no member's queue took the group change, so it was dropped and the \
-                             group is unchanged; try again later"
-                                .into(),
-                        ));
-                    }
-                }
-                Err(e @ (NetError::Connection(_) | NetError::Timeout)) => {
-                    self.conn = None;
-                    return Err(e.into());
-                }
-                Err(e) if e.is_transient() || e.status() == Some(Status::Unauthorized) => {
-                    return Err(e.into());
-                }
-                Err(e) => {
-                    self.vault.atomic(|| -> Result<(), ClientError> {
-                        self.mls.abandon(&conv)?;
-                        self.vault.delete(Space::State, &key)?;
-                        Ok(())
-                    })?;
-                    return Err(e.into());
-                }
+                )))
             }
         }
-        // The commit is on the server: merge it, and queue the Welcome (and the group's name
-        // for newcomers) in the same vault transaction, so a crash now delays them instead of
-        // losing them.
+    }
+
+    /// Drops our pending commit in `conv` and its record: the server holds none of it.
+    fn drop_commit(&self, conv: &[u8]) -> Result<(), ClientError> {
+        self.vault.atomic(|| -> Result<(), ClientError> {
+            if self.mls.has_pending_commit(conv)? {
+                self.mls.abandon(conv)?;
+            }
+            self.vault.delete(Space::State, &commit_key(conv))?;
+            Ok(())
+        })
+    }
+
+    /// Tells the user which recipients' queues did not store a message, and why.
+    fn report_refusals(&self, what: &str, to: &[Vec<u8>], seqs: &[u64], refusals: &[i32]) {
+        for (i, k) in to.iter().enumerate() {
+            if seqs.get(i) != Some(&0) {
+                continue;
+            }
+            let who = self.cached_name(k).unwrap_or_else(|| hex(&k[..k.len().min(8)]));
+            let why = match refusals.get(i).map(|r| v1::EnqueueRefusal::try_from(*r)) {
+                Some(Ok(r)) if r != v1::EnqueueRefusal::None => r.describe(),
+                _ => "the server did not store it",
+            };
+            self.emit(Event::Rejected { reason: format!("{what} not delivered to {who}: {why}") });
+        }
+    }
+
+    /// The 0.2 delivery, for a server without commit slots: enqueue and merge.
+    async fn send_commit_unordered(&mut self, pending: PendingCommit) -> Result<(), ClientError> {
+        let req = v1::BatchEnqueueRequest {
+            recipient_keys: pending.commit_to.clone(),
+            payload: pending.commit.clone(),
+            channel_id: Vec::new(),
+            ttl_secs: 0,
+            message_id: pending.message_id.to_vec(),
+        };
+        let r: Result<v1::BatchEnqueueResponse, NetError> =
+            self.connection()?.call(method::BATCH_ENQUEUE, &req, Duration::ZERO).await;
+        match r {
+            Ok(resp) => {
+                self.report_refusals(
+                    "group change",
+                    &pending.commit_to,
+                    &resp.seqs,
+                    &resp.refusals,
+                );
+                if !resp.seqs.is_empty() && resp.seqs.iter().all(|s| *s == 0) {
+                    self.drop_commit(&pending.conv)?;
+                    return Err(ClientError::Invalid(
+                        "no member's queue took the group change, so it was dropped and the \
+                         group is unchanged; try again later"
+                            .into(),
+                    ));
+                }
+                self.finish_commit(&pending)
+            }
+            Err(e @ (NetError::Connection(_) | NetError::Timeout)) => {
+                self.conn = None;
+                Err(e.into())
+            }
+            Err(e) if e.is_transient() || e.status() == Some(Status::Unauthorized) => Err(e.into()),
+            Err(e) => {
+                self.drop_commit(&pending.conv)?;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Our commit won its slot (or nobody else is in the group): merge it, and queue the
+    /// Welcome (and the group's name for newcomers) in the same vault transaction, so a crash
+    /// now delays them instead of losing them.
+    fn finish_commit(&self, pending: &PendingCommit) -> Result<(), ClientError> {
+        let conv = &pending.conv;
         let me = self.identity_key();
         let entry = self.vault.atomic(|| -> Result<Option<HistoryEntry>, ClientError> {
-            self.mls.confirm(&conv)?;
+            self.mls.confirm(conv)?;
             if let (Some(welcome), false) = (&pending.welcome, pending.welcome_to.is_empty()) {
                 self.queue(
-                    &conv,
+                    conv,
                     &keys32(&pending.welcome_to),
                     welcome.clone(),
                     pending.welcome_id,
                 )?;
             }
             if pending.announce
-                && let Some(c) = self.conversation(&conv)?
+                && let Some(c) = self.conversation(conv)?
                 && c.kind == ConvKind::Group
             {
                 let meta = Content::new(Body::Meta { name: c.name, topic: c.topic }, now_ms());
-                self.record_send(&conv, &me, &meta)?;
+                self.record_send(conv, &me, &meta)?;
             }
-            self.vault.delete(Space::State, &key)?;
+            self.vault.delete(Space::State, &commit_key(conv))?;
             pending
                 .system
                 .as_ref()
                 .map(|text| {
                     self.append(
-                        &conv,
+                        conv,
                         |seq| HistoryEntry::system(seq, text.clone(), now_ms()),
                         false,
                     )
@@ -1365,6 +1528,205 @@ impl Client {
         if let Some(entry) = entry {
             self.emit(Event::Message { conv: conv.clone(), entry });
         }
+        Ok(())
+    }
+
+    /// Reads `slot`'s claims in order and applies the first valid one (PROTOCOL.md §6.9):
+    /// ours if it comes first among the valid, else another member's, after which our own
+    /// change (if any) is staged again for the next epoch.
+    async fn resolve_slot(
+        &mut self,
+        conv: &[u8],
+        slot: [u8; 16],
+    ) -> Result<Resolution, ClientError> {
+        let mut from = 0u32;
+        loop {
+            let req = v1::FetchSlotRequest { slot: slot.to_vec(), from };
+            // On the current connection only (this runs inside the outbox flush that
+            // connecting does): a failure ends the flush and the next one asks again.
+            let r: Result<v1::FetchSlotResponse, NetError> =
+                self.connection()?.call(method::FETCH_SLOT, &req, Duration::ZERO).await;
+            let r = match r {
+                Ok(r) => r,
+                Err(e) if e.status() == Some(Status::UnknownMethod) => {
+                    return Ok(Resolution::Unsupported);
+                }
+                Err(e @ (NetError::Connection(_) | NetError::Timeout)) => {
+                    self.conn = None;
+                    return Err(e.into());
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if r.claims.is_empty() {
+                return Ok(if from == 0 { Resolution::Empty } else { Resolution::NoWinner });
+            }
+            // Bounded by the server's slot size, and we never go back.
+            from = from.saturating_add(r.claims.len() as u32);
+            for claim in r.claims {
+                if let Some(done) = self.try_claim(conv, &claim)? {
+                    return Ok(done);
+                }
+            }
+            if from >= r.total {
+                return Ok(Resolution::NoWinner);
+            }
+        }
+    }
+
+    /// Tries one claim of `conv`'s current slot. `None`: it fails a public check (every member
+    /// skips it alike), try the next.
+    fn try_claim(&self, conv: &[u8], claim: &[u8]) -> Result<Option<Resolution>, ClientError> {
+        let pending = self.pending_commit(conv)?;
+        if let Some(p) = &pending
+            && p.commit == claim
+        {
+            self.finish_commit(p)?;
+            return Ok(Some(Resolution::Won));
+        }
+        // A claim must be a commit of this group made in our epoch: anything else (a commit of
+        // another group we are in, a replay from an earlier epoch) is junk here.
+        let epoch = self.mls.epoch(conv)?;
+        let fits = matches!(
+            keypackage::clear_header(claim),
+            Some(ClearHeader::Framed { group_id, epoch: e, content_type: keypackage::CONTENT_COMMIT, .. })
+                if group_id == conv && e == epoch
+        );
+        if !fits {
+            self.emit(Event::Rejected {
+                reason: "ignored a commit claim that is not a commit of this group's epoch".into(),
+            });
+            return Ok(None);
+        }
+        let result = self.vault.atomic(|| -> Result<(Vec<Event>, bool), ClientError> {
+            let incoming = self.mls.process(claim)?;
+            if !matches!(incoming, Incoming::Commit { .. }) {
+                return Err(ClientError::Invalid("a commit claim that is not a commit".into()));
+            }
+            let events = self.apply_incoming(incoming)?;
+            // Our own commit of the same epoch lost: make the change again on top of the
+            // winner, in this same transaction.
+            let redone = match pending {
+                Some(p) => {
+                    self.vault.delete(Space::State, &commit_key(conv))?;
+                    self.restage(p)?
+                }
+                None => false,
+            };
+            Ok((events, redone))
+        });
+        match result {
+            Ok((events, redone)) => {
+                for e in events {
+                    self.emit(e);
+                }
+                if redone {
+                    self.emit(Event::Rejected {
+                        reason: "another admin changed the group at the same time: your change \
+                                 was made again on top of theirs"
+                            .into(),
+                    });
+                }
+                Ok(Some(Resolution::Applied))
+            }
+            Err(ClientError::Group(GroupError::CannotFollow(why))) => {
+                self.drop_commit(conv)?;
+                self.warn_conversation(
+                    conv,
+                    &format!(
+                        "you can no longer follow this group: a change could not be decrypted \
+                         for you ({why}). Ask an admin to remove and re-add you."
+                    ),
+                )?;
+                Ok(Some(Resolution::Lost))
+            }
+            Err(e @ (ClientError::Vault(_) | ClientError::Io(_))) => Err(e),
+            Err(e) => {
+                self.emit(Event::Rejected {
+                    reason: format!("ignored an invalid commit claim: {e}"),
+                });
+                Ok(None)
+            }
+        }
+    }
+
+    /// Stages our change again after another member's commit won the epoch. Returns whether
+    /// there was still something to change. Called in the transaction that applied the winner.
+    fn restage(&self, lost: PendingCommit) -> Result<bool, ClientError> {
+        let Some(intent) = lost.intent else { return Ok(false) };
+        if lost.attempt >= MAX_REDO {
+            self.emit(Event::Rejected {
+                reason: "a group change lost to other admins' changes too often and was given up"
+                    .into(),
+            });
+            return Ok(false);
+        }
+        let out = match self.build(&lost.conv, &intent) {
+            Ok(Some(out)) => out,
+            Ok(None) => return Ok(false),
+            // No longer possible (we were demoted, or removed): say so, keep the winner.
+            Err(ClientError::Group(e)) => {
+                self.emit(Event::Rejected {
+                    reason: format!("a group change could not be redone: {e}"),
+                });
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        };
+        self.stage_commit(&lost.conv, out, lost.announce, lost.system, intent, lost.attempt + 1)?;
+        Ok(true)
+    }
+
+    /// Brings `conv` up to `target` (an epoch seen in a message) by applying each missed
+    /// epoch's winning claim from its slot, at most [`MAX_CATCH_UP`] epochs per call.
+    async fn catch_up(&mut self, conv: &[u8], target: u64) -> Result<(), ClientError> {
+        for _ in 0..MAX_CATCH_UP {
+            let Ok(epoch) = self.mls.epoch(conv) else { return Ok(()) };
+            if epoch >= target {
+                break;
+            }
+            let slot = self.mls.slot(conv)?;
+            if !matches!(
+                self.resolve_slot(conv, slot).await?,
+                Resolution::Applied | Resolution::Won
+            ) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Looks at the current slot of every group: a commit our queue never got (it was full,
+    /// or the server dropped it) is applied from there. Done at the first sync of a session
+    /// and after a gap in our queue.
+    async fn catch_up_all(&mut self) -> Result<(), ClientError> {
+        for c in self.conversations()? {
+            if self.mls.epoch(&c.id).is_err() {
+                continue;
+            }
+            let slot = self.mls.slot(&c.id)?;
+            if matches!(
+                self.resolve_slot(&c.id, slot).await?,
+                Resolution::Applied | Resolution::Won
+            ) {
+                self.catch_up(&c.id, u64::MAX).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts a lasting warning on a conversation (shown in its info and as a system line), once.
+    fn warn_conversation(&self, conv: &[u8], text: &str) -> Result<(), ClientError> {
+        let Some(mut c) = self.conversation(conv)? else { return Ok(()) };
+        if c.warning == text {
+            return Ok(());
+        }
+        let entry = self.vault.atomic(|| -> Result<HistoryEntry, ClientError> {
+            c.warning = text.to_string();
+            self.save_conversation(&c)?;
+            self.append(conv, |seq| HistoryEntry::system(seq, format!("⚠ {text}"), now_ms()), false)
+        })?;
+        self.emit(Event::Message { conv: conv.to_vec(), entry });
+        self.emit(Event::Conversation { conv: conv.to_vec() });
         Ok(())
     }
 
@@ -1533,7 +1895,7 @@ impl Client {
         for (_, value) in pending {
             let pending: PendingCommit = unjson(&value)?;
             let conv = pending.conv.clone();
-            match self.send_commit(pending).await {
+            match self.send_with_redo(pending).await {
                 Ok(()) => self.emit(Event::Conversation { conv }),
                 Err(e) if keeps_pending(&e) => return Err(e),
                 Err(e) => self
@@ -1682,6 +2044,10 @@ impl Client {
             total += r.payloads.len();
             self.process_envelopes(r.payloads).await?;
         }
+        // Once the queue is drained: at the first sync of a session, and after a gap.
+        if std::mem::take(&mut self.probe_slots) {
+            self.catch_up_all().await?;
+        }
         self.drain_pushes().await?;
         Ok(total)
     }
@@ -1793,8 +2159,15 @@ impl Client {
             }
             if self.last_seq > 0 && env.seq > self.last_seq + 1 {
                 self.emit(Event::Gap { after: self.last_seq, next: env.seq });
+                self.probe_slots = true;
             }
             let seq = env.seq;
+            // Group changes go through the epoch's slot, not the queue's order (§6.9).
+            if self.order_by_slot(&env.data).await? {
+                self.vault.put(Space::State, b"last_seq", &seq.to_be_bytes())?;
+                self.last_seq = seq;
+                continue;
+            }
             let result = self.vault.atomic(|| -> Result<Vec<Event>, ClientError> {
                 let events = self.process_one(&env.data)?;
                 self.vault.put(Space::State, b"last_seq", &seq.to_be_bytes())?;
@@ -1833,6 +2206,12 @@ impl Client {
                 // rejecting it is final, so it is acknowledged with the rest.
                 Err(e) => {
                     self.vault.put(Space::State, b"last_seq", &seq.to_be_bytes())?;
+                    if let ClientError::Group(g @ GroupError::Forked { .. }) = &e
+                        && let Some(ClearHeader::Framed { group_id, .. }) =
+                            keypackage::clear_header(&env.data)
+                    {
+                        self.warn_conversation(group_id, &g.to_string())?;
+                    }
                     self.emit(Event::Rejected { reason: e.to_string() });
                 }
             }
@@ -1852,8 +2231,9 @@ impl Client {
                 continue; // one commit of ours at a time; the next sync gets back to it
             }
             let pending = self.vault.atomic(|| -> Result<_, ClientError> {
+                let intent = Intent::Leave { ids: self.mls.leaving(&conv)? };
                 match self.mls.commit_pending(&conv)? {
-                    Some(out) => Ok(Some(self.stage_commit(&conv, out, false, None)?)),
+                    Some(out) => Ok(Some(self.stage_commit(&conv, out, false, None, intent, 0)?)),
                     None => Ok(None),
                 }
             })?;
@@ -1862,6 +2242,52 @@ impl Client {
             }
         }
         self.name_dms().await
+    }
+
+    /// Routes a queued message through the slots: a message of a later epoch than ours first
+    /// catches the group up from the missed epochs' slots; a commit of our epoch is settled by
+    /// the slot's first valid claim (which may be another copy); a commit of an earlier epoch
+    /// lost its slot or was applied from it already. Returns whether the message is done with
+    /// (`false`: process it from the queue as usual).
+    async fn order_by_slot(&mut self, data: &[u8]) -> Result<bool, ClientError> {
+        let Some(ClearHeader::Framed { group_id, epoch, content_type, .. }) =
+            keypackage::clear_header(data)
+        else {
+            return Ok(false);
+        };
+        let conv = group_id.to_vec();
+        let Ok(ours) = self.mls.epoch(&conv) else { return Ok(false) };
+        if epoch > ours {
+            self.catch_up(&conv, epoch).await?;
+        }
+        if content_type != keypackage::CONTENT_COMMIT {
+            return Ok(false);
+        }
+        let Ok(ours) = self.mls.epoch(&conv) else { return Ok(true) }; // removed meanwhile
+        if epoch < ours {
+            return Ok(true); // a losing claim, or the winner we took from the slot
+        }
+        if epoch > ours {
+            return Ok(false); // could not catch up: MLS rejects it, the user hears why
+        }
+        let slot = self.mls.slot(&conv)?;
+        match self.resolve_slot(&conv, slot).await? {
+            // A server without slots: the queue's order is all there is (no fork protection).
+            Resolution::Unsupported => Ok(false),
+            // Every claim is stored with its queued copies, so a commit in our queue that its
+            // slot does not hold bypassed the ordering (a modified or pre-0.3 client): applying
+            // it could fork us from the members that follow the slot.
+            Resolution::Empty => {
+                self.emit(Event::Rejected {
+                    reason: "ignored a group change that was not claimed in its epoch's slot \
+                             (sent by a client older than 0.3, or one that bypasses the \
+                             ordering)"
+                        .into(),
+                });
+                Ok(true)
+            }
+            _ => Ok(true),
+        }
     }
 
     /// Names DMs joined before the peer's username was known.
@@ -2317,7 +2743,56 @@ struct PendingCommit {
     /// The system line our history gets once merged.
     #[serde(default)]
     system: Option<String>,
+    /// The slot this commit claims: its epoch's (PROTOCOL.md §6.9). Absent in 0.2 records,
+    /// whose epoch is still the group's.
+    #[serde(default)]
+    slot: Option<[u8; 16]>,
+    /// What the commit does, to make it again if another member's commit wins the slot.
+    #[serde(default)]
+    intent: Option<Intent>,
+    /// How many times the change was already redone.
+    #[serde(default)]
+    attempt: u8,
 }
+
+/// What a commit of ours is for, so that it can be made again in the next epoch when another
+/// member's commit wins the epoch's slot.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+enum Intent {
+    /// Add these accounts with these KeyPackages (kept: a commit that lost had its Welcome
+    /// never sent, so the packages were used for nothing).
+    Add { kps: Vec<Vec<u8>>, ids: Vec<[u8; 32]> },
+    /// Remove these accounts.
+    Remove { ids: Vec<[u8; 32]> },
+    /// Make an account an admin or not.
+    Admin { id: [u8; 32], admin: bool },
+    /// Update our own keys.
+    Rotate,
+    /// Commit the pending self-removals of these members.
+    Leave { ids: Vec<[u8; 32]> },
+}
+
+/// How a slot was resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resolution {
+    /// The slot's first valid claim is our pending commit, now merged.
+    Won,
+    /// Another member's claim won and was applied (our commit, if any, staged again).
+    Applied,
+    /// The winner's private part failed here: we cannot follow the group (warned).
+    Lost,
+    /// The slot holds no claim.
+    Empty,
+    /// The server has no slots (older than 0.3).
+    Unsupported,
+    /// Claims, none valid.
+    NoWinner,
+}
+
+/// How many times a change of ours is made again after losing its slot.
+const MAX_REDO: u8 = 4;
+/// How many epochs one catch-up applies before it lets other work run.
+const MAX_CATCH_UP: usize = 64;
 
 /// A message waiting for the server.
 #[derive(serde::Serialize, serde::Deserialize)]

@@ -38,6 +38,10 @@ pub struct Conversation {
     /// number compared). Not stored: filled in from the contacts on every read.
     #[serde(skip)]
     pub verified: bool,
+    /// Why this member can no longer trust or follow the group's state: a fork was detected
+    /// (members on different branches) or a commit could not be followed. Empty if none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub warning: String,
 }
 
 /// One message in a conversation's history, with what later messages did to it.

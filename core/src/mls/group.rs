@@ -67,6 +67,22 @@ pub enum GroupError {
     /// A message could not be parsed or processed (tampered, wrong epoch, not for us).
     #[error("rejected MLS message: {0}")]
     Rejected(String),
+    /// A message was made in our epoch on another branch of the group: its epoch tag (a hash
+    /// of the epoch authenticator in its authenticated data) differs from ours. Someone, most
+    /// likely the server, gave members different commits.
+    #[error(
+        "FORK: a message of this group was made in epoch {epoch} on another branch than ours \
+         (the members no longer share one group state; compare verification codes)"
+    )]
+    Forked {
+        /// The epoch both branches call by the same number.
+        epoch: u64,
+    },
+    /// A commit passed every public check but its private part (the path secret encrypted to
+    /// us, or the confirmation tag that depends on it) failed here: we cannot follow the group
+    /// into the next epoch. Other members may well have.
+    #[error("cannot follow this group's change ({0}); ask an admin to remove and re-add you")]
+    CannotFollow(String),
     /// openmls or the storage failed.
     #[error("MLS error: {0}")]
     Mls(String),
@@ -80,6 +96,49 @@ impl From<crate::vault::VaultError> for GroupError {
 
 fn mls<E: std::fmt::Display>(e: E) -> GroupError {
     GroupError::Mls(e.to_string())
+}
+
+/// Sorts a failed `process_message`: a failure only this member can have (the path secret
+/// encrypted to it, or the confirmation tag computed from it) is [`GroupError::CannotFollow`];
+/// everything else is a check every member makes identically from what it shares with the
+/// others, so the message is [`GroupError::Rejected`] for all of them.
+fn classify<S: std::error::Error>(e: ProcessMessageError<S>) -> GroupError {
+    let private = matches!(
+        &e,
+        ProcessMessageError::InvalidCommit(
+            StageCommitError::ConfirmationTagMismatch
+                | StageCommitError::UpdatePathError(
+                    ApplyUpdatePathError::UnableToDecrypt | ApplyUpdatePathError::PathMismatch
+                )
+        )
+    );
+    if private {
+        GroupError::CannotFollow(e.to_string())
+    } else {
+        GroupError::Rejected(e.to_string())
+    }
+}
+
+/// Exporter label of an epoch's commit slot (PROTOCOL.md §6.9).
+const SLOT_LABEL: &str = "qpq commit slot v1";
+/// Version byte of the epoch tag qpq puts in every application message's authenticated data.
+const EPOCH_TAG_V1: u8 = 1;
+/// Length of an epoch tag: the version byte and 16 bytes of hash.
+pub const EPOCH_TAG_LEN: usize = 17;
+
+/// The epoch tag of a group's current epoch: `0x01 ‖ SHA-256("qpq epoch tag v1" ‖ epoch
+/// authenticator)[..16]`. Every member of the same epoch on the same branch computes the same
+/// tag; members of another branch at the same epoch number do not.
+fn epoch_tag(group: &MlsGroup) -> Vec<u8> {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    h.update(b"qpq epoch tag v1");
+    h.update(group.epoch_authenticator().as_slice());
+    let digest = h.finalize();
+    let mut tag = Vec::with_capacity(EPOCH_TAG_LEN);
+    tag.push(EPOCH_TAG_V1);
+    tag.extend_from_slice(&digest[..EPOCH_TAG_LEN - 1]);
+    tag
 }
 
 /// What kind of conversation a group is.
@@ -503,6 +562,18 @@ impl Mls {
         })
     }
 
+    /// The accounts whose own removal waits in the group's proposal store.
+    pub fn leaving(&self, group_id: &[u8]) -> Result<Vec<[u8; 32]>, GroupError> {
+        let group = self.load(group_id)?;
+        Ok(group
+            .pending_proposals()
+            .filter_map(|p| match p.proposal() {
+                Proposal::Remove(r) => group.member(r.removed()).and_then(identity_of),
+                _ => None,
+            })
+            .collect())
+    }
+
     /// Merges our own pending commit once the server has accepted it.
     pub fn confirm(&self, group_id: &[u8]) -> Result<(), GroupError> {
         self.atomic(|| {
@@ -548,6 +619,8 @@ impl Mls {
             if !waiting.is_empty() {
                 group.clear_pending_proposals(self.provider.storage()).map_err(mls)?;
             }
+            // The epoch tag lets a member on another branch see the fork (`Forked`).
+            group.set_aad(epoch_tag(&group));
             let msg =
                 group.create_message(&self.provider, &self.identity, plaintext).map_err(mls)?;
             for p in waiting {
@@ -569,6 +642,15 @@ impl Mls {
                 _ => Err(GroupError::Rejected("unexpected MLS message type".into())),
             }
         })
+    }
+
+    /// The id of the current epoch's commit slot: 16 bytes of the epoch's MLS exporter, so
+    /// only members of this epoch can compute it, and slots of different epochs are unlinkable.
+    /// While a commit of ours is pending the epoch is still the one it commits from.
+    pub fn slot(&self, group_id: &[u8]) -> Result<[u8; 16], GroupError> {
+        let group = self.load(group_id)?;
+        let v = group.export_secret(self.provider.crypto(), SLOT_LABEL, b"", 16).map_err(mls)?;
+        v.try_into().map_err(|_| GroupError::Mls("exporter returned a short value".into()))
     }
 
     /// Processes a message from the ephemeral channel (typing indicators): only an application
@@ -612,8 +694,14 @@ impl Mls {
     }
 
     /// The group's epoch.
+    ///
+    /// Reads only the stored group context, not the whole group (the ratchet tree of a large
+    /// group is megabytes): the receive path asks this for every message.
     pub fn epoch(&self, group_id: &[u8]) -> Result<u64, GroupError> {
-        Ok(self.load(group_id)?.epoch().as_u64())
+        use openmls_traits::storage::StorageProvider as _;
+        let context: Option<GroupContext> =
+            self.provider.storage().group_context(&GroupId::from_slice(group_id)).map_err(mls)?;
+        Ok(context.ok_or(GroupError::UnknownGroup)?.epoch().as_u64())
     }
 
     /// A short code all members see identically in the same epoch: compare it out of band to
@@ -649,9 +737,21 @@ impl Mls {
     fn process_protocol(&self, msg: ProtocolMessage) -> Result<Incoming, GroupError> {
         let group_id = msg.group_id().as_slice().to_vec();
         let mut group = self.load(&group_id)?;
-        let processed = group
-            .process_message(&self.provider, msg)
-            .map_err(|e| GroupError::Rejected(e.to_string()))?;
+        // A message made in our epoch with an epoch tag that is not ours comes from another
+        // branch of the group. Messages without a tag (clients before 0.3) and messages of
+        // other epochs are left to MLS. The tag is authenticated only once the message
+        // decrypts, so a mismatch means a fork or tampering, and MLS would refuse either.
+        if let ProtocolMessage::PrivateMessage(m) = &msg {
+            let (epoch, aad) = (m.epoch().as_u64(), m.aad());
+            if aad.len() == EPOCH_TAG_LEN
+                && aad.first() == Some(&EPOCH_TAG_V1)
+                && group.epoch().as_u64() == epoch
+                && epoch_tag(&group) != aad
+            {
+                return Err(GroupError::Forked { epoch });
+            }
+        }
+        let processed = group.process_message(&self.provider, msg).map_err(classify)?;
         let sender = identity_of(processed.credential()).ok_or(GroupError::NotMember)?;
         let processed_sender = processed.sender().clone();
         match processed.into_content() {
@@ -712,6 +812,11 @@ impl Mls {
                 }
                 let removed_us = staged.self_removed();
                 group.merge_staged_commit(&self.provider, *staged).map_err(mls)?;
+                // Another member's commit won this epoch: a commit of ours from the same epoch
+                // can never be merged now (the caller redoes its change in the new epoch).
+                if group.pending_commit().is_some() {
+                    group.clear_pending_commit(self.provider.storage()).map_err(mls)?;
+                }
                 if removed_us {
                     let _ = group.delete(self.provider.storage());
                 }
@@ -876,6 +981,118 @@ mod tests {
             ));
         }
         gid
+    }
+
+    #[test]
+    fn slots_and_epoch_tags_follow_the_branch_and_a_message_from_another_branch_is_a_fork() {
+        let dir = tempfile::tempdir().unwrap();
+        let (alice, bob, carol) =
+            (member(dir.path(), "a"), member(dir.path(), "b"), member(dir.path(), "c"));
+        let gid = trio(&alice, &bob, &carol);
+        // One epoch, one slot for everyone.
+        let slot = alice.slot(&gid).unwrap();
+        assert_eq!(bob.slot(&gid).unwrap(), slot);
+        assert_eq!(carol.slot(&gid).unwrap(), slot);
+        // Two commits from the same epoch (two admins, or a server that shows members different
+        // claims): bob takes alice's, carol merges her own.
+        let from_alice = alice.self_update(&gid).unwrap();
+        let from_carol = carol.self_update(&gid).unwrap();
+        assert!(matches!(bob.process(&from_alice.commit).unwrap(), Incoming::Commit { .. }));
+        alice.confirm(&gid).unwrap();
+        carol.confirm(&gid).unwrap();
+        let epoch = alice.epoch(&gid).unwrap();
+        assert_eq!((bob.epoch(&gid).unwrap(), carol.epoch(&gid).unwrap()), (epoch, epoch));
+        // The next slot is new, the same on one branch and different across branches.
+        let next = alice.slot(&gid).unwrap();
+        assert_ne!(next, slot);
+        assert_eq!(bob.slot(&gid).unwrap(), next);
+        assert_ne!(carol.slot(&gid).unwrap(), next);
+        // Same epoch number, other branch: a fork, named as such, and nothing changes.
+        let (from_carol_msg, _) = carol.encrypt(&gid, b"on my branch").unwrap();
+        assert!(matches!(
+            bob.process(&from_carol_msg),
+            Err(GroupError::Forked { epoch: e }) if e == epoch
+        ));
+        let (from_alice_msg, _) = alice.encrypt(&gid, b"on ours").unwrap();
+        assert!(matches!(
+            bob.process(&from_alice_msg).unwrap(),
+            Incoming::Application { plaintext, .. } if plaintext == b"on ours"
+        ));
+        assert!(matches!(carol.process(&from_alice_msg), Err(GroupError::Forked { .. })));
+        // The losing commit, replayed to a member who moved on, is of an earlier epoch.
+        assert!(matches!(bob.process(&from_carol.commit), Err(GroupError::Rejected(_))));
+        // The header reader the client routes by sees the epoch tag and the epoch.
+        match crate::keypackage::clear_header(&from_alice_msg) {
+            Some(crate::keypackage::ClearHeader::Framed {
+                group_id,
+                epoch: e,
+                content_type: 1,
+                authenticated_data,
+            }) => {
+                assert_eq!((group_id, e), (gid.as_slice(), epoch));
+                assert_eq!(authenticated_data.len(), EPOCH_TAG_LEN);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A stored HPKE key pair as raw JSON, to damage it.
+    #[derive(serde::Serialize, serde::Deserialize)]
+    #[serde(transparent)]
+    struct RawKeyPair(serde_json::Value);
+    impl openmls_traits::storage::Entity<{ openmls_traits::storage::CURRENT_VERSION }> for RawKeyPair {}
+    impl openmls_traits::storage::traits::HpkeKeyPair<{ openmls_traits::storage::CURRENT_VERSION }>
+        for RawKeyPair
+    {
+    }
+
+    /// Flips one byte of every byte array inside `v`.
+    fn damage(v: &mut serde_json::Value) -> bool {
+        match v {
+            serde_json::Value::Array(a) if !a.is_empty() && a.iter().all(|x| x.is_u64()) => {
+                let b = a[0].as_u64().unwrap_or(0) ^ 0x55;
+                a[0] = b.into();
+                true
+            }
+            serde_json::Value::Array(a) => a.iter_mut().fold(false, |d, x| damage(x) | d),
+            serde_json::Value::Object(o) => o.values_mut().fold(false, |d, x| damage(x) | d),
+            _ => false,
+        }
+    }
+
+    #[test]
+    fn a_commit_whose_path_we_cannot_decrypt_is_cannot_follow_not_a_skip() {
+        use openmls_traits::storage::StorageProvider as _;
+        let dir = tempfile::tempdir().unwrap();
+        let (alice, bob, carol) =
+            (member(dir.path(), "a"), member(dir.path(), "b"), member(dir.path(), "c"));
+        let gid = trio(&alice, &bob, &carol);
+        // bob's leaf private key no longer matches what alice encrypts to: the path secret of
+        // her next commit fails for bob alone (as garbage encrypted to him would).
+        // A member that joined from a Welcome keeps its leaf and path keys per epoch.
+        let group = bob.load(&gid).unwrap();
+        let (epoch, leaf) = (group.epoch(), group.own_leaf_index().u32());
+        let storage = bob.provider.storage();
+        let mut pairs: Vec<RawKeyPair> =
+            storage.encryption_epoch_key_pairs(group.group_id(), &epoch, leaf).unwrap();
+        assert!(!pairs.is_empty(), "bob holds no key pairs for this epoch");
+        for pair in &mut pairs {
+            let private = pair.0.get_mut("private_key").expect("a private_key field");
+            assert!(damage(private));
+        }
+        storage.write_encryption_epoch_key_pairs(group.group_id(), &epoch, leaf, &pairs).unwrap();
+
+        let out = alice.self_update(&gid).unwrap();
+        alice.confirm(&gid).unwrap();
+        let before = bob.epoch(&gid).unwrap();
+        match bob.process(&out.commit) {
+            Err(GroupError::CannotFollow(_)) => {}
+            other => panic!("expected CannotFollow, got {other:?}"),
+        }
+        // Nothing of it was applied for bob; carol, whose key is fine, follows.
+        assert_eq!(bob.epoch(&gid).unwrap(), before);
+        assert!(matches!(carol.process(&out.commit).unwrap(), Incoming::Commit { .. }));
+        assert_eq!(carol.verification_code(&gid).unwrap(), alice.verification_code(&gid).unwrap());
     }
 
     #[test]

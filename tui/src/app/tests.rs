@@ -34,6 +34,7 @@ fn conv(id: u8, name: &str, kind: ConvKind, unread: u32) -> Conversation {
         mentions: 0,
         next_seq: 10,
         verified: false,
+        warning: String::new(),
     }
 }
 

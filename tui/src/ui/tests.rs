@@ -26,6 +26,7 @@ fn conv(id: u8, name: &str, kind: ConvKind, unread: u32, mentions: u32) -> Conve
         next_seq: 6,
         // bob's safety number was compared: the list marks him.
         verified: kind == ConvKind::Dm && name == "bob",
+        warning: String::new(),
     }
 }
 
