@@ -590,3 +590,40 @@ async fn two_admins_racing_end_in_one_order() {
     assert!(alice.group_info(&team).await.unwrap().members.iter().any(|m| m.0 == dave_key));
     message_reaches(&team, &mut alice, &mut [&mut bob, &mut carol, &mut dave], "all four").await;
 }
+
+/// A message sent in an epoch that another member's commit then wins is not lost: members that
+/// applied the commit before the message reached them cannot decrypt it, so its sender sends it
+/// again in the new epoch once it applies the winner; members that did read it ignore the
+/// repeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_sent_in_a_superseded_epoch_arrives_once_everywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let ([mut alice, mut bob, mut carol], team) =
+        team(&server, dir.path(), ["alice", "bob", "carol"]).await;
+    let epoch = alice.group_info(&team).await.unwrap().epoch;
+
+    // bob writes in epoch e; carol reads it there. alice has not synced: she commits from e,
+    // wins, and meets bob's message only in e + 1, too late to decrypt it.
+    bob.send_text(&team, "read by carol in time").await.unwrap();
+    carol.sync().await.unwrap();
+    assert_eq!(texts(&carol, &team), ["read by carol in time"]);
+    alice.rotate_keys(&team).await.unwrap();
+    // Still in e, bob writes once more: nobody in e + 1 can read this one.
+    bob.send_text(&team, "sent after the commit won").await.unwrap();
+    alice.sync().await.unwrap();
+    assert!(texts(&alice, &team).is_empty(), "{:?}", texts(&alice, &team));
+
+    // bob applies alice's commit from the slot and sends both again in e + 1.
+    bob.sync().await.unwrap();
+    assert_eq!(bob.group_info(&team).await.unwrap().epoch, epoch + 1);
+    assert_eq!(bob.outbox_len().unwrap(), 0, "the repeats went out");
+    alice.sync().await.unwrap();
+    carol.sync().await.unwrap();
+    let want = ["read by carol in time", "sent after the commit won"];
+    assert_eq!(texts(&alice, &team), want);
+    assert_eq!(texts(&carol, &team), want, "each once: the repeat is recognised");
+    assert_eq!(texts(&bob, &team), want, "bob's own history is unchanged");
+    converged(&team, &mut [&mut alice, &mut bob, &mut carol]).await;
+    message_reaches(&team, &mut carol, &mut [&mut alice, &mut bob], "and on we go").await;
+}

@@ -240,6 +240,9 @@ pub struct Client {
     pending_pushes: Vec<Push>,
     /// Look at every group's current slot at the next sync (set at start and by a gap).
     probe_slots: bool,
+    /// Resolving a slot queued something (messages sent again, a change redone): the sync
+    /// that did it delivers it.
+    queued_by_resolution: std::sync::atomic::AtomicBool,
 }
 
 /// Called after every uploaded or downloaded chunk with (bytes done, bytes in all).
@@ -395,6 +398,7 @@ impl Client {
             names: HashMap::new(),
             last_seq: 0,
             probe_slots: true,
+            queued_by_resolution: std::sync::atomic::AtomicBool::new(false),
             progress: None,
             idle_timeout: super::net::IDLE_TIMEOUT,
             pending_pushes: Vec::new(),
@@ -1603,6 +1607,7 @@ impl Client {
                 return Err(ClientError::Invalid("a commit claim that is not a commit".into()));
             }
             let events = self.apply_incoming(incoming)?;
+            self.resend_superseded(conv, epoch)?;
             // Our own commit of the same epoch lost: make the change again on top of the
             // winner, in this same transaction.
             let redone = match pending {
@@ -1673,6 +1678,7 @@ impl Client {
             Err(e) => return Err(e),
         };
         self.stage_commit(&lost.conv, out, lost.announce, lost.system, intent, lost.attempt + 1)?;
+        self.queued_by_resolution.store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(true)
     }
 
@@ -1805,6 +1811,7 @@ impl Client {
             c.topic = topic.clone();
             self.save_conversation(&c)?;
         }
+        let epoch = self.mls.epoch(conv)?;
         let (ciphertext, to) = self.mls.encrypt(conv, &bytes)?;
         let entry = match HistoryEntry::from_content(0, me, content, now_ms()) {
             Some(_) => Some(self.append(
@@ -1821,9 +1828,50 @@ impl Client {
         };
         self.apply_own(conv, content)?;
         if !to.is_empty() {
+            let n = self.state_u64(b"outbox_next")?;
             self.queue(conv, &to, ciphertext, content.message_id)?;
+            // Kept until its epoch is settled: see `resend_superseded`.
+            let value = [&epoch.to_be_bytes()[..], &n.to_be_bytes(), &bytes].concat();
+            let slot = n % RECENT_PER_CONVERSATION;
+            self.vault.put(Space::State, &recent_key(conv, Some(slot)), &value)?;
         }
         Ok(entry)
+    }
+
+    /// Sends again, in the group's new epoch, what we sent in `epoch` before another member's
+    /// commit of that epoch won: members that applied the commit before our message reached
+    /// them can no longer decrypt it (openmls keeps no past epochs' keys). Those that did read
+    /// it recognise the repeat by its message id. Runs in the transaction that applied the
+    /// winner; returns how many messages went out again.
+    fn resend_superseded(&self, conv: &[u8], epoch: u64) -> Result<usize, ClientError> {
+        let recent = self.vault.scan(Space::State, &recent_key(conv, None))?;
+        if recent.is_empty() || self.mls.epoch(conv).is_err() {
+            return Ok(0);
+        }
+        // value = epoch ‖ send counter ‖ content; the ring is not in send order.
+        let mut mine: Vec<(u64, &[u8])> = recent
+            .iter()
+            .filter_map(|(_, v)| {
+                let (at, rest) = v.split_first_chunk::<8>()?;
+                let (n, bytes) = rest.split_first_chunk::<8>()?;
+                (u64::from_be_bytes(*at) == epoch).then_some((u64::from_be_bytes(*n), bytes))
+            })
+            .collect();
+        mine.sort_by_key(|(n, _)| *n);
+        let mut sent = 0;
+        for (_, bytes) in mine {
+            let (ciphertext, to) = self.mls.encrypt(conv, bytes)?;
+            if !to.is_empty() {
+                // A new transport id: the server still holds the first one for dedup.
+                self.queue(conv, &to, ciphertext, random_id())?;
+                sent += 1;
+            }
+        }
+        self.vault.delete_prefix(Space::State, &recent_key(conv, None))?;
+        if sent > 0 {
+            self.queued_by_resolution.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(sent)
     }
 
     /// Puts a payload in the outbox (inside the caller's vault transaction, if any).
@@ -2047,6 +2095,13 @@ impl Client {
         // Once the queue is drained: at the first sync of a session, and after a gap.
         if std::mem::take(&mut self.probe_slots) {
             self.catch_up_all().await?;
+        }
+        if self.queued_by_resolution.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            match self.flush_outbox().await {
+                // Offline now: it waits in the outbox for the next connect.
+                Ok(_) | Err(ClientError::Net(_)) => {}
+                Err(e) => return Err(e),
+            }
         }
         self.drain_pushes().await?;
         Ok(total)
@@ -2344,6 +2399,13 @@ impl Client {
             Incoming::Application { group_id, sender, plaintext } => {
                 let content = Content::decode(&plaintext)?;
                 match &content.body {
+                    // A message sent again after its epoch was superseded
+                    // (`resend_superseded`), which we had read the first time.
+                    Body::Text { .. } | Body::File(_)
+                        if self
+                            .vault
+                            .get(Space::State, &[b"mid/".as_slice(), &content.message_id].concat())?
+                            .is_some() => {}
                     Body::Text { .. } | Body::File(_) => {
                         let entry = self.append(
                             &group_id,
@@ -2704,6 +2766,18 @@ pub struct Contact {
 
 /// `state` keys of pending commits: `commit/ ‖ group id`.
 const COMMIT_PREFIX: &[u8] = b"commit/";
+
+/// Messages of ours kept per conversation for `resend_superseded` (a ring: newer overwrite).
+const RECENT_PER_CONVERSATION: u64 = 64;
+
+/// `recent/‖len‖group id‖slot`, or the conversation's prefix without a slot.
+fn recent_key(conv: &[u8], slot: Option<u64>) -> Vec<u8> {
+    let mut k = [b"recent/".as_slice(), &conv_prefix(conv)].concat();
+    if let Some(slot) = slot {
+        k.push(slot as u8);
+    }
+    k
+}
 
 fn commit_key(conv: &[u8]) -> Vec<u8> {
     [COMMIT_PREFIX, conv].concat()
