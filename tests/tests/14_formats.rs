@@ -3,7 +3,8 @@
 //!
 //! `tests/fixtures/v0.1/data` was written by the v0.1 binaries (commit b63c7e5) through their
 //! command lines (`tests/fixtures/make.sh`), and `v0.2` likewise by the build that
-//! introduced server schema 2 and the vault's generation anchor: a server data directory (redb database,
+//! introduced server schema 2 and the vault's generation anchor, and `v0.3` by the one that introduced
+//! commit slots (server schema 3): a server data directory (redb database,
 //! blob, certificate and key) and alice's and bob's client stores, with a DM both ways, a group
 //! with a message and a file offer, and one group message still queued on the server for bob.
 //! This build's server serves the old database with the old certificate; this build's `qpq`
@@ -64,6 +65,13 @@ fn v0_2_server_database_and_client_stores_open_and_read_back() {
     opens_and_reads_back("v0.2");
 }
 
+/// Server schema 3 (commit slots, with a claim waiting for bob), vaults whose pending-commit
+/// records carry a slot and an intent.
+#[test]
+fn v0_3_server_database_and_client_stores_open_and_read_back() {
+    opens_and_reads_back("v0.3");
+}
+
 fn opens_and_reads_back(version: &str) {
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(version).join("data");
     // Every file of the set must be there (a *.redb once went missing to .gitignore).
@@ -105,6 +113,14 @@ fn opens_and_reads_back(version: &str) {
     qpq(&bob, "bob", &server, &["sync"]);
     let after = qpq(&bob, "bob", &server, &["tail", "team"]);
     assert!(after.contains("[alice] fixture: queued on the server for bob"), "{after}");
+    // Both are in the same epoch of the group (for v0.3, through the slot in the old database).
+    let code = |home: &Path, name: &str| {
+        qpq(home, name, &server, &["group", "info", "team"])
+            .lines()
+            .find(|l| l.starts_with("verification "))
+            .map(str::to_string)
+    };
+    assert_eq!(code(&alice, "alice"), code(&bob, "bob"));
 
     // The old blob downloads and decrypts.
     let downloads = dir.path().join("downloads");
