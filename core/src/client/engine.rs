@@ -240,6 +240,9 @@ pub struct Client {
     pending_pushes: Vec<Push>,
     /// Look at every group's current slot at the next sync (set at start and by a gap).
     probe_slots: bool,
+    /// Slots resolved during the current sync: the probe does not read them again (nor
+    /// report their junk twice).
+    resolved: std::collections::HashSet<[u8; 16]>,
     /// Resolving a slot queued something (messages sent again, a change redone): the sync
     /// that did it delivers it.
     queued_by_resolution: std::sync::atomic::AtomicBool,
@@ -398,6 +401,7 @@ impl Client {
             names: HashMap::new(),
             last_seq: 0,
             probe_slots: true,
+            resolved: Default::default(),
             queued_by_resolution: std::sync::atomic::AtomicBool::new(false),
             progress: None,
             idle_timeout: super::net::IDLE_TIMEOUT,
@@ -1543,6 +1547,7 @@ impl Client {
         conv: &[u8],
         slot: [u8; 16],
     ) -> Result<Resolution, ClientError> {
+        self.resolved.insert(slot);
         let mut from = 0u32;
         loop {
             let req = v1::FetchSlotRequest { slot: slot.to_vec(), from };
@@ -1710,6 +1715,9 @@ impl Client {
                 continue;
             }
             let slot = self.mls.slot(&c.id)?;
+            if self.resolved.contains(&slot) {
+                continue; // settled by this sync already
+            }
             if matches!(
                 self.resolve_slot(&c.id, slot).await?,
                 Resolution::Applied | Resolution::Won
@@ -2081,6 +2089,7 @@ impl Client {
 
     /// Fetches, processes and acknowledges everything queued; returns how many messages.
     pub async fn sync(&mut self) -> Result<usize, ClientError> {
+        self.resolved.clear();
         let mut total = 0;
         loop {
             let r: v1::FetchResponse = self

@@ -829,6 +829,11 @@ impl Mls {
                     removed_us,
                 })
             }
+            // Our own commit handed back to us: it is applied by merging the pending commit,
+            // never by processing (the engine compares a claim with its record first).
+            ProcessedMessageContent::OwnPendingCommit => {
+                Err(GroupError::Rejected("a commit of our own that we no longer hold".into()))
+            }
             _ => Err(GroupError::Rejected("external proposals are not used".into())),
         }
     }
