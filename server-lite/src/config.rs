@@ -105,10 +105,13 @@ pub struct Limits {
     /// How long a message id is remembered for idempotent enqueue, seconds. Default 7 days.
     pub dedup_window_secs: u64,
     /// Claims one epoch commit slot holds (`ClaimSlot`; a slot lives `max_ttl_secs` from its
-    /// first claim). Default 1024.
+    /// latest claim, and is then closed for as long again). Default 1024.
     pub max_slot_claims: u32,
     /// Claims one account may hold across the slots not yet expired. Default 1024.
     pub max_open_claims: u32,
+    /// Payload bytes of those claims (each keeps a copy of its commit for the slot's
+    /// lifetime). Default 8 MiB.
+    pub max_open_claim_bytes: u64,
     /// KeyPackages held per user. Default 100.
     pub max_key_packages: u32,
     /// Below this stock the owner gets a `KeyPackagesLow` push. Default 5.
@@ -196,6 +199,7 @@ impl Default for Limits {
             dedup_window_secs: 7 * 86_400,
             max_slot_claims: 1024,
             max_open_claims: 1024,
+            max_open_claim_bytes: 8 << 20,
             max_key_packages: 100,
             key_package_low_water: 5,
             max_key_package_bytes: 64 << 10,
@@ -335,8 +339,10 @@ impl Config {
         if l.max_batch_recipients == 0 || l.max_key_packages == 0 {
             return Err(bad("limits.max_batch_recipients and max_key_packages must be at least 1"));
         }
-        if l.max_slot_claims == 0 || l.max_open_claims == 0 {
-            return Err(bad("limits.max_slot_claims and max_open_claims must be at least 1"));
+        if l.max_slot_claims == 0 || l.max_open_claims == 0 || l.max_open_claim_bytes == 0 {
+            return Err(bad(
+                "limits.max_slot_claims, max_open_claims and max_open_claim_bytes must be at least 1",
+            ));
         }
         Ok(())
     }
@@ -441,6 +447,7 @@ mod tests {
             ("limits.key_package_fetch_per_target_per_min", "0"),
             ("limits.max_slot_claims", "0"),
             ("limits.max_open_claims", "0"),
+            ("limits.max_open_claim_bytes", "0"),
         ] {
             let e = Config::load(None, env(&[]), &vec![(key.into(), value.into())]).unwrap_err();
             assert!(e.to_string().contains(key.trim_start_matches("limits.")), "{key}: {e}");

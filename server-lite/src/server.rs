@@ -745,6 +745,7 @@ async fn sweep_loop(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_secs(l.sweep_interval_secs));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let session_idle_ms = l.session_idle_days.saturating_mul(86_400_000);
+    let slot_tombstone_ms = l.max_ttl_secs.saturating_mul(1000);
     let mut refused = 0;
     loop {
         tick.tick().await;
@@ -759,7 +760,7 @@ async fn sweep_loop(shared: Arc<Shared>) {
             );
             refused = b.refusals();
         }
-        match shared.store.sweep(crate::store::now_ms(), session_idle_ms).await {
+        match shared.store.sweep(crate::store::now_ms(), session_idle_ms, slot_tombstone_ms).await {
             Ok(r) if r != Default::default() => info!(
                 messages = r.messages,
                 dedup = r.dedup,
@@ -767,6 +768,7 @@ async fn sweep_loop(shared: Arc<Shared>) {
                 sessions = r.sessions,
                 slots = r.slots,
                 claims = r.claims,
+                slot_tombstones = r.slot_tombstones,
                 "expired records removed"
             ),
             Ok(_) => {}

@@ -42,7 +42,10 @@ use tables::*;
 ///   the sender and the reserve flag, `Usage` the reserve counters (appended: schema 1 records
 ///   still decode, as sender unknown and nothing in the reserve).
 /// - 3: epoch commit slots: tables `slots`, `slot_claims`, `slot_claimers`, `claim_usage` and
-///   `expiry` kind 3 (nothing older changes).
+///   `expiry` kind 3 (nothing older changes). Before its release it grew, without a version
+///   of its own: `SlotHeader` gained the `closed` flag (appended; older headers are open), and
+///   `claim_usage` went from a redb `u64` (claims) to a `ClaimUsage` record (claims, bytes),
+///   retyped on open by [`retype_claim_usage`].
 pub const SCHEMA_VERSION: u32 = 3;
 
 /// Jobs the writer folds into one transaction at most.
@@ -215,8 +218,21 @@ impl Store {
 }
 
 /// Milliseconds since the Unix epoch.
+///
+/// `QPQ_TEST_CLOCK_OFFSET_SECS` (read once; signed seconds) shifts this clock. It exists for
+/// the format tests (`tests/tests/14_formats.rs`), which serve databases written on a past day
+/// with that day's clock so that the lifetimes of what they hold (queued messages, blobs,
+/// commit slots) run as they did then. Nothing else reads it; unset, it is 0.
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    static OFFSET_MS: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    let offset = *OFFSET_MS.get_or_init(|| {
+        std::env::var("QPQ_TEST_CLOCK_OFFSET_SECS")
+            .ok()
+            .and_then(|v| v.trim().parse::<i64>().ok())
+            .map_or(0, |s| s.saturating_mul(1000))
+    });
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    now.saturating_add_signed(offset)
 }
 
 fn migrate(db: &Database) -> Result<(), StoreError> {
@@ -241,6 +257,7 @@ fn migrate(db: &Database) -> Result<(), StoreError> {
     txn.open_table(SLOTS)?;
     txn.open_table(SLOT_CLAIMS)?;
     txn.open_table(SLOT_CLAIMERS)?;
+    retype_claim_usage(&txn)?;
     txn.open_table(CLAIM_USAGE)?;
     let found = {
         let meta = txn.open_table(META)?;
@@ -275,6 +292,42 @@ fn migrate(db: &Database) -> Result<(), StoreError> {
         }
     }
     txn.commit()?;
+    Ok(())
+}
+
+/// Schema 3 as first written (the v0.3 fixture) typed [`CLAIM_USAGE`] as identity -> `u64`
+/// (claims only); redb refuses to open it as bytes. Such a table is rewritten in the opening
+/// transaction as [`records::ClaimUsage`] rows: the count it held, and the payload bytes of
+/// the claimer's claims still stored (a one-time walk of `slot_claims`), so later sweeps give
+/// back exactly what they took. A table of the current type is left alone.
+fn retype_claim_usage(txn: &WriteTransaction) -> Result<(), StoreError> {
+    let Err(current) = txn.open_table(CLAIM_USAGE).map(drop) else { return Ok(()) };
+    let counts = match txn.open_table(CLAIM_USAGE_COUNT_ONLY) {
+        Ok(t) => {
+            let mut rows = Vec::new();
+            for row in t.iter()? {
+                let (k, v) = row?;
+                rows.push((k.value().to_vec(), v.value()));
+            }
+            rows
+        }
+        // Not the old type either: the first error is the one to report.
+        Err(_) => return Err(current.into()),
+    };
+    let mut bytes = std::collections::BTreeMap::<[u8; 32], u64>::new();
+    for row in txn.open_table(SLOT_CLAIMS)?.iter()? {
+        let (_, v) = row?;
+        let c = records::Claim::decode(v.value())?;
+        let b = bytes.entry(c.claimer).or_default();
+        *b = b.saturating_add(c.payload.len() as u64);
+    }
+    txn.delete_table(CLAIM_USAGE_COUNT_ONLY)?;
+    let mut t = txn.open_table(CLAIM_USAGE)?;
+    for (identity, claims) in counts {
+        let claimer = records::key32(&identity)?;
+        let u = records::ClaimUsage { claims, bytes: bytes.get(&claimer).copied().unwrap_or(0) };
+        t.insert(identity.as_slice(), u.encode().as_slice())?;
+    }
     Ok(())
 }
 

@@ -31,6 +31,11 @@ pub(super) async fn claim_slot(ctx: &Conn, req: v1::ClaimSlotRequest) -> RpcResu
         RpcError::bad(format!("message_id must be 16 bytes, got {}", req.message_id.len()))
     })?;
     let recipients = recipients(ctx, &req.recipient_keys, req.payload.len())?;
+    // The committer applies its own commit; a copy in its own queue would only let an account
+    // keep a claim (and its slot copy) while giving back the queued bytes by acking them.
+    if recipients.contains(&me.identity) {
+        return Err(RpcError::bad("a commit is not sent to its own committer"));
+    }
     check_payload(&req.payload)?;
     if !keypackage::is_commit(&req.payload) {
         return Err(RpcError::bad("a slot claim must be an MLS commit"));
@@ -46,6 +51,7 @@ pub(super) async fn claim_slot(ctx: &Conn, req: v1::ClaimSlotRequest) -> RpcResu
     let slot_limits = SlotLimits {
         max_claims: l.max_slot_claims,
         max_open_claims: u64::from(l.max_open_claims),
+        max_open_claim_bytes: l.max_open_claim_bytes,
         ttl_ms: l.max_ttl_secs.saturating_mul(1000),
     };
     let claim = SlotClaim { slot, claimer: me.identity, message_id, payload, items: items.clone() };
@@ -90,10 +96,18 @@ pub(super) async fn claim_slot(ctx: &Conn, req: v1::ClaimSlotRequest) -> RpcResu
                 ..refused(v1::SlotRefusal::NotDelivered, 0, total)
             }
         }
+        ClaimOutcome::Closed => refused(v1::SlotRefusal::Closed, 0, 0),
         ClaimOutcome::TooManyOpenClaims => {
             return Err(RpcError::retry(
                 Status::RateLimited,
                 "too many open commit claims",
+                QUEUE_FULL_RETRY,
+            ));
+        }
+        ClaimOutcome::TooManyOpenClaimBytes => {
+            return Err(RpcError::retry(
+                Status::RateLimited,
+                "too many open commit claim bytes",
                 QUEUE_FULL_RETRY,
             ));
         }

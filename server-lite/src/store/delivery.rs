@@ -66,7 +66,8 @@ pub struct QueueLimits {
     pub sender_reserve_messages: u64,
     /// ... and bytes.
     pub sender_reserve_bytes: u64,
-    /// Stored bytes (queues and blobs, server-wide) up to which any message is stored.
+    /// Stored bytes (queues and blobs, server-wide) up to which any message, and a slot
+    /// claim's copy of its commit, is stored.
     pub disk_bytes: u64,
     /// Stored bytes up to which a handshake message is stored (at least `disk_bytes`).
     pub disk_handshake_bytes: u64,
@@ -224,15 +225,20 @@ pub(super) struct Enqueued {
 
 /// Stores each item in the caller's transaction: the body of [`Store::enqueue`], shared with
 /// the slot claims (`slots.rs`), which store one more copy of the payload in the same job.
-/// `extra_handshake_bytes` is that copy: it is counted against the disk budget with the
-/// items, at the handshake ceiling, so the call's new bytes fit whole or none are stored. The
-/// caller charges (and writes) the extra bytes itself.
+/// `slot_copy_bytes` is that copy: it is counted against the disk budget with the items, so
+/// the call's new bytes fit whole or none are stored. The caller charges (and writes) the
+/// slot copy itself.
+///
+/// The slot copy is a group change like the queued copies of a commit and is counted at the
+/// handshake ceiling (`disk_handshake_bytes`, 100 %): a disk full of chat and files must still
+/// carry group changes (PROTOCOL.md 6.8). What one account can keep in slots is bounded by
+/// `max_open_claims` and `max_open_claim_bytes` instead.
 pub(super) fn enqueue_in(
     txn: &WriteTransaction,
     items: &[EnqueueItem],
     limits: &QueueLimits,
     now_ms: u64,
-    extra_handshake_bytes: u64,
+    slot_copy_bytes: u64,
 ) -> Result<Enqueued, StoreError> {
     // Tables are opened once per job: opening and closing a table costs a lookup and a
     // write to redb's table of tables, which dominated a 100-recipient batch.
@@ -251,16 +257,16 @@ pub(super) fn enqueue_in(
     // The disk budget: the call's new bytes fit whole, or nothing new is stored.
     let mut total = stored;
     let mut over = false;
+    if slot_copy_bytes > 0 {
+        total = total.saturating_add(slot_copy_bytes);
+        over |= total > limits.disk_handshake_bytes;
+    }
     for (item, p) in items.iter().zip(&pre) {
         if matches!(p, Pre::Fresh) {
             total = total.saturating_add(item.payload.len() as u64);
             let cap = if item.handshake { limits.disk_handshake_bytes } else { limits.disk_bytes };
             over |= total > cap;
         }
-    }
-    if extra_handshake_bytes > 0 {
-        total = total.saturating_add(extra_handshake_bytes);
-        over |= total > limits.disk_handshake_bytes;
     }
     if over {
         let outcomes = pre

@@ -278,21 +278,60 @@ impl Device {
     }
 }
 
-/// An epoch commit slot: how many claims it holds and when the whole slot expires (a fixed
-/// time after its first claim).
+/// An epoch commit slot: how many claims it holds and when it expires (`max_ttl_secs` after
+/// its latest claim, so it outlives every queued copy of its claims).
+///
+/// An expired slot is swept into a *tombstone*: its claims are deleted, `closed` is set,
+/// `count` is 0 and `expires_ms` is when the tombstone itself is swept. A closed slot takes no
+/// claim and reads as empty, so an epoch's slot is never started afresh while a member may
+/// still meet a copy of one of its commits.
+///
+/// Layout: `count u32 ‖ expires_ms u64 ‖ closed u8`. The flag was appended to schema 3's first
+/// layout; a record without it is open.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct SlotHeader {
     pub count: u32,
     pub expires_ms: u64,
+    pub closed: bool,
 }
 
 impl SlotHeader {
     pub(crate) fn encode(&self) -> Vec<u8> {
-        Enc::default().u32(self.count).u64(self.expires_ms).done()
+        Enc::default().u32(self.count).u64(self.expires_ms).u8(u8::from(self.closed)).done()
     }
     pub(crate) fn decode(b: &[u8]) -> Result<Self, StoreError> {
         let mut d = Dec::new(b);
-        Ok(Self { count: d.u32()?, expires_ms: d.u64()? })
+        let mut h = Self { count: d.u32()?, expires_ms: d.u64()?, closed: false };
+        // Records of schema 3's first layout end here: open.
+        if !d.is_empty() {
+            h.closed = d.u8()? != 0;
+        }
+        Ok(h)
+    }
+}
+
+/// What one account holds in commit slots not yet swept: its claims, and their payload bytes
+/// (each claim keeps a copy of its commit for the slot's lifetime).
+///
+/// Layout: `claims u64 ‖ bytes u64`. Schema 3's first layout held the count alone (8 bytes);
+/// such a row decodes with `bytes` = 0.
+#[derive(Default, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ClaimUsage {
+    pub claims: u64,
+    pub bytes: u64,
+}
+
+impl ClaimUsage {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        Enc::default().u64(self.claims).u64(self.bytes).done()
+    }
+    pub(crate) fn decode(b: &[u8]) -> Result<Self, StoreError> {
+        let mut d = Dec::new(b);
+        let mut u = Self { claims: d.u64()?, bytes: 0 };
+        if !d.is_empty() {
+            u.bytes = d.u64()?;
+        }
+        Ok(u)
     }
 }
 

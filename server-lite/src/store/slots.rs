@@ -6,9 +6,12 @@
 //! claim is in the slot exactly when some recipient's queue took the commit. The server never
 //! judges a claim; clients take the first valid one as the epoch's winner.
 //!
-//! A slot expires as a whole, a fixed time after its first claim, so the order its readers
-//! see never changes while it exists. An expired slot is absent to claims and fetches; the
-//! sweep deletes it ([`remove_slot_in`]), and a claim on it deletes it first.
+//! A slot lives while any member may still need its winner: every claim stored in it pushes
+//! its expiry to at least `max_ttl_secs` after the claim, later than any queued copy of that
+//! claim. The sweep closes an expired slot ([`close_slot_in`]): its claims go and their counts
+//! are given back, but a tombstone stays for another `max_ttl_secs`. An expired or closed slot
+//! reads as empty and refuses claims ([`ClaimOutcome::Closed`]), so an epoch's slot is never
+//! started afresh with a new first claim.
 //!
 //! Every lookup is a point or range lookup on the slot id (or the claimer): nothing here
 //! scans a whole table.
@@ -18,7 +21,7 @@ use std::sync::Arc;
 use redb::{ReadableTable, WriteTransaction};
 
 use super::delivery::{EnqueueItem, EnqueueOutcome, QueueLimits, enqueue_in};
-use super::records::{Claim, SlotHeader};
+use super::records::{Claim, ClaimUsage, SlotHeader};
 use super::tables::*;
 use super::{Store, StoreError, change_stored_bytes};
 
@@ -32,7 +35,9 @@ pub struct SlotLimits {
     pub max_claims: u32,
     /// Claims one account may hold across the slots not yet swept.
     pub max_open_claims: u64,
-    /// How long a slot lives after its first claim, ms.
+    /// Payload bytes of those claims at most (each keeps a copy of its commit in the slot).
+    pub max_open_claim_bytes: u64,
+    /// How long a slot lives after its latest claim, ms; its tombstone lives as long again.
     pub ttl_ms: u64,
 }
 
@@ -64,6 +69,9 @@ pub enum ClaimOutcome {
         /// Per recipient.
         outcomes: Vec<EnqueueOutcome>,
     },
+    /// The slot expired: it takes no more claims (its epoch is over), and never starts again
+    /// while its tombstone lasts.
+    Closed,
     /// The claimer's claim with this message id is already in the slot; nothing was written
     /// or enqueued.
     Duplicate {
@@ -86,6 +94,9 @@ pub enum ClaimOutcome {
     },
     /// The claimer holds [`SlotLimits::max_open_claims`] claims already.
     TooManyOpenClaims,
+    /// The claimer's open claims and this one would hold more than
+    /// [`SlotLimits::max_open_claim_bytes`] payload bytes.
+    TooManyOpenClaimBytes,
     /// No recipient's queue took the commit (all outcomes are refusals); the slot is
     /// unchanged.
     NotDelivered {
@@ -103,7 +114,7 @@ pub enum ClaimOutcome {
 pub struct SlotClaims {
     /// The payloads of claims `from`, `from + 1`, ...
     pub claims: Vec<Vec<u8>>,
-    /// Claims in the slot (0: it does not exist or has expired).
+    /// Claims in the slot (0: it does not exist, has expired or is closed).
     pub total: u32,
 }
 
@@ -137,7 +148,7 @@ impl Store {
             Some(v) => SlotHeader::decode(v.value())?,
             None => return Ok(SlotClaims { claims: Vec::new(), total: 0 }),
         };
-        if header.expires_ms <= now_ms {
+        if !header.is_live(now_ms) {
             return Ok(SlotClaims { claims: Vec::new(), total: 0 });
         }
         let mut claims = Vec::new();
@@ -160,11 +171,26 @@ impl Store {
         Ok(SlotClaims { claims, total: header.count })
     }
 
-    /// Claims `identity` holds in slots not yet swept.
-    pub fn open_claims(&self, identity: &[u8; 32]) -> Result<u64, StoreError> {
+    /// Claims `identity` holds in slots not yet swept, and their payload bytes.
+    pub fn open_claims(&self, identity: &[u8; 32]) -> Result<(u64, u64), StoreError> {
         let t = self.read()?.open_table(CLAIM_USAGE)?;
-        Ok(t.get(identity.as_slice())?.map_or(0, |v| v.value()))
+        let u = claim_usage_of(&t, identity)?;
+        Ok((u.claims, u.bytes))
     }
+}
+
+impl SlotHeader {
+    /// Whether the slot takes claims and shows them at `now_ms`.
+    fn is_live(&self, now_ms: u64) -> bool {
+        !self.closed && self.expires_ms > now_ms
+    }
+}
+
+fn claim_usage_of(
+    t: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    identity: &[u8],
+) -> Result<ClaimUsage, StoreError> {
+    t.get(identity)?.map_or(Ok(ClaimUsage::default()), |v| ClaimUsage::decode(v.value()))
 }
 
 /// The [`SLOT_CLAIMERS`] key.
@@ -186,14 +212,11 @@ fn claim_in(
 ) -> Result<ClaimOutcome, StoreError> {
     let slot = claim.slot.as_slice();
     let stored = txn.open_table(SLOTS)?.get(slot)?.map(|v| SlotHeader::decode(v.value()));
-    let header = match stored.transpose()? {
-        // Expired but not swept yet: absent, so the claim starts the slot afresh.
-        Some(h) if h.expires_ms <= now_ms => {
-            remove_slot_in(txn, slot, &h)?;
-            None
-        }
-        h => h,
-    };
+    let header = stored.transpose()?;
+    // Expired (swept into a tombstone or not yet): the epoch's slot is over for good.
+    if header.is_some_and(|h| !h.is_live(now_ms)) {
+        return Ok(ClaimOutcome::Closed);
+    }
     let total = header.map_or(0, |h| h.count);
     if header.is_some() {
         let own = txn
@@ -213,11 +236,14 @@ fn claim_in(
     if total >= limits.max_claims {
         return Ok(ClaimOutcome::SlotFull { total });
     }
-    let open = txn.open_table(CLAIM_USAGE)?.get(claim.claimer.as_slice())?.map_or(0, |v| v.value());
-    if open >= limits.max_open_claims {
+    let open = claim_usage_of(&txn.open_table(CLAIM_USAGE)?, claim.claimer.as_slice())?;
+    if open.claims >= limits.max_open_claims {
         return Ok(ClaimOutcome::TooManyOpenClaims);
     }
     let cost = claim.payload.len() as u64;
+    if open.bytes.saturating_add(cost) > limits.max_open_claim_bytes {
+        return Ok(ClaimOutcome::TooManyOpenClaimBytes);
+    }
     let enqueued = enqueue_in(txn, &claim.items, queue, now_ms, cost)?;
     if enqueued.storage_full {
         return Ok(ClaimOutcome::StorageFull);
@@ -231,14 +257,17 @@ fn claim_in(
         // Unreachable below `max_claims` (a u32); kept so no count can wrap.
         return Ok(ClaimOutcome::SlotFull { total });
     };
-    let expires_ms = match header {
-        Some(h) => h.expires_ms,
-        None => {
-            let at = now_ms.saturating_add(limits.ttl_ms);
-            txn.open_table(EXPIRY)?.insert((at, slot_ref(slot).as_slice()), ())?;
-            at
+    // The slot outlives this claim's queued copies (they live `max_ttl_secs` at most): its
+    // expiry moves to `ttl_ms` from now if that is later, and its EXPIRY entry with it.
+    let at = now_ms.saturating_add(limits.ttl_ms);
+    let expires_ms = header.map_or(at, |h| h.expires_ms.max(at));
+    if header.is_none_or(|h| h.expires_ms != expires_ms) {
+        let mut expiry = txn.open_table(EXPIRY)?;
+        if let Some(h) = header {
+            expiry.remove((h.expires_ms, slot_ref(slot).as_slice()))?;
         }
-    };
+        expiry.insert((expires_ms, slot_ref(slot).as_slice()), ())?;
+    }
     let record = Claim {
         claimer: claim.claimer,
         message_id: claim.message_id.to_vec(),
@@ -248,19 +277,50 @@ fn claim_in(
     txn.open_table(SLOT_CLAIMERS)?
         .insert(claimer_key(slot, &claim.claimer).as_slice(), position)?;
     txn.open_table(SLOTS)?
-        .insert(slot, SlotHeader { count: total, expires_ms }.encode().as_slice())?;
-    txn.open_table(CLAIM_USAGE)?.insert(claim.claimer.as_slice(), open.saturating_add(1))?;
+        .insert(slot, SlotHeader { count: total, expires_ms, closed: false }.encode().as_slice())?;
+    let open = ClaimUsage {
+        claims: open.claims.saturating_add(1),
+        bytes: open.bytes.saturating_add(cost),
+    };
+    txn.open_table(CLAIM_USAGE)?.insert(claim.claimer.as_slice(), open.encode().as_slice())?;
     change_stored_bytes(txn, cost, 0)?;
     Ok(ClaimOutcome::Claimed { position, total, outcomes })
 }
 
-/// Deletes a slot with its claims and its expiry entry, and gives back what they counted: each
-/// claimer's open claims and the server's stored bytes. Returns the number of claims removed.
-pub(super) fn remove_slot_in(
+/// What the sweep did to a slot whose [`EXPIRY`] entry came due.
+pub(super) enum Swept {
+    /// An open slot closed: its claims (this many) were deleted, a tombstone stays.
+    Closed(u64),
+    /// A tombstone was removed.
+    Forgotten,
+}
+
+/// Sweeps the slot whose current expiry is `at` (`header`): an open slot loses its claims and
+/// gives back what they counted (each claimer's open claims and bytes, the server's stored
+/// bytes), and becomes a tombstone until `at + tombstone_ms`; a tombstone is deleted.
+pub(super) fn sweep_slot_in(
     txn: &WriteTransaction,
     slot: &[u8],
     header: &SlotHeader,
-) -> Result<u64, StoreError> {
+    tombstone_ms: u64,
+) -> Result<Swept, StoreError> {
+    txn.open_table(EXPIRY)?.remove((header.expires_ms, slot_ref(slot).as_slice()))?;
+    if header.closed {
+        txn.open_table(SLOTS)?.remove(slot)?;
+        return Ok(Swept::Forgotten);
+    }
+    let gone = close_slot_in(txn, slot)?;
+    // Strictly later, so the sweep that closed it cannot find the tombstone due again.
+    let until = header.expires_ms.saturating_add(tombstone_ms.max(1));
+    let tombstone = SlotHeader { count: 0, expires_ms: until, closed: true };
+    txn.open_table(SLOTS)?.insert(slot, tombstone.encode().as_slice())?;
+    txn.open_table(EXPIRY)?.insert((until, slot_ref(slot).as_slice()), ())?;
+    Ok(Swept::Closed(gone))
+}
+
+/// Deletes a slot's claims and claimer rows, and gives back what they counted: each claimer's
+/// open claims and bytes, and the server's stored bytes. Returns the number of claims removed.
+fn close_slot_in(txn: &WriteTransaction, slot: &[u8]) -> Result<u64, StoreError> {
     let mut gone = Vec::new();
     {
         let t = txn.open_table(SLOT_CLAIMS)?;
@@ -270,7 +330,7 @@ pub(super) fn remove_slot_in(
             gone.push((k.value().1, c.claimer, c.payload.len() as u64));
         }
     }
-    let mut per_claimer = std::collections::BTreeMap::<[u8; 32], u64>::new();
+    let mut per_claimer = std::collections::BTreeMap::<[u8; 32], ClaimUsage>::new();
     let mut freed = 0u64;
     {
         let mut claims = txn.open_table(SLOT_CLAIMS)?;
@@ -278,24 +338,28 @@ pub(super) fn remove_slot_in(
         for (index, claimer, bytes) in &gone {
             claims.remove((slot, *index))?;
             claimers.remove(claimer_key(slot, claimer).as_slice())?;
-            *per_claimer.entry(*claimer).or_default() += 1;
+            let u = per_claimer.entry(*claimer).or_default();
+            u.claims += 1;
+            u.bytes = u.bytes.saturating_add(*bytes);
             freed = freed.saturating_add(*bytes);
         }
     }
     {
         let mut usage = txn.open_table(CLAIM_USAGE)?;
         for (claimer, n) in per_claimer {
-            let open = usage.get(claimer.as_slice())?.map_or(0, |v| v.value());
-            let left = open.saturating_sub(n);
-            if left == 0 {
+            let open = claim_usage_of(&usage, claimer.as_slice())?;
+            // Rows of the count-only layout hold no bytes: those give back what there is.
+            let left = ClaimUsage {
+                claims: open.claims.saturating_sub(n.claims),
+                bytes: open.bytes.saturating_sub(n.bytes),
+            };
+            if left.claims == 0 {
                 usage.remove(claimer.as_slice())?;
             } else {
-                usage.insert(claimer.as_slice(), left)?;
+                usage.insert(claimer.as_slice(), left.encode().as_slice())?;
             }
         }
     }
-    txn.open_table(SLOTS)?.remove(slot)?;
-    txn.open_table(EXPIRY)?.remove((header.expires_ms, slot_ref(slot).as_slice()))?;
     change_stored_bytes(txn, 0, freed)?;
     Ok(gone.len() as u64)
 }

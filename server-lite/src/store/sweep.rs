@@ -9,7 +9,7 @@ use super::accounts::delete_session_in;
 use super::blobs::remove_blob_in;
 use super::delivery::{Gone, release};
 use super::records::{Blob, Queued, Session};
-use super::slots::{expiring_slot, remove_slot_in};
+use super::slots::{Swept, expiring_slot, sweep_slot_in};
 use super::tables::*;
 use super::{Store, StoreError};
 
@@ -24,10 +24,12 @@ pub struct SweepReport {
     pub blobs: u64,
     /// Sessions idle for longer than the session lifetime.
     pub sessions: u64,
-    /// Expired epoch commit slots ...
+    /// Expired epoch commit slots, closed (a tombstone stays) ...
     pub slots: u64,
     /// ... and the claims they held.
     pub claims: u64,
+    /// Tombstones of closed slots, removed after their own lifetime.
+    pub slot_tombstones: u64,
 }
 
 /// Entries removed per write transaction, so one sweep never holds the writer for long (a
@@ -36,11 +38,13 @@ const SWEEP_BATCH: usize = 1000;
 
 impl Store {
     /// Removes everything that expired at or before `now_ms`, and sessions unused for
-    /// `session_idle_ms`.
+    /// `session_idle_ms`. An expired commit slot is closed and leaves a tombstone that the
+    /// sweep removes `slot_tombstone_ms` after the slot's expiry (`max_ttl_secs`).
     pub async fn sweep(
         &self,
         now_ms: u64,
         session_idle_ms: u64,
+        slot_tombstone_ms: u64,
     ) -> Result<SweepReport, StoreError> {
         let mut total = SweepReport::default();
         loop {
@@ -73,7 +77,8 @@ impl Store {
             if due.is_empty() {
                 break;
             }
-            let (report, files) = self.write(move |txn| expire_in(txn, &due)).await?;
+            let (report, files) =
+                self.write(move |txn| expire_in(txn, &due, slot_tombstone_ms)).await?;
             for id in &files {
                 self.remove_blob_files(id);
             }
@@ -82,6 +87,7 @@ impl Store {
             total.blobs += report.blobs;
             total.slots += report.slots;
             total.claims += report.claims;
+            total.slot_tombstones += report.slot_tombstones;
         }
         let idle: Vec<Vec<u8>> = {
             let t = self.read()?.open_table(SESSIONS)?;
@@ -112,6 +118,7 @@ impl Store {
 fn expire_in(
     txn: &WriteTransaction,
     due: &[(u64, Vec<u8>)],
+    slot_tombstone_ms: u64,
 ) -> Result<(SweepReport, Vec<Vec<u8>>), StoreError> {
     let mut report = SweepReport::default();
     let mut files = Vec::new();
@@ -145,8 +152,13 @@ fn expire_in(
             EXPIRE_SLOT => {
                 let header = expiring_slot(&txn.open_table(SLOTS)?, rest, *at)?;
                 if let Some(h) = header {
-                    report.claims += remove_slot_in(txn, rest, &h)?;
-                    report.slots += 1;
+                    match sweep_slot_in(txn, rest, &h, slot_tombstone_ms)? {
+                        Swept::Closed(claims) => {
+                            report.claims += claims;
+                            report.slots += 1;
+                        }
+                        Swept::Forgotten => report.slot_tombstones += 1,
+                    }
                 }
             }
             _ => {}

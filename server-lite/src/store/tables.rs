@@ -53,7 +53,7 @@ pub(crate) const DEVICES: TableDefinition<'_, (&[u8], &[u8]), &[u8]> =
     TableDefinition::new("devices");
 
 /// slot id (16) -> [`super::records::SlotHeader`]: an epoch commit slot's claim count and
-/// expiry (schema 3).
+/// expiry, or the tombstone of an expired one (schema 3).
 pub(crate) const SLOTS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("slots");
 /// (slot id, index) -> [`super::records::Claim`]: a slot's claims in arrival order, index from
 /// 0 (schema 3).
@@ -62,8 +62,14 @@ pub(crate) const SLOT_CLAIMS: TableDefinition<'_, (&[u8], u32), &[u8]> =
 /// slot id (16) || claimer identity (32) -> index of its claim in the slot (schema 3).
 pub(crate) const SLOT_CLAIMERS: TableDefinition<'_, &[u8], u32> =
     TableDefinition::new("slot_claimers");
-/// identity -> claims it holds in slots not yet swept (schema 3; rows at zero are deleted).
-pub(crate) const CLAIM_USAGE: TableDefinition<'_, &[u8], u64> = TableDefinition::new("claim_usage");
+/// identity -> [`super::records::ClaimUsage`]: the claims it holds in slots not yet swept, and
+/// their payload bytes (schema 3; rows at zero are deleted). Schema 3's first layout typed the
+/// value as a redb `u64` (the count); [`super::migrate`] retypes such a table on open.
+pub(crate) const CLAIM_USAGE: TableDefinition<'_, &[u8], &[u8]> =
+    TableDefinition::new("claim_usage");
+/// [`CLAIM_USAGE`] as schema 3's first layout defined it: identity -> claims (a redb `u64`).
+pub(crate) const CLAIM_USAGE_COUNT_ONLY: TableDefinition<'_, &[u8], u64> =
+    TableDefinition::new("claim_usage");
 
 /// [`EXPIRY`] kind: a queued message; reference is queue key || seq (u64 BE).
 pub(crate) const EXPIRE_MESSAGE: u8 = 0;
@@ -73,7 +79,8 @@ pub(crate) const EXPIRE_DEDUP: u8 = 1;
 pub(crate) const EXPIRE_BLOB: u8 = 2;
 
 /// [`EXPIRY`] kind: an epoch commit slot; reference is the slot id. Only the entry whose time
-/// matches the slot's current expiry removes it.
+/// matches the slot's current expiry acts: an open slot is closed (its claims go, a tombstone
+/// stays), a tombstone is removed. A claim that extends a slot moves its entry.
 pub(crate) const EXPIRE_SLOT: u8 = 3;
 
 /// [`META`] key: queued payload bytes plus charged blob bytes on the whole server, for the

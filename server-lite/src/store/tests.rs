@@ -164,14 +164,14 @@ async fn sweep_expires_what_is_due_and_writes_nothing_otherwise() {
     store.create_session([5; 32], session, 100).await.unwrap();
 
     let before = file_bytes(dir.path());
-    let idle = store.sweep(999, 1_000_000).await.unwrap();
+    let idle = store.sweep(999, 1_000_000, SLOT_LIMITS.ttl_ms).await.unwrap();
     assert_eq!(idle, SweepReport::default());
     assert_eq!(file_bytes(dir.path()), before, "nothing due: not a byte written");
 
-    let r = store.sweep(1_000, 1_000_000).await.unwrap();
+    let r = store.sweep(1_000, 1_000_000, SLOT_LIMITS.ttl_ms).await.unwrap();
     assert_eq!((r.messages, r.dedup), (1, 0));
     assert_eq!(store.queued_count(&bob).unwrap(), 1);
-    let r = store.sweep(6_000, 1_000).await.unwrap();
+    let r = store.sweep(6_000, 1_000, SLOT_LIMITS.ttl_ms).await.unwrap();
     assert_eq!((r.messages, r.dedup, r.sessions), (0, 2, 1));
     assert!(matches!(store.session(&[5; 32]).unwrap(), ResumeOutcome::Unknown));
     // The dedup record is gone, so the same id is a new message now.
@@ -210,7 +210,7 @@ async fn delete_account_removes_only_that_user() {
     assert_eq!(store.key_package_stock(&alice).unwrap(), 1);
     assert!(matches!(store.session(&[1; 32]).unwrap(), ResumeOutcome::Valid(_)));
     // No expiry entry of bob's is left for the sweep to trip over.
-    let r = store.sweep(20_000, u64::MAX).await.unwrap();
+    let r = store.sweep(20_000, u64::MAX, SLOT_LIMITS.ttl_ms).await.unwrap();
     assert_eq!(r.messages, 1, "only alice's message expires");
 }
 
@@ -240,10 +240,10 @@ async fn a_discarded_upload_leaves_no_expiry_that_could_hit_a_later_one() {
     assert_eq!(up(b"HELLO".to_vec(), 10).await, UploadOutcome::HashMismatch);
     assert_eq!(up(content.clone(), 500).await, UploadOutcome::Complete);
     // The first attempt's one-day expiry (at 1010) has passed; the good blob must stay.
-    let r = store.sweep(2_000, u64::MAX).await.unwrap();
+    let r = store.sweep(2_000, u64::MAX, SLOT_LIMITS.ttl_ms).await.unwrap();
     assert_eq!(r.blobs, 0);
     assert_eq!(store.download_blob(id, 0, 10).await.unwrap().unwrap().chunk, content);
-    let r = store.sweep(1_000_500, u64::MAX).await.unwrap();
+    let r = store.sweep(1_000_500, u64::MAX, SLOT_LIMITS.ttl_ms).await.unwrap();
     assert_eq!(r.blobs, 1);
     assert!(store.download_blob(id, 0, 10).await.unwrap().is_none());
 }
@@ -363,7 +363,7 @@ async fn the_disk_budget_counts_queues_and_blobs_and_keeps_a_tail_for_handshakes
     let up = store.upload_blob_chunk(alice, id, 5, 0, content, String::new(), blob(11), 1).await;
     assert_eq!(up.unwrap(), UploadOutcome::Complete);
     assert_eq!(store.stored_bytes().unwrap(), 11);
-    store.sweep(5_000, u64::MAX).await.unwrap();
+    store.sweep(5_000, u64::MAX, SLOT_LIMITS.ttl_ms).await.unwrap();
     assert_eq!(store.stored_bytes().unwrap(), 6, "the expired blob gave its bytes back");
     // Deleting bob takes his queued bytes with him.
     store.delete_account(bob).await.unwrap();
@@ -456,8 +456,12 @@ pub(crate) fn commit(fill: u8, len: usize) -> Vec<u8> {
     p
 }
 
-const SLOT_LIMITS: SlotLimits =
-    SlotLimits { max_claims: 1024, max_open_claims: 1024, ttl_ms: 1_000 };
+const SLOT_LIMITS: SlotLimits = SlotLimits {
+    max_claims: 1024,
+    max_open_claims: 1024,
+    max_open_claim_bytes: 1 << 20,
+    ttl_ms: 1_000,
+};
 
 fn claim(slot: u8, claimer: [u8; 32], mid: u8, payload: &[u8], to: &[[u8; 32]]) -> SlotClaim {
     let payload = Arc::new(payload.to_vec());
@@ -534,8 +538,11 @@ async fn slot_claims_are_first_come_deduplicated_and_bounded() {
     );
     assert_eq!(store.queued_count(&alice).unwrap(), 1);
     assert_eq!(store.stored_bytes().unwrap(), 150);
-    assert_eq!((store.open_claims(&alice).unwrap(), store.open_claims(&bob).unwrap()), (1, 1));
-    assert_eq!(store.open_claims(&carol).unwrap(), 0);
+    assert_eq!(
+        (store.open_claims(&alice).unwrap(), store.open_claims(&bob).unwrap()),
+        ((1, 20), (1, 30))
+    );
+    assert_eq!(store.open_claims(&carol).unwrap(), (0, 0));
     // Another slot is another list.
     assert_eq!(
         run(claim(8, carol, 4, &commit(0xD, 20), &[alice])).await,
@@ -573,7 +580,7 @@ async fn open_claims_are_bounded_and_an_undelivered_claim_leaves_no_trace() {
     );
     assert_eq!(store.fetch_slot(&[1; 16], 0, 100, usize::MAX, 100).unwrap().total, 0);
     assert_eq!(table_len(&store, SLOTS), 0);
-    assert_eq!(store.open_claims(&alice).unwrap(), 0);
+    assert_eq!(store.open_claims(&alice).unwrap(), (0, 0));
     assert_eq!(store.stored_bytes().unwrap(), 0);
     // One recipient of two is enough.
     assert!(matches!(
@@ -581,7 +588,8 @@ async fn open_claims_are_bounded_and_an_undelivered_claim_leaves_no_trace() {
         ClaimOutcome::Claimed { position: 0, total: 1, .. }
     ));
     assert!(matches!(run(claim(2, alice, 2, &p, &[bob])).await, ClaimOutcome::Claimed { .. }));
-    assert_eq!(store.open_claims(&alice).unwrap(), 2);
+    // Two commits of 16 bytes (`commit` pads to its header's length at least).
+    assert_eq!(store.open_claims(&alice).unwrap(), (2, 32));
     assert_eq!(run(claim(3, alice, 3, &p, &[bob])).await, ClaimOutcome::TooManyOpenClaims);
     assert_eq!(store.queued_count(&bob).unwrap(), 2, "the refused claim was not enqueued");
     // A repeat of a claim held is still answered.
@@ -594,15 +602,16 @@ async fn open_claims_are_bounded_and_an_undelivered_claim_leaves_no_trace() {
 }
 
 #[tokio::test]
-async fn the_disk_budget_counts_the_slot_copy_and_refuses_the_claim_whole() {
+async fn the_slot_copy_is_charged_with_the_queued_copies_and_the_claim_refused_whole() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
     let alice = user(&store, "alice", 1).await;
     let bob = user(&store, "bob", 2).await;
     let p = commit(0, 20);
-    // Two queued copies fit, the slot's third does not.
-    let tight = QueueLimits { disk_bytes: 0, disk_handshake_bytes: 59, ..LIMITS };
-    let c = claim(1, alice, 1, &p, &[bob, [9; 32], alice]);
+    let c = claim(1, alice, 1, &p, &[bob, [9; 32]]);
+    // The slot's copy (20) and bob's queued copy (20) must fit the handshake ceiling together;
+    // the application ceiling does not hold group changes back (a disk full of chat).
+    let tight = QueueLimits { disk_bytes: 0, disk_handshake_bytes: 39, ..LIMITS };
     assert_eq!(
         store.claim_slot(c.clone(), tight, SLOT_LIMITS, 100).await.unwrap(),
         ClaimOutcome::StorageFull
@@ -610,32 +619,77 @@ async fn the_disk_budget_counts_the_slot_copy_and_refuses_the_claim_whole() {
     assert_eq!(store.stored_bytes().unwrap(), 0);
     assert_eq!(store.queued_count(&bob).unwrap(), 0);
     assert_eq!(table_len(&store, SLOTS), 0);
-    // Exactly at the budget (handshakes may use all of it) it goes in.
-    let room = QueueLimits { disk_handshake_bytes: 60, ..tight };
+    assert_eq!(store.open_claims(&alice).unwrap(), (0, 0));
+    let room = QueueLimits { disk_bytes: 0, disk_handshake_bytes: 40, ..LIMITS };
     assert!(matches!(
         store.claim_slot(c, room, SLOT_LIMITS, 100).await.unwrap(),
         ClaimOutcome::Claimed { position: 0, total: 1, .. }
     ));
-    assert_eq!(store.stored_bytes().unwrap(), 60);
+    assert_eq!(store.stored_bytes().unwrap(), 40);
     // Already queued everywhere (a BatchEnqueue with the same id, say), the slot copy alone
     // must still fit.
     store.enqueue(claim(2, bob, 2, &p, &[alice]).items, LIMITS, 100).await.unwrap();
     let stored = store.stored_bytes().unwrap();
-    let budget = QueueLimits { disk_handshake_bytes: stored + 19, ..room };
+    let budget = QueueLimits { disk_bytes: 0, disk_handshake_bytes: stored + 19, ..LIMITS };
     assert_eq!(
         store.claim_slot(claim(2, bob, 2, &p, &[alice]), budget, SLOT_LIMITS, 100).await.unwrap(),
         ClaimOutcome::StorageFull
     );
-    let budget = QueueLimits { disk_handshake_bytes: stored + 20, ..room };
+    let budget = QueueLimits { disk_bytes: 0, disk_handshake_bytes: stored + 20, ..LIMITS };
     assert_eq!(
         store.claim_slot(claim(2, bob, 2, &p, &[alice]), budget, SLOT_LIMITS, 100).await.unwrap(),
         ClaimOutcome::Claimed {
             position: 0,
             total: 1,
-            outcomes: vec![EnqueueOutcome::Stored { seq: 2, duplicate: true }]
+            outcomes: vec![EnqueueOutcome::Stored { seq: 1, duplicate: true }]
         }
     );
     assert_eq!(store.stored_bytes().unwrap(), stored + 20);
+}
+
+#[tokio::test]
+async fn open_claim_bytes_are_bounded_per_account_and_given_back_by_the_sweep() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let alice = user(&store, "alice", 1).await;
+    let bob = user(&store, "bob", 2).await;
+    let limits = SlotLimits { max_open_claim_bytes: 100, ..SLOT_LIMITS };
+    let at = |c: SlotClaim, now: u64| {
+        let store = store.clone();
+        async move { store.claim_slot(c, LIMITS, limits, now).await.unwrap() }
+    };
+    let claimed = |o: &ClaimOutcome| matches!(o, ClaimOutcome::Claimed { .. });
+    assert!(claimed(&at(claim(1, alice, 1, &commit(1, 60), &[bob]), 100).await));
+    assert!(claimed(&at(claim(2, alice, 2, &commit(2, 40), &[bob]), 200).await));
+    assert_eq!(store.open_claims(&alice).unwrap(), (2, 100));
+    // One byte more than the limit: refused before anything is enqueued or stored.
+    let stored = store.stored_bytes().unwrap();
+    assert_eq!(
+        at(claim(3, alice, 3, &commit(3, 16), &[bob]), 300).await,
+        ClaimOutcome::TooManyOpenClaimBytes
+    );
+    assert_eq!(store.queued_count(&bob).unwrap(), 2);
+    assert_eq!(store.stored_bytes().unwrap(), stored);
+    assert_eq!(store.fetch_slot(&[3; 16], 0, 100, usize::MAX, 300).unwrap().total, 0);
+    // The queues being acked changes nothing: the slot copies are what is counted.
+    store.ack(bob, queue_key(&bob, &[]), u64::MAX).await.unwrap();
+    assert_eq!(
+        at(claim(3, alice, 3, &commit(3, 16), &[bob]), 300).await,
+        ClaimOutcome::TooManyOpenClaimBytes
+    );
+    // Other accounts have their own.
+    assert!(claimed(&at(claim(3, bob, 4, &commit(3, 100), &[alice]), 300).await));
+    // The sweep closes slot 1 and gives its 60 bytes back.
+    let r = store.sweep(1_100, u64::MAX, SLOT_LIMITS.ttl_ms).await.unwrap();
+    assert_eq!((r.slots, r.claims), (1, 1));
+    assert_eq!(store.open_claims(&alice).unwrap(), (1, 40));
+    assert!(claimed(&at(claim(3, alice, 3, &commit(3, 60), &[bob]), 1_100).await));
+    assert_eq!(store.open_claims(&alice).unwrap(), (2, 100));
+    let r = store.sweep(10_000, u64::MAX, SLOT_LIMITS.ttl_ms).await.unwrap();
+    assert_eq!((r.slots, r.claims), (2, 3));
+    assert_eq!(store.open_claims(&alice).unwrap(), (0, 0));
+    assert_eq!(store.open_claims(&bob).unwrap(), (0, 0));
+    assert_eq!(table_len(&store, CLAIM_USAGE), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -691,8 +745,23 @@ async fn fetch_slot_pages_in_claim_order_by_count_and_bytes() {
     assert_eq!(page.claims, &expected[149..]);
 }
 
+/// The EXPIRY entries of commit slots: (time, slot id).
+fn slot_expiries(store: &Store) -> Vec<(u64, Vec<u8>)> {
+    let txn = store.read().unwrap();
+    let t = txn.open_table(EXPIRY).unwrap();
+    let mut out = Vec::new();
+    for row in t.iter().unwrap() {
+        let (k, _) = row.unwrap();
+        let (at, r) = k.value();
+        if r.first() == Some(&EXPIRE_SLOT) {
+            out.push((at, r[1..].to_vec()));
+        }
+    }
+    out
+}
+
 #[tokio::test]
-async fn expired_slots_are_absent_and_the_sweep_gives_their_counts_back() {
+async fn each_claim_extends_its_slot_and_an_expired_slot_is_closed_never_restarted() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
     let alice = user(&store, "alice", 1).await;
@@ -702,53 +771,67 @@ async fn expired_slots_are_absent_and_the_sweep_gives_their_counts_back() {
         let store = store.clone();
         async move { store.claim_slot(c, LIMITS, SLOT_LIMITS, now).await.unwrap() }
     };
-    // The slot lives 1000 ms from its first claim; a later claim does not extend it.
+    // Slot 1 lives 1000 ms from its latest claim: 1100, then 1900. Its EXPIRY entry moves.
     assert!(matches!(at(claim(1, alice, 1, &p, &[bob]), 100).await, ClaimOutcome::Claimed { .. }));
+    assert_eq!(slot_expiries(&store), vec![(1_100, vec![1; 16])]);
     assert!(matches!(
         at(claim(1, bob, 2, &p, &[alice]), 900).await,
-        ClaimOutcome::Claimed { position: 1, .. }
+        ClaimOutcome::Claimed { position: 1, total: 2, .. }
     ));
     assert!(matches!(at(claim(2, alice, 3, &p, &[bob]), 500).await, ClaimOutcome::Claimed { .. }));
+    assert_eq!(slot_expiries(&store), vec![(1_500, vec![2; 16]), (1_900, vec![1; 16])]);
     assert_eq!(store.stored_bytes().unwrap(), 120, "3 queued copies, 3 slot copies");
-    assert_eq!(store.fetch_slot(&[1; 16], 0, 100, usize::MAX, 1_099).unwrap().total, 2);
+    // Past its first claim's lifetime slot 1 is still whole: bob's copy may be read until 1900.
+    let whole = SlotClaims { claims: vec![p.clone(), p.clone()], total: 2 };
+    assert_eq!(store.fetch_slot(&[1; 16], 0, 100, usize::MAX, 1_500).unwrap(), whole);
+    let r = store.sweep(1_100, u64::MAX, SLOT_LIMITS.ttl_ms).await.unwrap();
+    assert_eq!(r, SweepReport::default(), "slot 1's first expiry entry is gone");
+    // Slot 2 closes at 1500: its claim goes, a tombstone stays until 2500.
+    let r = store.sweep(1_500, u64::MAX, SLOT_LIMITS.ttl_ms).await.unwrap();
+    assert_eq!((r.slots, r.claims, r.slot_tombstones, r.messages), (1, 1, 0, 0));
+    assert_eq!(store.open_claims(&alice).unwrap(), (1, 20), "her claim in slot 1 is still open");
+    assert_eq!(store.stored_bytes().unwrap(), 100, "3 queued copies and slot 1's two");
+    assert_eq!(slot_expiries(&store), vec![(1_900, vec![1; 16]), (2_500, vec![2; 16])]);
+    let empty = SlotClaims { claims: vec![], total: 0 };
+    assert_eq!(store.fetch_slot(&[2; 16], 0, 100, usize::MAX, 1_600).unwrap(), empty);
+    // A closed slot takes no claim (not even a retry), and nothing is enqueued for it.
+    assert_eq!(at(claim(2, bob, 4, &p, &[alice]), 1_600).await, ClaimOutcome::Closed);
+    assert_eq!(at(claim(2, alice, 3, &p, &[bob]), 1_600).await, ClaimOutcome::Closed);
+    // Expired but not swept yet: empty, and closed already.
+    assert_eq!(store.fetch_slot(&[1; 16], 0, 100, usize::MAX, 1_900).unwrap(), empty);
+    let outsider = [7; 32];
+    assert_eq!(at(claim(1, outsider, 5, &p, &[bob]), 1_950).await, ClaimOutcome::Closed);
+    assert_eq!(store.queued_count(&bob).unwrap(), 2);
+    assert_eq!(store.queued_count(&alice).unwrap(), 1);
+    assert_eq!(store.stored_bytes().unwrap(), 100);
+    let r = store.sweep(2_000, u64::MAX, SLOT_LIMITS.ttl_ms).await.unwrap();
+    assert_eq!((r.slots, r.claims, r.slot_tombstones), (1, 2, 0));
     assert_eq!(
-        store.fetch_slot(&[1; 16], 0, 100, usize::MAX, 1_100).unwrap(),
-        SlotClaims { claims: vec![], total: 0 },
-        "expired, not swept yet: absent"
+        (store.open_claims(&alice).unwrap(), store.open_claims(&bob).unwrap()),
+        ((0, 0), (0, 0))
     );
-    assert_eq!(store.sweep(1_099, u64::MAX).await.unwrap().slots, 0);
-    let r = store.sweep(1_100, u64::MAX).await.unwrap();
-    assert_eq!((r.slots, r.claims, r.messages), (1, 2, 0));
-    assert_eq!(store.open_claims(&alice).unwrap(), 1, "its claim in slot 2 is still open");
-    assert_eq!(store.open_claims(&bob).unwrap(), 0);
-    assert_eq!(table_len(&store, CLAIM_USAGE), 1, "rows at zero are deleted");
-    assert_eq!(store.stored_bytes().unwrap(), 80, "4 queued copies and slot 2's");
-    let r = store.sweep(1_500, u64::MAX).await.unwrap();
-    assert_eq!((r.slots, r.claims), (1, 1));
-    for n in [table_len(&store, SLOTS), table_len(&store, SLOT_CLAIMS)] {
-        assert_eq!(n, 0);
-    }
-    assert_eq!(table_len(&store, SLOT_CLAIMERS) + table_len(&store, CLAIM_USAGE), 0);
+    assert_eq!(table_len(&store, SLOT_CLAIMS) + table_len(&store, SLOT_CLAIMERS), 0);
+    assert_eq!(table_len(&store, CLAIM_USAGE), 0, "rows at zero are deleted");
+    assert_eq!(table_len(&store, SLOTS), 2, "two tombstones");
     assert_eq!(store.stored_bytes().unwrap(), 60, "the queued copies stay until acked");
-    // A claim on a slot that expired before the sweep came starts it afresh ...
+    // The tombstone goes after its own lifetime; only then can the id be claimed afresh.
+    let r = store.sweep(2_499, u64::MAX, SLOT_LIMITS.ttl_ms).await.unwrap();
+    assert_eq!(r, SweepReport::default());
+    assert_eq!(at(claim(2, bob, 4, &p, &[alice]), 2_499).await, ClaimOutcome::Closed);
+    let r = store.sweep(2_500, u64::MAX, SLOT_LIMITS.ttl_ms).await.unwrap();
+    assert_eq!((r.slots, r.claims, r.slot_tombstones), (0, 0, 1));
     assert!(matches!(
-        at(claim(3, alice, 4, &p, &[bob]), 2_000).await,
-        ClaimOutcome::Claimed { .. }
-    ));
-    assert!(matches!(
-        at(claim(3, bob, 5, &p, &[alice]), 3_000).await,
+        at(claim(2, bob, 4, &p, &[alice]), 2_600).await,
         ClaimOutcome::Claimed { position: 0, total: 1, .. }
     ));
-    assert_eq!(store.open_claims(&alice).unwrap(), 0, "the old slot was deleted with it");
-    assert_eq!(store.open_claims(&bob).unwrap(), 1);
-    // ... and the old slot's expiry entry is gone with it: the new one stays until its time.
-    let r = store.sweep(3_999, u64::MAX).await.unwrap();
-    assert_eq!((r.slots, r.claims), (0, 0));
-    assert_eq!(store.fetch_slot(&[3; 16], 0, 100, usize::MAX, 3_999).unwrap().total, 1);
-    let r = store.sweep(4_000, u64::MAX).await.unwrap();
-    assert_eq!((r.slots, r.claims), (1, 1));
-    assert_eq!(store.open_claims(&bob).unwrap(), 0);
-    assert_eq!(store.stored_bytes().unwrap(), 100, "five queued copies, no slot copy");
+    assert_eq!(store.open_claims(&bob).unwrap(), (1, 20));
+    // A late sweep closes and then forgets in one call: slot 1's tombstone (2900), slot 2
+    // (3600) and its tombstone (4600).
+    let r = store.sweep(10_000, u64::MAX, SLOT_LIMITS.ttl_ms).await.unwrap();
+    assert_eq!((r.slots, r.claims, r.slot_tombstones), (1, 1, 2));
+    assert_eq!(table_len(&store, SLOTS) + table_len(&store, CLAIM_USAGE), 0);
+    assert!(slot_expiries(&store).is_empty());
+    assert_eq!(store.stored_bytes().unwrap(), 80, "four queued copies, no slot copy");
     assert!(
         store.ack(bob, queue_key(&bob, &[]), u64::MAX).await.unwrap() > 0
             && store.ack(alice, queue_key(&alice, &[]), u64::MAX).await.unwrap() > 0
@@ -831,7 +914,123 @@ fn slot_records_decode_or_are_corrupt() {
     let mut short_key = bytes.clone();
     short_key[3] = 31;
     assert!(matches!(records::Claim::decode(&short_key), Err(StoreError::Corrupt(_))));
-    let h = records::SlotHeader { count: 3, expires_ms: 9 };
-    assert_eq!(records::SlotHeader::decode(&h.encode()).unwrap(), h);
+    for closed in [false, true] {
+        let h = records::SlotHeader { count: 3, expires_ms: 9, closed };
+        assert_eq!(records::SlotHeader::decode(&h.encode()).unwrap(), h);
+        assert_eq!(h.encode().len(), 13);
+    }
     assert!(matches!(records::SlotHeader::decode(&[0; 11]), Err(StoreError::Corrupt(_))));
+    // Schema 3's first layout (count, expiry) is an open slot.
+    let old = [3u32.to_be_bytes().as_slice(), 9u64.to_be_bytes().as_slice()].concat();
+    assert_eq!(
+        records::SlotHeader::decode(&old).unwrap(),
+        records::SlotHeader { count: 3, expires_ms: 9, closed: false }
+    );
+    let u = records::ClaimUsage { claims: 2, bytes: 5 };
+    assert_eq!(records::ClaimUsage::decode(&u.encode()).unwrap(), u);
+    assert_eq!(u.encode().len(), 16);
+    // The count-only layout (8 bytes) holds no bytes.
+    assert_eq!(
+        records::ClaimUsage::decode(&7u64.to_be_bytes()).unwrap(),
+        records::ClaimUsage { claims: 7, bytes: 0 }
+    );
+    for n in [0, 7, 9, 15] {
+        assert!(matches!(records::ClaimUsage::decode(&[0; 16][..n]), Err(StoreError::Corrupt(_))));
+    }
+}
+
+/// The v0.3 fixture database (`tests/fixtures/v0.3`, schema 3 as first written: `claim_usage`
+/// a redb `u64` of claims, slot headers without the closed flag) opens: its `claim_usage` is
+/// retyped with the bytes of the claim alice holds, her slot reads back, takes claims and
+/// extends, and the sweep gives everything back.
+#[tokio::test]
+async fn the_v0_3_fixture_database_retypes_its_claim_usage_and_keeps_its_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/v0.3");
+    std::fs::copy(fixture.join("data/server/qpq.redb"), dir.path().join("t.redb")).unwrap();
+    let store = open(dir.path());
+    assert_eq!(store.meta("schema_version").unwrap().unwrap(), SCHEMA_VERSION.to_be_bytes());
+    let alice = store.login_record("alice").unwrap().expect("alice").identity;
+    let bob = store.login_record("bob").unwrap().expect("bob").identity;
+    let (slot, raw) = {
+        let txn = store.read().unwrap();
+        let t = txn.open_table(SLOTS).unwrap();
+        let mut rows = t.iter().unwrap();
+        let (k, v) = rows.next().expect("the fixture holds a slot").unwrap();
+        assert!(rows.next().is_none());
+        (<[u8; 16]>::try_from(k.value()).unwrap(), v.value().to_vec())
+    };
+    assert_eq!(raw.len(), 12, "written without the closed flag");
+    let header = records::SlotHeader::decode(&raw).unwrap();
+    assert_eq!((header.count, header.closed), (1, false));
+    // Before its expiry (the fixture's own clock: its slot lives 30 days from its claim).
+    let now = header.expires_ms - 1;
+    let page = store.fetch_slot(&slot, 0, 100, usize::MAX, now).unwrap();
+    assert_eq!(page.total, 1);
+    let bytes = page.claims[0].len() as u64;
+    assert!(bytes > 0);
+    assert_eq!(store.open_claims(&alice).unwrap(), (1, bytes));
+    assert_eq!(store.open_claims(&bob).unwrap(), (0, 0));
+    // Bob claims behind her; the slot now lives 1000 ms (this test's TTL) from his claim.
+    let c = claim(0, bob, 0xB0, &commit(0, 20), &[alice]);
+    let c = SlotClaim { slot, ..c };
+    assert!(matches!(
+        store.claim_slot(c, LIMITS, SLOT_LIMITS, now).await.unwrap(),
+        ClaimOutcome::Claimed { position: 1, total: 2, .. }
+    ));
+    assert_eq!(slot_expiries(&store), vec![(now + 1_000, slot.to_vec())]);
+    assert_eq!(store.open_claims(&bob).unwrap(), (1, 20));
+    drop(store);
+    // Opened again: the table has its new type already.
+    let store = open(dir.path());
+    assert_eq!(store.open_claims(&alice).unwrap(), (1, bytes));
+    let r = store.sweep(now + 1_000, u64::MAX, SLOT_LIMITS.ttl_ms).await.unwrap();
+    assert_eq!((r.slots, r.claims), (1, 2));
+    assert_eq!(store.open_claims(&alice).unwrap(), (0, 0));
+    assert_eq!(table_len(&store, CLAIM_USAGE), 0);
+    // Its tombstone refuses claims.
+    let c = SlotClaim { slot, ..claim(0, alice, 1, &commit(0, 20), &[bob]) };
+    assert_eq!(
+        store.claim_slot(c, LIMITS, SLOT_LIMITS, now + 1_000).await.unwrap(),
+        ClaimOutcome::Closed
+    );
+}
+
+/// A `claim_usage` table of the count-only type is rewritten on open: each row keeps its count
+/// and gains the bytes of its claimer's stored claims; a table of the new type is kept as is.
+#[tokio::test]
+async fn a_count_only_claim_usage_table_is_retyped_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open(dir.path());
+        let alice = user(&store, "alice", 1).await;
+        let bob = user(&store, "bob", 2).await;
+        for (slot, len) in [(1, 30), (2, 50)] {
+            let c = claim(slot, alice, slot, &commit(slot, len), &[bob]);
+            store.claim_slot(c, LIMITS, SLOT_LIMITS, 100).await.unwrap();
+        }
+        let c = claim(1, bob, 9, &commit(9, 20), &[alice]);
+        store.claim_slot(c, LIMITS, SLOT_LIMITS, 100).await.unwrap();
+        // What schema 3 first wrote: counts only, in a table typed u64.
+        store
+            .write(|txn| {
+                txn.delete_table(CLAIM_USAGE)?;
+                let mut t = txn.open_table(CLAIM_USAGE_COUNT_ONLY)?;
+                t.insert([1u8; 32].as_slice(), 2)?;
+                t.insert([2u8; 32].as_slice(), 1)?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+    }
+    for _ in 0..2 {
+        let store = open(dir.path());
+        assert_eq!(store.open_claims(&[1; 32]).unwrap(), (2, 80));
+        assert_eq!(store.open_claims(&[2; 32]).unwrap(), (1, 20));
+        drop(store);
+    }
+    let store = open(dir.path());
+    let r = store.sweep(1_100, u64::MAX, SLOT_LIMITS.ttl_ms).await.unwrap();
+    assert_eq!((r.slots, r.claims), (2, 3));
+    assert_eq!(table_len(&store, CLAIM_USAGE), 0);
 }

@@ -138,8 +138,8 @@ async fn claims_are_first_come_deduplicated_and_refused_by_the_rules() {
     let f = fetch(&a, 8, 0).await;
     assert_eq!((f.claims.len(), f.total), (0, 0));
 
-    assert_eq!(h.store().open_claims(&ALICE).unwrap(), 1);
-    assert_eq!(h.store().open_claims(&CAROL).unwrap(), 0);
+    assert_eq!(h.store().open_claims(&ALICE).unwrap(), (1, 40));
+    assert_eq!(h.store().open_claims(&CAROL).unwrap(), (0, 0));
     assert_eq!(h.store().queued_count(&CAROL).unwrap(), 2);
 }
 
@@ -283,4 +283,99 @@ async fn fetch_slot_pages_by_count_and_by_bytes() {
     // The queue took each commit once.
     let q = h.store().fetch(&queue_key(&BOB, &[]), 500, usize::MAX, now_ms()).unwrap();
     assert_eq!(q.len(), n as usize + 3);
+}
+
+#[tokio::test]
+async fn a_claim_listing_its_committer_as_a_recipient_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (h, [a, _b, _c]) = setup(dir.path(), |_| {}).await;
+    let p = commit(0, 40);
+    // Alone, or among others: the committer applies its own commit, no copy is queued for it.
+    for to in [&[ALICE][..], &[BOB, ALICE, CAROL]] {
+        let e = claim(&a, &claim_req(1, 1, &p, to)).await.unwrap_err();
+        assert_eq!(e.status, Status::BadRequest);
+        assert_eq!(e.message, "a commit is not sent to its own committer");
+    }
+    assert_eq!(h.store().stored_bytes().unwrap(), 0, "nothing was stored");
+    assert_eq!(h.store().open_claims(&ALICE).unwrap(), (0, 0));
+    assert_eq!(fetch(&a, 1, 0).await.total, 0);
+    assert!(claim(&a, &claim_req(1, 1, &p, &[BOB, CAROL])).await.unwrap().stored);
+}
+
+#[tokio::test]
+async fn open_claim_bytes_are_rate_limited_per_account() {
+    let dir = tempfile::tempdir().unwrap();
+    let (h, [a, mut b, _c]) = setup(dir.path(), |l| l.max_open_claim_bytes = 100).await;
+    b.take_pushes();
+    assert!(claim(&a, &claim_req(1, 1, &commit(0, 60), &[BOB])).await.unwrap().stored);
+    assert!(claim(&a, &claim_req(2, 2, &commit(0, 40), &[BOB])).await.unwrap().stored);
+    assert_eq!(h.store().open_claims(&ALICE).unwrap(), (2, 100));
+    assert_eq!(b.take_pushes().len(), 2);
+    // Bob acking the copies gives nothing back: the slots keep theirs.
+    let _: v1::AckResponse =
+        b.call(method::ACK, &v1::AckRequest { seq_up_to: 2, ..Default::default() }).await.unwrap();
+    assert_eq!(h.store().queued_count(&BOB).unwrap(), 0);
+    let e = claim(&a, &claim_req(3, 3, &commit(0, 16), &[BOB])).await.unwrap_err();
+    assert_eq!(e.status, Status::RateLimited);
+    assert!(e.retry_after_ms > 0);
+    assert_eq!(e.message, "too many open commit claim bytes");
+    assert!(b.take_pushes().is_empty());
+    assert_eq!(h.store().queued_count(&BOB).unwrap(), 0);
+    assert_eq!(fetch(&b, 3, 0).await.total, 0);
+    // Bob's claims are his own.
+    assert!(claim(&b, &claim_req(3, 4, &commit(0, 100), &[ALICE])).await.unwrap().stored);
+}
+
+#[tokio::test]
+async fn a_claim_gets_through_a_disk_full_of_chat_but_not_past_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    // Application messages to 900 bytes, handshake messages (and commit claims) to 1000.
+    let (h, [a, _b, c]) = setup(dir.path(), |l| l.disk_budget_bytes = 1_000).await;
+    let fill = crate::store::EnqueueItem {
+        recipient: BOB,
+        channel: Vec::new(),
+        message_id: Vec::new(),
+        payload: std::sync::Arc::new(commit(0xF, 900)),
+        expires_ms: u64::MAX,
+        sender: CAROL,
+        handshake: true,
+    };
+    let limits = crate::store::QueueLimits::quota_only(100, 1 << 20, 60_000);
+    h.store().enqueue(vec![fill], limits, now_ms()).await.unwrap();
+    assert_eq!(h.store().stored_bytes().unwrap(), 900);
+    // Past the application ceiling already: 900 + 20 in the slot + 20 queued is 940, in.
+    assert!(claim(&a, &claim_req(1, 1, &commit(0, 20), &[BOB])).await.unwrap().stored);
+    assert_eq!(h.store().stored_bytes().unwrap(), 940);
+    // 940 + 32 + 32 would pass 1000: the claim is refused whole.
+    let p = commit(1, 32);
+    let e = claim(&c, &claim_req(2, 2, &p, &[BOB])).await.unwrap_err();
+    assert_eq!(e.status, Status::Unavailable);
+    assert_eq!(h.store().stored_bytes().unwrap(), 940);
+    assert_eq!(fetch(&a, 2, 0).await.total, 0);
+}
+
+#[tokio::test]
+async fn an_expired_slot_is_closed_to_claims_and_reads_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    // Slots live a second after their latest claim.
+    let (h, [a, b, c]) = setup(dir.path(), |l| l.max_ttl_secs = 1).await;
+    let p = commit(0, 40);
+    assert!(claim(&a, &claim_req(1, 1, &p, &[BOB, CAROL])).await.unwrap().stored);
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    let f = fetch(&c, 1, 0).await;
+    assert_eq!((f.claims.len(), f.total), (0, 0));
+    // Not swept yet, and after the sweep: closed, not restarted at position 0.
+    let closed = |r: v1::ClaimSlotResponse| {
+        assert!(!r.stored && !r.duplicate);
+        assert_eq!((r.refusal, r.position, r.total), (refusal(v1::SlotRefusal::Closed), 0, 0));
+        assert!(r.seqs.is_empty() && r.refusals.is_empty());
+    };
+    closed(claim(&b, &claim_req(1, 2, &commit(1, 40), &[ALICE, CAROL])).await.unwrap());
+    let r = h.store().sweep(now_ms(), u64::MAX, 1_000).await.unwrap();
+    assert_eq!((r.slots, r.claims), (1, 1));
+    closed(claim(&b, &claim_req(1, 2, &commit(1, 40), &[ALICE, CAROL])).await.unwrap());
+    closed(claim(&a, &claim_req(1, 1, &p, &[BOB, CAROL])).await.unwrap());
+    assert_eq!(fetch(&c, 1, 0).await.total, 0);
+    assert_eq!(h.store().queued_count(&ALICE).unwrap(), 0, "nothing was enqueued for it");
+    assert_eq!(h.store().open_claims(&ALICE).unwrap(), (0, 0));
 }
