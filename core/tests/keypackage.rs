@@ -275,9 +275,9 @@ fn handshake_messages_are_labelled_by_their_clear_header() {
     assert!(!is_handshake(&application), "application message");
     assert!(bob.mls.process(&application).is_ok());
 
-    let update = bob.mls.self_update(&group).unwrap();
+    let update = alice.mls.self_update(&group).unwrap();
     assert!(is_handshake(&update.commit), "self-update commit");
-    bob.mls.abandon(&group).unwrap();
+    alice.mls.abandon(&group).unwrap();
 
     let (proposal, _) = carol.mls.leave(&group).unwrap();
     assert!(is_handshake(&proposal), "leave proposal");

@@ -176,6 +176,20 @@ fn forged_remove(thief: &Stolen, team: &[u8], victim: &[u8; 32]) -> Vec<u8> {
     commit.tls_serialize_detached().unwrap()
 }
 
+/// A key update by the thief in its current epoch of `team` (only admins commit, so a
+/// non-admin's is what a modified client would make). Its pending state is cleared again.
+fn forged_update(thief: &Stolen, team: &[u8]) -> Vec<u8> {
+    let provider = QpqProvider::new(thief.vault.clone());
+    let mut group =
+        MlsGroup::load(provider.storage(), &GroupId::from_slice(team)).unwrap().unwrap();
+    let bundle = group
+        .self_update(&provider, &thief.identity, openmls::prelude::LeafNodeParameters::default())
+        .unwrap();
+    let commit = bundle.commit().tls_serialize_detached().unwrap();
+    group.clear_pending_commit(provider.storage()).unwrap();
+    commit
+}
+
 /// TLS `opaque<V>`: an MLS varint length (1 or 2 bytes here), then the bytes.
 fn vector(out: &mut Vec<u8>, bytes: &[u8]) {
     match bytes.len() {
@@ -272,13 +286,13 @@ async fn a_removed_member_can_no_longer_touch_the_group() {
     alice.remove_member(&team, "erin").await.unwrap();
     assert_eq!(alice.group_info(&team).await.unwrap().epoch, epoch + 1);
 
-    // erin kept her device's state of epoch e: she makes a change any member may make (a key
-    // update, which passes every public check) and claims slot(e) with it. The slot of e is
-    // decided already: hers is the second claim.
+    // erin kept her device's state of epoch e: she makes a key update with it (her own client
+    // would refuse: only admins commit) and claims slot(e). The slot of e is decided already:
+    // hers is the second claim.
     let thief = stolen(&server, dir.path(), "erin").await;
     let erin_mls = thief.mls();
     let slot_e = erin_mls.slot(&team).unwrap();
-    let update = erin_mls.self_update(&team).unwrap().commit;
+    let update = forged_update(&thief, &team);
     let r = claim(&thief.raw, slot_e, update.clone(), &[a, b, c]).await;
     assert!(r.stored && r.position == 1 && r.total == 2, "erin's claim comes second: {r:?}");
     let erin_slot = erin_mls.slot(&team).unwrap();

@@ -1193,6 +1193,23 @@ impl Client {
 
     /// Leaves a conversation: proposes our removal to the others and forgets it locally.
     pub async fn leave(&mut self, conv: &[u8]) -> Result<(), ClientError> {
+        // Only admins commit, so a group's last admin hands the role on before leaving (to
+        // the first member in the tree), or nobody could carry out its leave or any change.
+        let me = self.identity_key();
+        let members = self.mls.members(conv)?;
+        let mine = members.iter().any(|m| m.identity == me && m.admin);
+        let others: Vec<_> = members.iter().filter(|m| m.identity != me).collect();
+        if mine
+            && !others.is_empty()
+            && !others.iter().any(|m| m.admin)
+            && self.mls.kind(conv)? == Kind::Group
+        {
+            let heir = others[0].identity;
+            let name = self.name_of(&heir).await;
+            let system = format!("{} made {name} an admin before leaving", self.username);
+            self.commit_change(conv, Intent::Admin { id: heir, admin: true }, false, Some(system))
+                .await?;
+        }
         let (proposal, to) = self.mls.leave(conv)?;
         if !to.is_empty() {
             self.batch_enqueue(&to, proposal, random_id()).await?;
@@ -1547,7 +1564,16 @@ impl Client {
         conv: &[u8],
         slot: [u8; 16],
     ) -> Result<Resolution, ClientError> {
-        self.resolved.insert(slot);
+        let r = self.read_slot(conv, slot).await?;
+        // A slot whose claims were all junk, or whose winner we cannot follow, is not read
+        // again in this sync (nor its junk reported twice); an empty one may fill meanwhile.
+        if matches!(r, Resolution::NoWinner | Resolution::Lost) {
+            self.resolved.insert(slot);
+        }
+        Ok(r)
+    }
+
+    async fn read_slot(&mut self, conv: &[u8], slot: [u8; 16]) -> Result<Resolution, ClientError> {
         let mut from = 0u32;
         loop {
             let req = v1::FetchSlotRequest { slot: slot.to_vec(), from };
@@ -1576,7 +1602,8 @@ impl Client {
                     return Ok(done);
                 }
             }
-            if from >= r.total {
+            // `total` is the server's word: read no more than a slot can hold.
+            if from >= r.total || from >= MAX_SLOT_CLAIMS {
                 return Ok(Resolution::NoWinner);
             }
         }
@@ -1606,13 +1633,20 @@ impl Client {
             });
             return Ok(None);
         }
-        let result = self.vault.atomic(|| -> Result<(Vec<Event>, bool), ClientError> {
-            let incoming = self.mls.process(claim)?;
-            if !matches!(incoming, Incoming::Commit { .. }) {
-                return Err(ClientError::Invalid("a commit claim that is not a commit".into()));
-            }
+        // Who could read our messages of this epoch: they get what we send again.
+        let before: Vec<[u8; 32]> = self.mls.members(conv)?.iter().map(|m| m.identity).collect();
+        let result = self.vault.atomic(|| -> Result<(Vec<Event>, bool), ClaimError> {
+            // Only what MLS says of the claim itself decides between skipping it and stopping;
+            // any failure after that is ours, and ends this try (rolled back, tried again).
+            let incoming = match self.mls.process(claim) {
+                Ok(i @ Incoming::Commit { .. }) => i,
+                Ok(_) => return Err(ClaimError::Invalid("not a commit".into())),
+                Err(GroupError::CannotFollow(why)) => return Err(ClaimError::CannotFollow(why)),
+                Err(e @ GroupError::Mls(_)) => return Err(ClaimError::Local(e.into())),
+                Err(e) => return Err(ClaimError::Invalid(e.to_string())),
+            };
             let events = self.apply_incoming(incoming)?;
-            self.resend_superseded(conv, epoch)?;
+            self.resend_superseded(conv, epoch, &before)?;
             // Our own commit of the same epoch lost: make the change again on top of the
             // winner, in this same transaction.
             let redone = match pending {
@@ -1638,7 +1672,7 @@ impl Client {
                 }
                 Ok(Some(Resolution::Applied))
             }
-            Err(ClientError::Group(GroupError::CannotFollow(why))) => {
+            Err(ClaimError::CannotFollow(why)) => {
                 self.drop_commit(conv)?;
                 self.warn_conversation(
                     conv,
@@ -1649,10 +1683,10 @@ impl Client {
                 )?;
                 Ok(Some(Resolution::Lost))
             }
-            Err(e @ (ClientError::Vault(_) | ClientError::Io(_))) => Err(e),
-            Err(e) => {
+            Err(ClaimError::Local(e)) => Err(e),
+            Err(ClaimError::Invalid(why)) => {
                 self.emit(Event::Rejected {
-                    reason: format!("ignored an invalid commit claim: {e}"),
+                    reason: format!("ignored an invalid commit claim: {why}"),
                 });
                 Ok(None)
             }
@@ -1690,12 +1724,18 @@ impl Client {
     /// Brings `conv` up to `target` (an epoch seen in a message) by applying each missed
     /// epoch's winning claim from its slot, at most [`MAX_CATCH_UP`] epochs per call.
     async fn catch_up(&mut self, conv: &[u8], target: u64) -> Result<(), ClientError> {
+        // Each round applies a real commit of the group, so the rounds are as many as the
+        // epochs we missed (the cap only guards against a runaway), and a slot this sync
+        // already found without a winner is not read again.
         for _ in 0..MAX_CATCH_UP {
             let Ok(epoch) = self.mls.epoch(conv) else { return Ok(()) };
             if epoch >= target {
                 break;
             }
             let slot = self.mls.slot(conv)?;
+            if self.resolved.contains(&slot) {
+                break;
+            }
             if !matches!(
                 self.resolve_slot(conv, slot).await?,
                 Resolution::Applied | Resolution::Won
@@ -1851,7 +1891,12 @@ impl Client {
     /// them can no longer decrypt it (openmls keeps no past epochs' keys). Those that did read
     /// it recognise the repeat by its message id. Runs in the transaction that applied the
     /// winner; returns how many messages went out again.
-    fn resend_superseded(&self, conv: &[u8], epoch: u64) -> Result<usize, ClientError> {
+    fn resend_superseded(
+        &self,
+        conv: &[u8],
+        epoch: u64,
+        readers: &[[u8; 32]],
+    ) -> Result<usize, ClientError> {
         let recent = self.vault.scan(Space::State, &recent_key(conv, None))?;
         if recent.is_empty() || self.mls.epoch(conv).is_err() {
             return Ok(0);
@@ -1868,7 +1913,9 @@ impl Client {
         mine.sort_by_key(|(n, _)| *n);
         let mut sent = 0;
         for (_, bytes) in mine {
-            let (ciphertext, to) = self.mls.encrypt(conv, bytes)?;
+            let (ciphertext, mut to) = self.mls.encrypt(conv, bytes)?;
+            // Only to those who were members when it was first sent: not to newcomers.
+            to.retain(|k| readers.contains(k));
             if !to.is_empty() {
                 // A new transport id: the server still holds the first one for dedup.
                 self.queue(conv, &to, ciphertext, random_id())?;
@@ -2102,8 +2149,11 @@ impl Client {
             self.process_envelopes(r.payloads).await?;
         }
         // Once the queue is drained: at the first sync of a session, and after a gap.
-        if std::mem::take(&mut self.probe_slots) {
-            self.catch_up_all().await?;
+        if std::mem::take(&mut self.probe_slots)
+            && let Err(e) = self.catch_up_all().await
+        {
+            self.probe_slots = true; // the next sync tries again
+            return Err(e);
         }
         if self.queued_by_resolution.swap(false, std::sync::atomic::Ordering::Relaxed) {
             match self.flush_outbox().await {
@@ -2855,6 +2905,28 @@ enum Intent {
     Leave { ids: Vec<[u8; 32]> },
 }
 
+/// Why trying a claim failed.
+enum ClaimError {
+    /// It fails a check every member makes alike: skip it.
+    Invalid(String),
+    /// Its private part fails for us: we cannot follow the group.
+    CannotFollow(String),
+    /// Our own storage or state failed: stop, roll back, try again later.
+    Local(ClientError),
+}
+
+impl From<ClientError> for ClaimError {
+    fn from(e: ClientError) -> Self {
+        Self::Local(e)
+    }
+}
+
+impl From<VaultError> for ClaimError {
+    fn from(e: VaultError) -> Self {
+        Self::Local(e.into())
+    }
+}
+
 /// How a slot was resolved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Resolution {
@@ -2874,8 +2946,10 @@ enum Resolution {
 
 /// How many times a change of ours is made again after losing its slot.
 const MAX_REDO: u8 = 4;
-/// How many epochs one catch-up applies before it lets other work run.
-const MAX_CATCH_UP: usize = 64;
+/// At most this many epochs are applied by one catch-up (a guard, far above real gaps).
+const MAX_CATCH_UP: usize = 100_000;
+/// Claims read from one slot at most: the server's `max_slot_claims` default.
+const MAX_SLOT_CLAIMS: u32 = 1024;
 
 /// A message waiting for the server.
 #[derive(serde::Serialize, serde::Deserialize)]

@@ -6,8 +6,10 @@
 //! group context, every member has the same view of it at every epoch, and changing it takes
 //! a commit. When a member processes a commit it checks the committer against the admins of
 //! the epoch the commit was made in: only an admin may add members, remove others, or change
-//! the extension. A non-admin's commit may only update its own keys or remove itself. A
-//! commit that breaks the rule is rejected and never merged.
+//! the extension. Only admins commit at all (in a DM both members are admins): a member's own
+//! removal is a proposal an admin commits by value. Every commit carries its proposals by
+//! value, so it means the same to every member whatever proposals each has stored. A commit
+//! that breaks a rule is rejected by every member alike and never merged.
 
 use std::sync::Arc;
 
@@ -71,8 +73,8 @@ pub enum GroupError {
     /// of the epoch authenticator in its authenticated data) differs from ours. Someone, most
     /// likely the server, gave members different commits.
     #[error(
-        "FORK: a message of this group was made in epoch {epoch} on another branch than ours \
-         (the members no longer share one group state; compare verification codes)"
+        "FORK (or tampering): a message of this group claims epoch {epoch} of another branch \
+         than ours (members may no longer share one group state; compare verification codes)"
     )]
     Forked {
         /// The epoch both branches call by the same number.
@@ -112,8 +114,13 @@ fn classify<S: std::error::Error>(e: ProcessMessageError<S>) -> GroupError {
                 )
         )
     );
+    // Our own storage or openmls failing is neither: the caller stops and tries again later.
+    let local =
+        matches!(&e, ProcessMessageError::StorageError(_) | ProcessMessageError::LibraryError(_));
     if private {
         GroupError::CannotFollow(e.to_string())
+    } else if local {
+        GroupError::Mls(e.to_string())
     } else {
         GroupError::Rejected(e.to_string())
     }
@@ -398,8 +405,9 @@ impl Mls {
             let commit_to = self.others(&group);
             let welcome_to: Vec<[u8; 32]> =
                 kps.iter().filter_map(|kp| identity_of(kp.leaf_node().credential())).collect();
-            let (commit, welcome, _) =
-                group.add_members(&self.provider, &self.identity, &kps).map_err(mls)?;
+            let (commit, welcome, _) = self.without_stored_proposals(&mut group, |g| {
+                g.add_members(&self.provider, &self.identity, &kps).map_err(mls)
+            })?;
             Ok(Outgoing {
                 commit: commit.tls_serialize_detached().map_err(mls)?,
                 commit_to,
@@ -440,8 +448,9 @@ impl Mls {
                 leaves.push(leaf.index);
             }
             let commit_to = self.others(&group);
-            let (commit, _, _) =
-                group.remove_members(&self.provider, &self.identity, &leaves).map_err(mls)?;
+            let (commit, _, _) = self.without_stored_proposals(&mut group, |g| {
+                g.remove_members(&self.provider, &self.identity, &leaves).map_err(mls)
+            })?;
             Ok(Outgoing {
                 commit: commit.tls_serialize_detached().map_err(mls)?,
                 commit_to,
@@ -466,13 +475,11 @@ impl Mls {
             let kind = GroupPolicy::of(&group).map_or(Kind::Group, |p| p.kind);
             let policy = GroupPolicy { kind, admins };
             let commit_to = self.others(&group);
-            let (commit, _, _) = group
-                .update_group_context_extensions(
-                    &self.provider,
-                    policy.extensions()?,
-                    &self.identity,
-                )
-                .map_err(mls)?;
+            let extensions = policy.extensions()?;
+            let (commit, _, _) = self.without_stored_proposals(&mut group, |g| {
+                g.update_group_context_extensions(&self.provider, extensions, &self.identity)
+                    .map_err(mls)
+            })?;
             Ok(Outgoing {
                 commit: commit.tls_serialize_detached().map_err(mls)?,
                 commit_to,
@@ -486,10 +493,12 @@ impl Mls {
     pub fn self_update(&self, group_id: &[u8]) -> Result<Outgoing, GroupError> {
         self.atomic(|| {
             let mut group = self.load(group_id)?;
+            self.require_admin(&group)?;
             let commit_to = self.others(&group);
-            let bundle = group
-                .self_update(&self.provider, &self.identity, LeafNodeParameters::default())
-                .map_err(mls)?;
+            let bundle = self.without_stored_proposals(&mut group, |g| {
+                g.self_update(&self.provider, &self.identity, LeafNodeParameters::default())
+                    .map_err(mls)
+            })?;
             Ok(Outgoing {
                 commit: bundle.commit().tls_serialize_detached().map_err(mls)?,
                 commit_to,
@@ -510,17 +519,13 @@ impl Mls {
         })
     }
 
-    /// Commits the proposals other members left in the queue (a member leaving proposes its
-    /// own removal; an admin makes it take effect). `None` if there is nothing to commit or we
-    /// are not an admin.
-    ///
-    /// Every stored proposal is a member's own removal (no other kind is accepted), which any
-    /// member may commit. To keep members from racing, one does it: the admin with the lowest
-    /// leaf index among those staying, or, if no admin stays, the member with the lowest leaf
-    /// index among those staying. `None` if that is not us or there is nothing to commit.
+    /// Carries out the members' pending self-removals (a member leaving proposes its own
+    /// removal) as one admin's removal of them by value. To keep admins from racing, one does
+    /// it: the admin with the lowest leaf index among those staying. `None` if that is not us,
+    /// no admin stays, or nobody is leaving.
     pub fn commit_pending(&self, group_id: &[u8]) -> Result<Option<Outgoing>, GroupError> {
         self.atomic(|| {
-            let mut group = self.load(group_id)?;
+            let group = self.load(group_id)?;
             let leaving: Vec<LeafNodeIndex> = group
                 .pending_proposals()
                 .filter_map(|p| match p.proposal() {
@@ -532,33 +537,22 @@ impl Mls {
                 return Ok(None);
             }
             let policy = GroupPolicy::of(&group);
-            let staying: Vec<(LeafNodeIndex, bool)> = group
+            let chosen = group
                 .members()
                 .filter(|m| !leaving.contains(&m.index))
-                .map(|m| {
-                    let admin = identity_of(&m.credential)
-                        .is_some_and(|id| policy.as_ref().is_some_and(|p| p.is_admin(&id)));
-                    (m.index, admin)
+                .filter(|m| {
+                    identity_of(&m.credential)
+                        .is_some_and(|id| policy.as_ref().is_some_and(|p| p.is_admin(&id)))
                 })
-                .collect();
-            let chosen = staying
-                .iter()
-                .filter(|(_, admin)| *admin)
-                .map(|(i, _)| *i)
-                .min()
-                .or_else(|| staying.iter().map(|(i, _)| *i).min());
+                .map(|m| m.index)
+                .min();
             if chosen != Some(group.own_leaf_index()) {
                 return Ok(None);
             }
-            let commit_to = self.others(&group);
-            let (commit, _, _) =
-                group.commit_to_pending_proposals(&self.provider, &self.identity).map_err(mls)?;
-            Ok(Some(Outgoing {
-                commit: commit.tls_serialize_detached().map_err(mls)?,
-                commit_to,
-                welcome: None,
-                welcome_to: Vec::new(),
-            }))
+            let ids: Vec<[u8; 32]> =
+                leaving.iter().filter_map(|i| group.member(*i).and_then(identity_of)).collect();
+            drop(group);
+            self.remove(group_id, &ids).map(Some)
         })
     }
 
@@ -613,19 +607,12 @@ impl Mls {
             let mut group = self.load(group_id)?;
             let to = self.others(&group);
             // openmls refuses to send while proposals wait for a commit; a member's pending
-            // self-removal must not silence the group. Set them aside for this message and put
-            // them back in the same vault transaction.
-            let waiting: Vec<QueuedProposal> = group.pending_proposals().cloned().collect();
-            if !waiting.is_empty() {
-                group.clear_pending_proposals(self.provider.storage()).map_err(mls)?;
-            }
-            // The epoch tag lets a member on another branch see the fork (`Forked`).
-            group.set_aad(epoch_tag(&group));
-            let msg =
-                group.create_message(&self.provider, &self.identity, plaintext).map_err(mls)?;
-            for p in waiting {
-                group.store_pending_proposal(self.provider.storage(), p).map_err(mls)?;
-            }
+            // self-removal must not silence the group.
+            let msg = self.without_stored_proposals(&mut group, |g| {
+                // The epoch tag lets a member on another branch see the fork (`Forked`).
+                g.set_aad(epoch_tag(g));
+                g.create_message(&self.provider, &self.identity, plaintext).map_err(mls)
+            })?;
             Ok((msg.tls_serialize_detached().map_err(mls)?, to))
         })
     }
@@ -838,6 +825,26 @@ impl Mls {
         }
     }
 
+    /// Runs `f` (which makes a commit, or a message) with the group's proposal store set aside
+    /// and puts it back after, in the caller's transaction: a commit never refers to stored
+    /// proposals, which members hold differently (a proposal a member's queue refused, or one
+    /// sent to some members only), and openmls refuses to send while proposals wait.
+    fn without_stored_proposals<T>(
+        &self,
+        group: &mut MlsGroup,
+        f: impl FnOnce(&mut MlsGroup) -> Result<T, GroupError>,
+    ) -> Result<T, GroupError> {
+        let waiting: Vec<QueuedProposal> = group.pending_proposals().cloned().collect();
+        if !waiting.is_empty() {
+            group.clear_pending_proposals(self.provider.storage()).map_err(mls)?;
+        }
+        let out = f(group)?;
+        for p in waiting {
+            group.store_pending_proposal(self.provider.storage(), p).map_err(mls)?;
+        }
+        Ok(out)
+    }
+
     /// Runs `f` in one vault transaction: an MLS operation's dozen storage writes land
     /// together or not at all (groups are always reloaded from storage, so a rollback leaves
     /// no stale in-memory state behind).
@@ -916,7 +923,18 @@ fn authorize_commit(
     let is_admin =
         |i: LeafNodeIndex| account_at(i).is_some_and(|id| policy.is_some_and(|p| p.is_admin(&id)));
     let deny = |why: &str| Err(GroupError::UnauthorizedProposal(why.to_string()));
+    // Only admins commit (both members of a DM are): a non-admin's commit, whatever it
+    // carries, could be made to fail for everyone in its private part and would then freeze
+    // the epoch's slot (PROTOCOL.md 6.9).
+    if !is_admin(committer) {
+        return Err(GroupError::UnauthorizedCommit);
+    }
     for q in staged.queued_proposals() {
+        // By reference, a commit would mean different things to members holding different
+        // proposals.
+        if q.proposal_or_ref_type() == ProposalOrRefType::Reference {
+            return deny("a commit must carry its proposals by value");
+        }
         let Sender::Member(from) = *q.sender() else {
             return deny("proposals from outside the group are not accepted");
         };
@@ -994,6 +1012,12 @@ mod tests {
         let (alice, bob, carol) =
             (member(dir.path(), "a"), member(dir.path(), "b"), member(dir.path(), "c"));
         let gid = trio(&alice, &bob, &carol);
+        // carol becomes an admin too: only admins commit.
+        let out = alice.set_admins(&gid, vec![alice.identity_key(), carol.identity_key()]).unwrap();
+        alice.confirm(&gid).unwrap();
+        for m in [&bob, &carol] {
+            assert!(matches!(m.process(&out.commit).unwrap(), Incoming::Commit { .. }));
+        }
         // One epoch, one slot for everyone.
         let slot = alice.slot(&gid).unwrap();
         assert_eq!(bob.slot(&gid).unwrap(), slot);
@@ -1131,7 +1155,7 @@ mod tests {
         let forged = forged.tls_serialize_detached().unwrap();
         let epoch = alice.epoch(&gid).unwrap();
         for m in [&alice, &carol] {
-            assert!(matches!(m.process(&forged), Err(GroupError::UnauthorizedProposal(_))));
+            assert!(matches!(m.process(&forged), Err(GroupError::UnauthorizedCommit)));
             assert_eq!(m.epoch(&gid).unwrap(), epoch, "not merged");
             assert_eq!(m.members(&gid).unwrap().len(), 3);
         }
@@ -1154,11 +1178,25 @@ mod tests {
             (member(dir.path(), "a"), member(dir.path(), "b"), member(dir.path(), "c"));
         let gid = trio(&alice, &bob, &carol);
 
-        // Anyone may rotate their own keys.
-        let out = carol.self_update(&gid).unwrap();
-        assert_eq!(out.commit_to.len(), 2);
-        carol.confirm(&gid).unwrap();
+        // Only admins commit, key updates included: carol's client refuses, and an update
+        // commit her device makes anyway (a modified client) is refused by everyone.
+        assert!(matches!(carol.self_update(&gid), Err(GroupError::NotAdmin)));
+        let mut carols = carol.load(&gid).unwrap();
+        let forged = carols
+            .self_update(&carol.provider, &carol.identity, LeafNodeParameters::default())
+            .unwrap()
+            .commit()
+            .tls_serialize_detached()
+            .unwrap();
         for m in [&alice, &bob] {
+            assert!(matches!(m.process(&forged), Err(GroupError::UnauthorizedCommit)));
+        }
+        carols.clear_pending_commit(carol.provider.storage()).unwrap();
+        // The admin's update goes through.
+        let out = alice.self_update(&gid).unwrap();
+        assert_eq!(out.commit_to.len(), 2);
+        alice.confirm(&gid).unwrap();
+        for m in [&bob, &carol] {
             assert!(matches!(
                 m.process(&out.commit).unwrap(),
                 Incoming::Commit { policy_changed: false, .. }
@@ -1252,7 +1290,7 @@ mod tests {
             .unwrap();
         let forged = forged.tls_serialize_detached().unwrap();
         for m in [&alice, &carol] {
-            assert!(matches!(m.process(&forged), Err(GroupError::UnauthorizedProposal(_))));
+            assert!(matches!(m.process(&forged), Err(GroupError::UnauthorizedCommit)));
             assert_eq!(m.epoch(&gid).unwrap(), epoch, "not merged");
         }
 
@@ -1309,30 +1347,49 @@ mod tests {
     }
 
     #[test]
-    fn a_pending_self_removal_never_blocks_sending_and_one_member_commits_it() {
+    fn a_pending_self_removal_never_blocks_sending_and_one_admin_carries_it_out() {
         let dir = tempfile::tempdir().unwrap();
         let (alice, bob, carol) =
             (member(dir.path(), "a"), member(dir.path(), "b"), member(dir.path(), "c"));
         let gid = trio(&alice, &bob, &carol);
-        // alice, the only admin, leaves.
-        let (proposal, _) = alice.leave(&gid).unwrap();
+        // bob becomes an admin too (leaf 1, after alice's 0).
+        let out = alice.set_admins(&gid, vec![alice.identity_key(), bob.identity_key()]).unwrap();
+        alice.confirm(&gid).unwrap();
         for m in [&bob, &carol] {
+            assert!(matches!(m.process(&out.commit).unwrap(), Incoming::Commit { .. }));
+        }
+        // carol leaves.
+        let (proposal, _) = carol.leave(&gid).unwrap();
+        for m in [&alice, &bob] {
             assert!(matches!(m.process(&proposal).unwrap(), Incoming::Proposal { .. }));
+            assert_eq!(m.leaving(&gid).unwrap(), [carol.identity_key()]);
         }
         // Sending goes on while it waits.
-        let (ct, _) = carol.encrypt(&gid, b"bye alice").unwrap();
-        assert!(matches!(bob.process(&ct).unwrap(), Incoming::Application { .. }));
-        // No admin stays: the lowest leaf among those staying (bob, leaf 1) commits it; carol
-        // does not race him. Neither is an admin, and both accept it.
-        assert!(carol.commit_pending(&gid).unwrap().is_none());
-        let out = bob.commit_pending(&gid).unwrap().expect("bob commits the removal");
-        bob.confirm(&gid).unwrap();
+        let (ct, _) = bob.encrypt(&gid, b"bye carol").unwrap();
+        assert!(matches!(alice.process(&ct).unwrap(), Incoming::Application { .. }));
+        // One admin does it (the lowest leaf staying: alice), by value; bob does not race her.
+        assert!(bob.commit_pending(&gid).unwrap().is_none());
+        let out = alice.commit_pending(&gid).unwrap().expect("alice removes carol");
+        alice.confirm(&gid).unwrap();
+        let group = alice.load(&gid).unwrap();
+        assert!(group.pending_proposals().next().is_none(), "merging dropped the proposal");
+        // The commit carries the removal by value: bob applies it even without the proposal
+        // (as a member whose queue refused it would).
+        let mut bobs = bob.load(&gid).unwrap();
+        bobs.clear_pending_proposals(bob.provider.storage()).unwrap();
         assert!(matches!(
-            carol.process(&out.commit).unwrap(),
-            Incoming::Commit { ref removed, .. } if removed == &[alice.identity_key()]
+            bob.process(&out.commit).unwrap(),
+            Incoming::Commit { ref removed, .. } if removed == &[carol.identity_key()]
         ));
-        assert_eq!(bob.verification_code(&gid).unwrap(), carol.verification_code(&gid).unwrap());
-        assert_eq!(carol.members(&gid).unwrap().len(), 2);
+        assert_eq!(alice.verification_code(&gid).unwrap(), bob.verification_code(&gid).unwrap());
+        assert_eq!(bob.members(&gid).unwrap().len(), 2);
+        // No admin staying: nobody commits (a non-admin cannot).
+        let gid2 = trio(&alice, &bob, &carol);
+        let (proposal, _) = alice.leave(&gid2).unwrap();
+        for m in [&bob, &carol] {
+            m.process(&proposal).unwrap();
+            assert!(m.commit_pending(&gid2).unwrap().is_none());
+        }
     }
 
     #[test]

@@ -188,6 +188,17 @@ impl Group {
         for u in &g.updaters {
             common::ensure(matches!(u.process(&welcome)?, Incoming::Joined { .. }), "no join")?;
         }
+        // Only admins commit: the updaters become admins first (one more commit of the setup).
+        if !g.updaters.is_empty() {
+            let mut admins = vec![g.adder.identity_key()];
+            admins.extend(g.updaters.iter().map(|u| u.identity_key()));
+            let out = g.adder.set_admins(&g.id, admins)?;
+            g.adder.confirm(&g.id)?;
+            for m in std::iter::once(&g.member).chain(&g.updaters) {
+                let done = matches!(m.process(&out.commit)?, Incoming::Commit { .. });
+                common::ensure(done, "promotion lost")?;
+            }
+        }
         for i in 0..g.updaters.len() {
             let out = g.updaters[i].self_update(&g.id)?;
             g.updaters[i].confirm(&g.id)?;
