@@ -69,7 +69,35 @@ impl ServerProcess {
         extra: &[&str],
         log: &str,
     ) -> anyhow::Result<Self> {
+        Self::start_bin_env(bin, data_dir, listen, extra, log, &[])
+    }
+
+    /// Like [`Self::start`] with extra environment variables for the server process.
+    pub fn start_env(
+        data_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, String)],
+    ) -> anyhow::Result<Self> {
+        Self::start_bin_env(
+            &workspace_bin("qpq-server-lite"),
+            data_dir,
+            "127.0.0.1:0",
+            extra,
+            "debug",
+            env,
+        )
+    }
+
+    fn start_bin_env(
+        bin: &Path,
+        data_dir: &Path,
+        listen: &str,
+        extra: &[&str],
+        log: &str,
+        env: &[(&str, String)],
+    ) -> anyhow::Result<Self> {
         let mut cmd = Command::new(bin);
+        cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
         cmd.arg("--data-dir").arg(data_dir).args(["--listen", listen]);
         if !extra.contains(&"--registration") {
             cmd.args(["--registration", "open"]);

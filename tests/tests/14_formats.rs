@@ -75,7 +75,13 @@ fn v0_3_server_database_and_client_stores_open_and_read_back() {
 fn opens_and_reads_back(version: &str) {
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(version).join("data");
     // Every file of the set must be there (a *.redb once went missing to .gitignore).
-    for f in ["server/qpq.redb", "server/server-key.der", "alice/account.qpq", "bob/account.qpq"] {
+    for f in [
+        "server/qpq.redb",
+        "server/server-key.der",
+        "alice/account.qpq",
+        "bob/account.qpq",
+        "made_at",
+    ] {
         assert!(fixture.join(f).is_file(), "the {version} fixture lacks {f}");
     }
     let dir = tempfile::tempdir().unwrap();
@@ -86,7 +92,23 @@ fn opens_and_reads_back(version: &str) {
         let key = dir.path().join("server/server-key.der");
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
     }
-    let server = ServerProcess::start(&dir.path().join("server"), &[]).unwrap();
+    // The server runs on the fixture's day (`made_at`: when the set was committed, shortly
+    // after it was made, in Unix seconds): what the database holds expires after days (queued
+    // messages, blobs, commit slots), and this test must pass on any later date.
+    let made_at: i64 = std::fs::read_to_string(dir.path().join("made_at"))
+        .expect("every fixture set has a made_at")
+        .trim()
+        .parse()
+        .unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+        as i64;
+    let offset = (made_at + 3600 - now).min(0).to_string();
+    let server = ServerProcess::start_env(
+        &dir.path().join("server"),
+        &[],
+        &[("QPQ_TEST_CLOCK_OFFSET_SECS", offset)],
+    )
+    .unwrap();
     let expected_fp = std::fs::read_to_string(dir.path().join("fingerprint")).unwrap();
     assert_eq!(
         format!("sha256:{}", server.fingerprint),
