@@ -573,6 +573,21 @@ impl Default for KeyMaker {
     }
 }
 
+/// Copies a directory tree (a server's data directory, a fixture set), panicking on failure.
+/// Copy a server's directory only while it is stopped.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
 /// A fresh random message id.
 pub fn message_id() -> [u8; 16] {
     rand::random()

@@ -16,20 +16,7 @@
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use qpq_tests::{ServerProcess, workspace_bin};
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
-    }
-}
+use qpq_tests::{ServerProcess, copy_dir, workspace_bin};
 
 fn qpq(home: &Path, name: &str, server: &ServerProcess, args: &[&str]) -> String {
     let out = Command::new(workspace_bin("qpq"))

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
-use qpq_tests::{ServerProcess, qpq_command, register_account};
+use qpq_tests::{ServerProcess, copy_dir, qpq_command, register_account};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -303,20 +303,6 @@ async fn two_admins_committing_at_once_never_fork_the_group() {
         for b in &members {
             let want = format!("after from {}", b.name);
             assert!(texts.contains(&want), "{} lacks {want:?}: {texts:?}", a.name);
-        }
-    }
-}
-
-/// Recursively copies a server's data directory (the server must be stopped).
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), &target).unwrap();
         }
     }
 }

@@ -1459,11 +1459,12 @@ impl Client {
     }
 
     /// Tells the user which recipients' queues did not store a message, and why.
-    fn report_refusals(&self, what: &str, to: &[Vec<u8>], seqs: &[u64], refusals: &[i32]) {
+    fn report_refusals(&self, what: &str, to: &[impl AsRef<[u8]>], seqs: &[u64], refusals: &[i32]) {
         for (i, k) in to.iter().enumerate() {
             if seqs.get(i) != Some(&0) {
                 continue;
             }
+            let k = k.as_ref();
             let who = self.cached_name(k).unwrap_or_else(|| hex(&k[..k.len().min(8)]));
             let why = match refusals.get(i).map(|r| v1::EnqueueRefusal::try_from(*r)) {
                 Some(Ok(r)) if r != v1::EnqueueRefusal::None => r.describe(),
@@ -2029,23 +2030,8 @@ impl Client {
             let r: Result<v1::BatchEnqueueResponse, NetError> =
                 self.connection()?.call(method::BATCH_ENQUEUE, &req, Duration::ZERO).await;
             match r {
-                Ok(resp) => {
-                    // Recipients whose copy the server did not store (seq 0): say who, and why.
-                    for (i, k) in to.iter().enumerate() {
-                        if resp.seqs.get(i) != Some(&0) {
-                            continue;
-                        }
-                        let who = self.cached_name(k).unwrap_or_else(|| hex(&k[..8]));
-                        let why =
-                            match resp.refusals.get(i).map(|r| v1::EnqueueRefusal::try_from(*r)) {
-                                Some(Ok(r)) if r != v1::EnqueueRefusal::None => r.describe(),
-                                _ => "the server did not store it",
-                            };
-                        self.emit(Event::Rejected {
-                            reason: format!("message not delivered to {who}: {why}"),
-                        });
-                    }
-                }
+                // Recipients whose copy the server did not store (seq 0): say who, and why.
+                Ok(resp) => self.report_refusals("message", &to, &resp.seqs, &resp.refusals),
                 Err(e @ (NetError::Connection(_) | NetError::Timeout)) => {
                     self.conn = None;
                     return Err(e.into());
