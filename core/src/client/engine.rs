@@ -1476,13 +1476,8 @@ impl Client {
 
     /// The 0.2 delivery, for a server without commit slots: enqueue and merge.
     async fn send_commit_unordered(&mut self, pending: PendingCommit) -> Result<(), ClientError> {
-        let req = v1::BatchEnqueueRequest {
-            recipient_keys: pending.commit_to.clone(),
-            payload: pending.commit.clone(),
-            channel_id: Vec::new(),
-            ttl_secs: 0,
-            message_id: pending.message_id.to_vec(),
-        };
+        let req =
+            batch_request(pending.commit_to.clone(), pending.commit.clone(), pending.message_id);
         let r: Result<v1::BatchEnqueueResponse, NetError> =
             self.connection()?.call(method::BATCH_ENQUEUE, &req, Duration::ZERO).await;
         match r {
@@ -1791,13 +1786,7 @@ impl Client {
         payload: Vec<u8>,
         message_id: [u8; 16],
     ) -> Result<(), ClientError> {
-        let req = v1::BatchEnqueueRequest {
-            recipient_keys: to.iter().map(|k| k.to_vec()).collect(),
-            payload,
-            channel_id: Vec::new(),
-            ttl_secs: 0,
-            message_id: message_id.to_vec(),
-        };
+        let req = batch_request(to.iter().map(|k| k.to_vec()).collect(), payload, message_id);
         let _: v1::BatchEnqueueResponse = self.call(method::BATCH_ENQUEUE, &req).await?;
         Ok(())
     }
@@ -2020,13 +2009,11 @@ impl Client {
             if self.conn.as_ref().is_none_or(|c| c.is_closed()) {
                 return Err(ClientError::Net(NetError::Connection("offline".into())));
             }
-            let req = v1::BatchEnqueueRequest {
-                recipient_keys: to.iter().map(|k| k.to_vec()).collect(),
-                payload: item.payload.clone(),
-                channel_id: Vec::new(),
-                ttl_secs: 0,
-                message_id: item.message_id.to_vec(),
-            };
+            let req = batch_request(
+                to.iter().map(|k| k.to_vec()).collect(),
+                item.payload.clone(),
+                item.message_id,
+            );
             let r: Result<v1::BatchEnqueueResponse, NetError> =
                 self.connection()?.call(method::BATCH_ENQUEUE, &req, Duration::ZERO).await;
             match r {
@@ -2826,6 +2813,17 @@ fn recent_key(conv: &[u8], slot: Option<u64>) -> Vec<u8> {
 
 fn commit_key(conv: &[u8]) -> Vec<u8> {
     [COMMIT_PREFIX, conv].concat()
+}
+
+/// A BatchEnqueue of `payload` to `to` on the default channel with the default lifetime.
+fn batch_request(to: Vec<Vec<u8>>, payload: Vec<u8>, id: [u8; 16]) -> v1::BatchEnqueueRequest {
+    v1::BatchEnqueueRequest {
+        recipient_keys: to,
+        payload,
+        channel_id: Vec::new(),
+        ttl_secs: 0,
+        message_id: id.to_vec(),
+    }
 }
 
 fn keys32(keys: &[Vec<u8>]) -> Vec<[u8; 32]> {
