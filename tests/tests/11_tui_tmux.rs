@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use qpq_tests::tmux::Tmux;
-use qpq_tests::{ServerProcess, register_account};
+use qpq_tests::{ServerProcess, qpq_command, register_account};
 
 async fn account(server: &ServerProcess, home: &Path, name: &str) {
     register_account(server, home, name, &format!("{name}-pass"), &format!("{name}-password"))
@@ -65,4 +65,81 @@ async fn two_tuis_exchange_a_message_a_typing_indicator_and_a_file() {
         assert!(Instant::now() < deadline, "bob's qpq did not exit");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Waits until `needle` is gone from `name`'s screen.
+fn wait_gone(tmux: &Tmux, name: &str, needle: &str, limit: Duration) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        let s = tmux.screen(name);
+        if !s.contains(needle) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{needle:?} stayed on {name}'s screen:\n{s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Honest connection state: a SIGKILLed server is seen as offline within 5 s (the client's
+/// QUIC idle timeout of 3 s, restarted by the last keep-alive sent, at most 0.75 s after
+/// the last packet heard; the worker's event redraws the screen at once, which is read every
+/// 100 ms), with the next retry time; a message sent meanwhile shows at once,
+/// marked pending, counted in the outbox, and turns delivered when the server is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(qpq_no_tmux, ignore = "tmux is not installed: apt-get install tmux")]
+async fn a_dead_server_is_noticed_within_5_s_and_what_is_sent_meanwhile_shows_pending() {
+    let tmux = Tmux::new("dead");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("server");
+    let mut server = ServerProcess::start(&data, &[]).unwrap();
+    let addr = server.addr.to_string();
+    let (alice_home, bob_home) = (dir.path().join("alice"), dir.path().join("bob"));
+    account(&server, &alice_home, "alice").await;
+    account(&server, &bob_home, "bob").await;
+
+    tmux.start("alice", &alice_home);
+    tmux.wait_for("alice", "Passphrase", Duration::from_secs(10));
+    tmux.type_text("alice", "alice-pass");
+    tmux.keys("alice", &["Enter"]);
+    tmux.wait_for("alice", "● online", Duration::from_secs(15));
+    tmux.type_text("alice", "/dm bob");
+    tmux.keys("alice", &["Enter"]);
+    tmux.wait_for("alice", "@bob", Duration::from_secs(15));
+    tmux.type_text("alice", "before the outage");
+    tmux.keys("alice", &["Enter"]);
+    // The timeline line ("alice ..."), not the composer's text; delivered (no pending mark).
+    tmux.wait_for("alice", "alice before the outage", Duration::from_secs(10));
+    wait_gone(&tmux, "alice", "⏳", Duration::from_secs(10));
+
+    server.kill();
+    let killed = Instant::now();
+    tmux.wait_for("alice", "○ offline", Duration::from_secs(15));
+    let noticed = killed.elapsed();
+    eprintln!("dead server noticed after {noticed:?}");
+    assert!(noticed <= Duration::from_secs(5), "noticed after {noticed:?}, over 5 s");
+    let screen = tmux.wait_for("alice", "retry in", Duration::from_secs(5));
+    assert!(!screen.contains("● online"), "{screen}");
+
+    tmux.type_text("alice", "while the server is down");
+    tmux.keys("alice", &["Enter"]);
+    tmux.wait_for("alice", "while the server is down ⏳", Duration::from_secs(2));
+    tmux.wait_for("alice", "outbox 1", Duration::from_secs(2));
+
+    let _server = ServerProcess::start_on(&data, &addr, &[]).unwrap();
+    tmux.wait_for("alice", "● online", Duration::from_secs(40));
+    let screen = wait_gone(&tmux, "alice", "⏳", Duration::from_secs(15));
+    assert!(!screen.contains("outbox"), "the outbox emptied:\n{screen}");
+    assert!(screen.contains("while the server is down"), "{screen}");
+
+    // bob gets it from the server: it was really delivered.
+    let out = qpq_command(&bob_home, "bob-pass", "bob-password")
+        .args(["tail", "@alice"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.contains("before the outage") && text.contains("while the server is down"),
+        "{text}"
+    );
 }

@@ -173,8 +173,10 @@ pub enum WorkerEvent {
     Alert { title: String, text: String },
     /// Transfer progress.
     Transfer { name: String, done: u64, total: u64, upload: bool },
-    /// Connection and outbox.
-    Status { conn: ConnState, outbox: usize },
+    /// An entry of a conversation changed (delivered, edited, deleted, reacted to, read).
+    Changed { conv: Vec<u8>, entry: HistoryEntry },
+    /// Connection, outbox, and when the next reconnect attempt starts (offline).
+    Status { conn: ConnState, outbox: usize, retry_in: Option<Duration> },
     /// Our identity and server.
     Identity { username: String, server: String, identity: String },
     /// A stored per-conversation notification level.
@@ -246,8 +248,14 @@ pub struct App {
     pub server: String,
     /// Our identity key, short.
     pub identity: String,
-    /// Last notice or error.
+    /// Last notice or error (true), shown until `message_until`.
     pub message: Option<(String, bool)>,
+    /// When the notice or error in `message` expires.
+    message_until: Option<Instant>,
+    /// The latest tick: what "now" is for expiries and the retry countdown.
+    pub now: Instant,
+    /// When the worker tries to reconnect next (offline).
+    pub retry_at: Option<Instant>,
     /// Who is typing where, until when.
     pub typing: HashMap<Vec<u8>, Vec<(String, Instant)>>,
     /// Transfers in progress.
@@ -264,6 +272,10 @@ pub struct App {
 
 /// How long a typing indicator lasts without a refresh.
 pub const TYPING_SHOWN: Duration = Duration::from_secs(6);
+/// How long a notice stays in the status bar.
+pub const NOTICE_SHOWN: Duration = Duration::from_secs(8);
+/// How long an error stays in the status bar (the state it reports may have passed).
+pub const ERROR_SHOWN: Duration = Duration::from_secs(20);
 /// At most one typing notice per this interval.
 pub const TYPING_EVERY: Duration = Duration::from_secs(3);
 
@@ -294,6 +306,9 @@ impl App {
             server: String::new(),
             identity: String::new(),
             message: None,
+            message_until: None,
+            now: Instant::now(),
+            retry_at: None,
             typing: HashMap::new(),
             transfers: Vec::new(),
             notify: HashMap::new(),
@@ -321,8 +336,13 @@ impl App {
                 Vec::new()
             }
             Action::Tick(now) => {
+                self.now = now;
                 for list in self.typing.values_mut() {
                     list.retain(|(_, until)| *until > now);
+                }
+                if self.message_until.is_some_and(|t| t <= now) {
+                    self.message = None;
+                    self.message_until = None;
                 }
                 Vec::new()
             }
@@ -414,9 +434,32 @@ impl App {
                     self.transfers.push(TransferView { name, done, total, upload });
                 }
             }
-            WorkerEvent::Status { conn, outbox } => {
+            WorkerEvent::Changed { conv, entry } => {
+                if self.open.as_ref() == Some(&conv) {
+                    // A read receipt covers every earlier message, as the engine records it.
+                    for e in self.timeline.iter_mut().filter(|e| e.seq < entry.seq && !e.system) {
+                        for reader in &entry.read_by {
+                            if e.sender != *reader && !e.read_by.contains(reader) {
+                                e.read_by.push(reader.clone());
+                            }
+                        }
+                    }
+                    if let Some(e) = self.timeline.iter_mut().find(|e| e.seq == entry.seq) {
+                        *e = entry;
+                    }
+                }
+            }
+            WorkerEvent::Status { conn, outbox, retry_in } => {
+                // Back online: an error about the outage is stale.
+                if conn == ConnState::Online
+                    && self.conn != ConnState::Online
+                    && self.message.as_ref().is_some_and(|m| m.1)
+                {
+                    self.message = None;
+                }
                 self.conn = conn;
                 self.outbox = outbox;
+                self.retry_at = retry_in.map(|d| self.now + d);
             }
             WorkerEvent::Identity { username, server, identity } => {
                 self.username = username;
@@ -426,10 +469,17 @@ impl App {
             WorkerEvent::NotifyLevel { conv, level } => {
                 self.notify.insert(conv, level);
             }
-            WorkerEvent::Notice(m) => self.message = Some((m, false)),
-            WorkerEvent::Error(m) => self.message = Some((m, true)),
+            WorkerEvent::Notice(m) => self.show(m, false),
+            WorkerEvent::Error(m) => self.show(m, true),
         }
         Vec::new()
+    }
+
+    /// Shows a notice or an error in the status bar for a while.
+    pub fn show(&mut self, text: String, error: bool) {
+        let shown = if error { ERROR_SHOWN } else { NOTICE_SHOWN };
+        self.message_until = Some(Instant::now() + shown);
+        self.message = Some((text, error));
     }
 
     fn open_selected(&mut self) -> Vec<Command> {
@@ -696,8 +746,7 @@ impl App {
         match self.open.clone() {
             Some(conv) => vec![Command::Send { conv, text, reply_to: None }],
             None => {
-                self.message =
-                    Some(("open a conversation first (/dm user or /create name)".into(), true));
+                self.show("open a conversation first (/dm user or /create name)".into(), true);
                 Vec::new()
             }
         }
@@ -708,11 +757,11 @@ impl App {
         let rest = rest.trim();
         let conv = self.open.clone();
         let need = |app: &mut Self| {
-            app.message = Some((format!("/{cmd} needs an open conversation"), true));
+            app.show(format!("/{cmd} needs an open conversation"), true);
             Vec::new()
         };
         let usage = |app: &mut Self, u: &str| {
-            app.message = Some((format!("usage: {u}"), true));
+            app.show(format!("usage: {u}"), true);
             Vec::new()
         };
         match cmd {
@@ -884,7 +933,7 @@ impl App {
                 vec![Command::Quit]
             }
             other => {
-                self.message = Some((format!("unknown command /{other}; press F1 for help"), true));
+                self.show(format!("unknown command /{other}; press F1 for help"), true);
                 Vec::new()
             }
         }
@@ -939,7 +988,7 @@ impl App {
                 match key.code {
                     KeyCode::Char('y') | KeyCode::Char('Y') => vec![command],
                     _ => {
-                        self.message = Some(("cancelled".into(), false));
+                        self.show("cancelled".into(), false);
                         Vec::new()
                     }
                 }

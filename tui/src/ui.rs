@@ -356,11 +356,22 @@ fn members_pane(f: &mut Frame<'_>, app: &App, area: Rect) {
 
 fn status_bar(f: &mut Frame<'_>, app: &App, area: Rect) {
     let (state, style) = match app.conn {
-        ConnState::Online => ("● online", Style::new().fg(ratatui::style::Color::Green)),
-        ConnState::Reconnecting => {
-            ("◌ reconnecting", Style::new().fg(ratatui::style::Color::Yellow))
+        ConnState::Online => {
+            ("● online".to_string(), Style::new().fg(ratatui::style::Color::Green))
         }
-        ConnState::Offline => ("○ offline", Style::new().fg(ratatui::style::Color::Red)),
+        ConnState::Reconnecting => {
+            ("◌ reconnecting…".to_string(), Style::new().fg(ratatui::style::Color::Yellow))
+        }
+        ConnState::Offline => {
+            let text = match app.retry_at {
+                Some(at) => {
+                    let secs = at.saturating_duration_since(app.now).as_secs_f32().ceil();
+                    format!("○ offline · retry in {secs:.0}s")
+                }
+                None => "○ offline".to_string(),
+            };
+            (text, Style::new().fg(ratatui::style::Color::Red))
+        }
     };
     let mut spans =
         vec![Span::styled(state, style), Span::raw(format!("  {}@{}", app.username, app.server))];

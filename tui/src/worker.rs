@@ -1,12 +1,14 @@
 //! The network side of the UI: owns the [`Client`], runs [`Command`]s, and turns engine events
 //! into [`WorkerEvent`]s. The UI never waits on it.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use qpq_core::client::net::{Connection, NetError};
 use qpq_core::client::{Client, ClientError, ConnState, ConvKind, Event};
 use qpq_core::content::Body;
 use qpq_core::identity::hex;
 use tokio::sync::{broadcast, mpsc};
+use tokio::task::JoinHandle;
 
 use crate::app::{Command, InfoView, WorkerEvent};
 use crate::config::NotifyLevel;
@@ -14,14 +16,89 @@ use crate::config::NotifyLevel;
 /// Messages of history loaded when a conversation opens.
 pub const HISTORY_PAGE: usize = 500;
 
+/// First wait before reconnecting after the connection drops; it doubles per failed attempt
+/// up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+/// Longest wait between reconnect attempts.
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// The connection as the worker manages it: the engine never retries on its own here
+/// ([`Client::set_auto_reconnect`]`(false)`), so no command waits behind a retry loop.
+struct Link {
+    /// When the next attempt starts (offline); `None` while online, dialing, or when retrying
+    /// is pointless (the session expired, the server's certificate changed).
+    retry_at: Option<Instant>,
+    /// The wait after the next failure.
+    backoff: Duration,
+    /// A handshake in flight, in its own task: commands go on meanwhile.
+    dialing: Option<JoinHandle<Result<Connection, NetError>>>,
+    /// The outage was reported once (its error line); later failures only move the retry time.
+    reported: bool,
+    /// What the UI was last told: (state, outbox, retry time).
+    shown: Option<(ConnState, usize, Option<Instant>)>,
+}
+
+impl Link {
+    fn new() -> Self {
+        Self {
+            retry_at: Some(Instant::now()),
+            backoff: RETRY_FIRST,
+            dialing: None,
+            reported: false,
+            shown: None,
+        }
+    }
+
+    fn state(&self, client: &Client) -> ConnState {
+        if client.is_online() {
+            ConnState::Online
+        } else if self.dialing.is_some() {
+            ConnState::Reconnecting
+        } else {
+            ConnState::Offline
+        }
+    }
+
+    /// The connection was found dead: schedule the first attempt.
+    fn lost(&mut self) {
+        if self.retry_at.is_none() && self.dialing.is_none() {
+            self.backoff = RETRY_FIRST;
+            self.retry_at = Some(Instant::now() + RETRY_FIRST);
+        }
+    }
+
+    /// An attempt failed: wait longer (or as long as a busy server asked).
+    fn failed(&mut self, hint: Option<Duration>) {
+        let wait = hint.map_or(self.backoff, |h| h.clamp(self.backoff, Duration::from_secs(60)));
+        self.retry_at = Some(Instant::now() + wait);
+        self.backoff = (self.backoff * 2).min(RETRY_MAX);
+    }
+
+    /// Tells the UI the connection state, the outbox size and the next retry, if changed.
+    async fn publish(&mut self, client: &Client, tx: &mpsc::Sender<WorkerEvent>) {
+        let now = (self.state(client), client.outbox_len().unwrap_or(0), self.retry_at);
+        if self.shown != Some(now) {
+            self.shown = Some(now);
+            let (conn, outbox, retry_at) = now;
+            let retry_in = retry_at.map(|t| t.saturating_duration_since(Instant::now()));
+            let _ = tx.send(WorkerEvent::Status { conn, outbox, retry_in }).await;
+        }
+    }
+}
+
 /// Runs until the command channel closes.
 pub async fn run(
     mut client: Client,
     mut rx: mpsc::Receiver<Command>,
     tx: mpsc::Sender<WorkerEvent>,
 ) {
+    client.set_auto_reconnect(false);
     let mut events = client.subscribe();
     let mut open: Option<Vec<u8>> = None;
+    let mut link = Link::new();
+    if client.is_online() {
+        link.retry_at = None;
+    }
     let _ = tx
         .send(WorkerEvent::Identity {
             username: client.username().to_string(),
@@ -29,6 +106,7 @@ pub async fn run(
             identity: hex(&client.identity_key()[..6]),
         })
         .await;
+    link.publish(&client, &tx).await;
     send_conversations(&client, &tx).await;
     for c in client.conversations().unwrap_or_default() {
         let level =
@@ -40,20 +118,29 @@ pub async fn run(
             };
         let _ = tx.send(WorkerEvent::NotifyLevel { conv: c.id, level }).await;
     }
-    let mut backoff = Duration::from_millis(200);
     loop {
         // Forward what the engine reported since the last turn (never inside the select:
         // an event must not cancel a sync half-way).
+        let mut lagged = false;
         loop {
             match events.try_recv() {
                 Ok(ev) => forward(&mut client, ev, open.as_deref(), &tx).await,
-                Err(broadcast::error::TryRecvError::Lagged(_)) => {
-                    send_conversations(&client, &tx).await
-                }
+                Err(broadcast::error::TryRecvError::Lagged(_)) => lagged = true,
                 Err(_) => break,
             }
         }
+        if lagged {
+            send_conversations(&client, &tx).await;
+            if let Some(conv) = &open {
+                let _ = send_history(&mut client, conv, &tx).await;
+            }
+        }
+        if !client.is_online() {
+            link.lost();
+        }
+        link.publish(&client, &tx).await;
         let online = client.is_online();
+        let retry_at = link.retry_at.map(tokio::time::Instant::from_std);
         tokio::select! {
             cmd = rx.recv() => {
                 let Some(cmd) = cmd else { break };
@@ -63,61 +150,157 @@ pub async fn run(
                 if let Command::Open(id) = &cmd {
                     open = Some(id.clone());
                 }
-                if let Err(e) = handle(&mut client, cmd, &tx).await {
+                if let Err(e) = run_command(&mut client, cmd, &mut events, open.as_deref(), &tx).await {
                     let event = match &e {
                         // Loud and blocking: an overlay that must be acknowledged.
                         ClientError::KeyChanged { username, .. } => WorkerEvent::Alert {
                             title: format!("{username}'s key changed"),
                             text: e.to_string(),
                         },
+                        ClientError::Net(_) if !client.is_online() => WorkerEvent::Error(
+                            format!("offline: {e}"),
+                        ),
                         _ => WorkerEvent::Error(e.to_string()),
                     };
                     let _ = tx.send(event).await;
                 }
-                let _ = tx.send(WorkerEvent::Status { conn: state(&client), outbox: client.outbox_len().unwrap_or(0) }).await;
             }
             // Cancel-safe: a command interrupts the wait, never a sync.
             r = client.wait_for_activity(Duration::from_secs(20)), if online => {
                 if let Err(e) = r {
-                    report_net(&client, e, &tx).await;
+                    report_net(&mut link, &client, e, &tx).await;
                 }
             }
-            () = tokio::time::sleep(backoff), if !online => {
-                match client.ensure_connected().await {
+            () = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)),
+                if !online && retry_at.is_some() && link.dialing.is_none() =>
+            {
+                link.retry_at = None;
+                match client.dialer() {
+                    Ok(dial) => link.dialing = Some(tokio::spawn(dial)),
+                    Err(e) => report_net(&mut link, &client, e, &tx).await,
+                }
+            }
+            dialed = async {
+                match link.dialing.as_mut() {
+                    Some(handshake) => handshake.await,
+                    None => std::future::pending().await,
+                }
+            }, if link.dialing.is_some() => {
+                link.dialing = None;
+                let r = match dialed {
+                    Ok(Ok(conn)) => client.resume_on(conn).await,
+                    Ok(Err(e)) => Err(e.into()),
+                    Err(e) => Err(ClientError::Invalid(format!("connecting failed: {e}"))),
+                };
+                match r {
                     Ok(()) => {
-                        backoff = Duration::from_millis(200);
+                        link.backoff = RETRY_FIRST;
+                        if std::mem::take(&mut link.reported) {
+                            let _ = tx.send(WorkerEvent::Notice("back online".into())).await;
+                        }
                         send_conversations(&client, &tx).await;
                     }
-                    Err(e) => {
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
-                        report_net(&client, e, &tx).await;
-                    }
+                    Err(e) => report_net(&mut link, &client, e, &tx).await,
                 }
-                let _ = tx.send(WorkerEvent::Status { conn: state(&client), outbox: client.outbox_len().unwrap_or(0) }).await;
             }
         }
         if client.is_online()
             && let Err(e) = client.sync().await
         {
-            report_net(&client, e, &tx).await;
+            report_net(&mut link, &client, e, &tx).await;
         }
+    }
+    if let Some(dialing) = link.dialing.take() {
+        dialing.abort();
     }
     client.disconnect().await;
 }
 
-fn state(c: &Client) -> ConnState {
-    if c.is_online() { ConnState::Online } else { ConnState::Reconnecting }
+/// Runs one command while forwarding, as they happen, the events that need no access to the
+/// client: transfer progress and our own new messages (shown at once, marked pending). The
+/// rest is forwarded after the command.
+async fn run_command(
+    client: &mut Client,
+    cmd: Command,
+    events: &mut broadcast::Receiver<Event>,
+    open: Option<&[u8]>,
+    tx: &mpsc::Sender<WorkerEvent>,
+) -> Result<(), ClientError> {
+    let (me, username) = (client.identity_key(), client.username().to_string());
+    let mut held = Vec::new();
+    let mut own_message = false;
+    let result = {
+        let fut = handle(client, cmd, tx);
+        tokio::pin!(fut);
+        loop {
+            tokio::select! {
+                r = &mut fut => break r,
+                ev = events.recv() => match ev {
+                    Ok(Event::Transfer(t)) => {
+                        let _ = tx
+                            .send(WorkerEvent::Transfer {
+                                name: t.name,
+                                done: t.done,
+                                total: t.total,
+                                upload: t.upload,
+                            })
+                            .await;
+                    }
+                    Ok(Event::Message { conv, entry }) if entry.sender == me => {
+                        own_message = true;
+                        let incoming = WorkerEvent::Incoming {
+                            conv,
+                            entry,
+                            sender: username.clone(),
+                            mention: false,
+                        };
+                        let _ = tx.send(incoming).await;
+                    }
+                    Ok(other) => held.push(other),
+                    // Too many at once: the caller's next turn reloads.
+                    Err(_) => {}
+                }
+            }
+        }
+    };
+    for ev in held {
+        forward(client, ev, open, tx).await;
+    }
+    if own_message {
+        send_conversations(client, tx).await;
+    }
+    result
 }
 
-async fn report_net(client: &Client, e: ClientError, tx: &mpsc::Sender<WorkerEvent>) {
+/// A network failure: the connection may be gone (then a reconnect is scheduled). The first
+/// failure of an outage is shown; later ones only move the retry time in the status bar.
+async fn report_net(
+    link: &mut Link,
+    client: &Client,
+    e: ClientError,
+    tx: &mpsc::Sender<WorkerEvent>,
+) {
     let text = match &e {
-        ClientError::NeedLogin => "session expired: quit and run `qpq login`".to_string(),
-        _ => e.to_string(),
+        ClientError::NeedLogin => {
+            link.retry_at = None;
+            Some("session expired: quit and run `qpq login`".to_string())
+        }
+        ClientError::Net(NetError::CertificateChanged { .. }) | ClientError::PinMissing => {
+            link.retry_at = None;
+            Some(e.to_string())
+        }
+        ClientError::Net(n) if !client.is_online() => {
+            if link.dialing.is_none() {
+                link.failed(n.retry_after());
+            }
+            (!std::mem::replace(&mut link.reported, true)).then(|| format!("offline: {e}"))
+        }
+        _ => Some(e.to_string()),
     };
-    let _ = tx.send(WorkerEvent::Error(text)).await;
-    let _ = tx
-        .send(WorkerEvent::Status { conn: state(client), outbox: client.outbox_len().unwrap_or(0) })
-        .await;
+    if let Some(text) = text {
+        let _ = tx.send(WorkerEvent::Error(text)).await;
+    }
+    link.publish(client, tx).await;
 }
 
 async fn send_conversations(client: &Client, tx: &mpsc::Sender<WorkerEvent>) {
@@ -172,8 +355,13 @@ async fn forward(
             let _ = tx.send(WorkerEvent::Incoming { conv, entry, sender, mention }).await;
             send_conversations(client, tx).await;
         }
-        Event::Updated { conv, .. } if open == Some(conv.as_slice()) => {
-            let _ = send_history(client, &conv, tx).await;
+        // Only the entry that changed, not a reload of the page.
+        Event::Updated { conv, message_id } if open == Some(conv.as_slice()) => {
+            if let Ok(Some((in_conv, entry))) = client.entry(&message_id)
+                && in_conv == conv
+            {
+                let _ = tx.send(WorkerEvent::Changed { conv, entry }).await;
+            }
         }
         Event::Typing { conv, who, active } => {
             let name = client.name_of(&who).await;
@@ -193,11 +381,6 @@ async fn forward(
                     total: t.total,
                     upload: t.upload,
                 })
-                .await;
-        }
-        Event::Connection(conn) => {
-            let _ = tx
-                .send(WorkerEvent::Status { conn, outbox: client.outbox_len().unwrap_or(0) })
                 .await;
         }
         Event::Rejected { reason } => {
@@ -240,9 +423,9 @@ async fn handle(
                 .collect();
             let _ = tx.send(WorkerEvent::Older { conv, entries, names }).await;
         }
+        // The engine's events carry the new entry (pending, then delivered).
         Command::Send { conv, text, reply_to } => {
             client.send(&conv, Body::Text { body: text, reply_to }).await?;
-            send_history(client, &conv, tx).await?;
         }
         Command::Typing { conv, active } => {
             let _ = client.send_typing(&conv, active).await;
@@ -321,7 +504,6 @@ async fn handle(
         Command::SendFile { conv, path } => {
             let offer = client.send_file(&conv, &path).await?;
             let _ = tx.send(WorkerEvent::Notice(format!("sent {}", offer.name))).await;
-            send_history(client, &conv, tx).await?;
         }
         Command::Download { conv, message_id, dir } => {
             let entry = client
@@ -344,15 +526,12 @@ async fn handle(
         }
         Command::React { conv, target, emoji } => {
             client.send(&conv, Body::Reaction { target, emoji, remove: false }).await?;
-            send_history(client, &conv, tx).await?;
         }
         Command::Edit { conv, target, text } => {
             client.send(&conv, Body::Edit { target, body: text }).await?;
-            send_history(client, &conv, tx).await?;
         }
         Command::Delete { conv, target } => {
             client.send(&conv, Body::Delete { target }).await?;
-            send_history(client, &conv, tx).await?;
         }
         Command::Notify { conv, level } => {
             let v = match level {

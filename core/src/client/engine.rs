@@ -237,6 +237,9 @@ pub struct Client {
     last_seq: u64,
     progress: Option<ProgressHook>,
     idle_timeout: Duration,
+    /// Whether a call made while offline reconnects (with retries) first. A UI turns it off
+    /// and reconnects on its own schedule, so no command waits behind a retry loop.
+    auto_reconnect: bool,
     pending_pushes: Vec<Push>,
     /// Look at every group's current slot at the next sync (set at start and by a gap).
     probe_slots: bool,
@@ -405,14 +408,22 @@ impl Client {
             queued_by_resolution: std::sync::atomic::AtomicBool::new(false),
             progress: None,
             idle_timeout: super::net::IDLE_TIMEOUT,
+            auto_reconnect: true,
             pending_pushes: Vec::new(),
         }
     }
 
-    /// How long a silent connection lives before it is declared dead (default 15 s). Applies
-    /// from the next connection on.
+    /// How long a silent connection lives before it is declared dead (default
+    /// [`IDLE_TIMEOUT`](super::net::IDLE_TIMEOUT)). Applies from the next connection on.
     pub fn set_idle_timeout(&mut self, t: Duration) {
         self.idle_timeout = t.max(Duration::from_millis(300));
+    }
+
+    /// With `false`, a call made while offline fails at once with a connection error instead
+    /// of reconnecting (up to 5 attempts with backoff) first; the caller reconnects with
+    /// [`Client::reconnect`] when it chooses. Default `true` (one-shot commands).
+    pub fn set_auto_reconnect(&mut self, on: bool) {
+        self.auto_reconnect = on;
     }
 
     /// Sets a function called synchronously after each transferred chunk (the event stream
@@ -508,6 +519,37 @@ impl Client {
     /// or it expired.
     pub async fn connect(&mut self) -> Result<(), ClientError> {
         self.dial().await?;
+        self.resume().await
+    }
+
+    /// The slow half of a connect, detached from the client: the QUIC and TLS handshake with
+    /// the pinned server (up to the idle timeout when nothing answers). A UI runs it in a
+    /// task, so commands go on meanwhile, then hands the connection to
+    /// [`Client::resume_on`].
+    pub fn dialer(
+        &self,
+    ) -> Result<impl Future<Output = Result<Connection, NetError>> + Send + 'static, ClientError>
+    {
+        let pin = self.pin.clone().ok_or(ClientError::PinMissing)?;
+        let (server, push_tx, idle) = (self.server, self.push_tx.clone(), self.idle_timeout);
+        Ok(async move {
+            Connection::connect(server, "localhost", Some(pin.as_str()), push_tx, idle).await
+        })
+    }
+
+    /// Adopts a connection from [`Client::dialer`], resumes the session on it and delivers
+    /// the outbox: the fast half of a reconnect (a few round trips).
+    pub async fn resume_on(&mut self, conn: Connection) -> Result<(), ClientError> {
+        if let Some(old) = self.conn.replace(conn) {
+            old.close().await;
+        }
+        self.resume().await?;
+        self.flush_outbox().await?;
+        Ok(())
+    }
+
+    /// Resumes the stored session on the current connection.
+    async fn resume(&mut self) -> Result<(), ClientError> {
         let token = self.vault.get(Space::Account, b"token")?.ok_or(ClientError::NeedLogin)?;
         let r = self
             .connection()?
@@ -576,15 +618,15 @@ impl Client {
             return Ok(());
         }
         self.conn = None;
+        if !self.auto_reconnect {
+            return Err(ClientError::Net(NetError::Connection("offline".into())));
+        }
         self.emit(Event::Connection(ConnState::Reconnecting));
         let mut delay = Duration::from_millis(200);
         let mut last = None;
         for _ in 0..RECONNECT_ATTEMPTS {
-            match self.connect().await {
-                Ok(()) => {
-                    self.flush_outbox().await?;
-                    return Ok(());
-                }
+            match self.reconnect().await {
+                Ok(()) => return Ok(()),
                 Err(ClientError::NeedLogin) => return Err(ClientError::NeedLogin),
                 Err(ClientError::Net(NetError::CertificateChanged { expected, presented })) => {
                     return Err(NetError::CertificateChanged { expected, presented }.into());
@@ -605,6 +647,15 @@ impl Client {
         }
         self.emit(Event::Connection(ConnState::Offline));
         Err(last.unwrap_or(ClientError::Net(NetError::Connection("unreachable".into()))))
+    }
+
+    /// One attempt to connect, resume the session and deliver the outbox (see
+    /// [`Client::flush_outbox`]): what a reconnect does. An error leaves the client offline
+    /// unless only the outbox failed for a reason other than the network.
+    pub async fn reconnect(&mut self) -> Result<(), ClientError> {
+        self.connect().await?;
+        self.flush_outbox().await?;
+        Ok(())
     }
 
     /// Calls `method`, reconnecting once if the connection was lost.
@@ -960,6 +1011,25 @@ impl Client {
         }
         self.save_conversation(&c)?;
         Ok(entry)
+    }
+
+    /// The history entry of a message id (ours or a peer's), with its conversation.
+    pub fn entry(
+        &self,
+        message_id: &[u8; 16],
+    ) -> Result<Option<(Vec<u8>, HistoryEntry)>, ClientError> {
+        let Some(index) =
+            self.vault.get(Space::State, &[b"mid/".as_slice(), message_id].concat())?
+        else {
+            return Ok(None);
+        };
+        let Some((conv, seq)) = index.split_last_chunk::<8>() else { return Ok(None) };
+        let Some(v) =
+            self.vault.get(Space::Messages, &message_key(conv, u64::from_be_bytes(*seq)))?
+        else {
+            return Ok(None);
+        };
+        Ok(Some((conv.to_vec(), unjson(&v)?)))
     }
 
     fn update_entry(
@@ -1825,6 +1895,12 @@ impl Client {
         let entry = self.vault.atomic(|| self.record_send(conv, &me, &content))?;
         if let Some(entry) = entry {
             self.emit(Event::Message { conv: conv.to_vec(), entry });
+        }
+        // Our edit, delete or reaction changed an entry: say which (a UI updates just that).
+        if let Body::Edit { target, .. } | Body::Delete { target } | Body::Reaction { target, .. } =
+            &content.body
+        {
+            self.emit(Event::Updated { conv: conv.to_vec(), message_id: *target });
         }
         match self.flush_outbox().await {
             Ok(_) | Err(ClientError::Net(_)) => {}

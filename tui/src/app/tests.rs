@@ -409,3 +409,94 @@ fn the_safety_number_overlay_marks_a_contact_verified() {
         vec![Command::MarkVerified { user: "bob".into(), verified: false }]
     );
 }
+
+fn own_entry(seq: u64, pending: bool) -> HistoryEntry {
+    HistoryEntry {
+        seq,
+        message_id: [seq as u8; 16],
+        sender: vec![1; 32],
+        sent_at_ms: 0,
+        received_at_ms: 0,
+        text: format!("m{seq}"),
+        reply_to: None,
+        file: None,
+        edited: false,
+        deleted: false,
+        reactions: vec![],
+        read_by: vec![],
+        system: false,
+        pending,
+    }
+}
+
+#[test]
+fn notices_and_errors_expire_and_an_outage_error_clears_when_back_online() {
+    let mut a = app();
+    let t0 = Instant::now();
+    a.update(Action::Worker(WorkerEvent::Notice("keys rotated".into())));
+    a.update(Action::Tick(t0 + Duration::from_secs(1)));
+    assert_eq!(a.message.as_ref().map(|m| m.0.as_str()), Some("keys rotated"));
+    a.update(Action::Tick(t0 + NOTICE_SHOWN + Duration::from_secs(1)));
+    assert_eq!(a.message, None, "a notice goes after {NOTICE_SHOWN:?}");
+
+    let t1 = Instant::now();
+    a.update(Action::Worker(WorkerEvent::Error("timed out".into())));
+    a.update(Action::Tick(t1 + NOTICE_SHOWN + Duration::from_secs(1)));
+    assert!(a.message.is_some(), "an error stays longer than a notice");
+    a.update(Action::Tick(t1 + ERROR_SHOWN + Duration::from_secs(1)));
+    assert_eq!(a.message, None, "an error goes after {ERROR_SHOWN:?}");
+
+    // Offline with an error, then online: the error is stale at once.
+    let offline = WorkerEvent::Status {
+        conn: ConnState::Offline,
+        outbox: 1,
+        retry_in: Some(Duration::from_secs(4)),
+    };
+    a.update(Action::Worker(offline));
+    a.update(Action::Worker(WorkerEvent::Error("offline: connection lost".into())));
+    assert!(a.retry_at.is_some());
+    a.update(Action::Worker(WorkerEvent::Status {
+        conn: ConnState::Online,
+        outbox: 0,
+        retry_in: None,
+    }));
+    assert_eq!(a.message, None);
+    assert_eq!((a.conn, a.outbox, a.retry_at), (ConnState::Online, 0, None));
+}
+
+#[test]
+fn a_pending_message_turns_delivered_and_receipts_cover_earlier_ones() {
+    let mut a = app();
+    let conv = vec![1; 16];
+    a.update(Action::Worker(WorkerEvent::History {
+        conv: conv.clone(),
+        entries: vec![own_entry(0, false), own_entry(1, false)],
+        names: vec![],
+    }));
+    a.update(Action::Worker(WorkerEvent::Incoming {
+        conv: conv.clone(),
+        entry: own_entry(2, true),
+        sender: "alice".into(),
+        mention: false,
+    }));
+    assert!(a.timeline[2].pending, "shown at once, pending");
+    a.update(Action::Worker(WorkerEvent::Changed {
+        conv: conv.clone(),
+        entry: own_entry(2, false),
+    }));
+    assert!(!a.timeline[2].pending, "delivered");
+    assert_eq!(a.timeline.len(), 3, "replaced, not appended");
+
+    // bob read up to entry 1: entry 0 is covered too, entry 2 is not.
+    let mut read = own_entry(1, false);
+    read.read_by = vec![vec![9; 32]];
+    a.update(Action::Worker(WorkerEvent::Changed { conv: conv.clone(), entry: read }));
+    let readers: Vec<usize> = a.timeline.iter().map(|e| e.read_by.len()).collect();
+    assert_eq!(readers, vec![1, 1, 0]);
+
+    // Another conversation's change does not touch this timeline.
+    let mut other = own_entry(2, false);
+    other.text = "elsewhere".into();
+    a.update(Action::Worker(WorkerEvent::Changed { conv: vec![2; 16], entry: other }));
+    assert_eq!(a.timeline[2].text, "m2");
+}

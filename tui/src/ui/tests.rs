@@ -56,7 +56,11 @@ fn base() -> App {
         server: "192.0.2.1:5001".into(),
         identity: "d4d532c24695".into(),
     }));
-    a.update(Action::Worker(WorkerEvent::Status { conn: ConnState::Online, outbox: 0 }));
+    a.update(Action::Worker(WorkerEvent::Status {
+        conn: ConnState::Online,
+        outbox: 0,
+        retry_in: None,
+    }));
     a
 }
 
@@ -147,7 +151,11 @@ fn file_transfer_in_progress() {
         upload: true,
     });
     a.outbox = 2;
-    a.update(Action::Worker(WorkerEvent::Status { conn: ConnState::Reconnecting, outbox: 2 }));
+    a.update(Action::Worker(WorkerEvent::Status {
+        conn: ConnState::Reconnecting,
+        outbox: 2,
+        retry_in: None,
+    }));
     insta::assert_snapshot!("transfer_100x30", render(&a, 100, 30));
 }
 
@@ -236,4 +244,23 @@ fn safety_number_overlay_offers_to_mark_verified() {
         verified: false,
     }));
     insta::assert_snapshot!("safety_80x24", render(&a, 80, 24));
+}
+
+#[test]
+fn offline_shows_the_retry_countdown_and_the_outbox() {
+    let mut a = with_history();
+    a.update(Action::Worker(WorkerEvent::Status {
+        conn: ConnState::Offline,
+        outbox: 3,
+        retry_in: Some(std::time::Duration::from_millis(3_200)),
+    }));
+    let screen = render(&a, 100, 30).to_string();
+    let status = screen.lines().rfind(|l| l.contains("offline")).unwrap_or_default();
+    assert!(status.contains("○ offline · retry in 4s"), "{status}");
+    assert!(status.contains("outbox 3"), "{status}");
+    // Time passes (ticks): the countdown follows.
+    let later = a.now + std::time::Duration::from_secs(2);
+    a.update(Action::Tick(later));
+    let screen = render(&a, 100, 30).to_string();
+    assert!(screen.contains("retry in 2s"), "{screen}");
 }
