@@ -18,7 +18,7 @@ if ! command -v cargo-fuzz >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked
 fi
 
-targets=(frame_decode handlers client)
+targets=(frame_decode handlers client ipc)
 
 echo "== cargo fuzz build (${targets[*]})"
 (cd fuzz && cargo fuzz build)

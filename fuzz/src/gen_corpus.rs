@@ -1,6 +1,9 @@
 //! Writes the seed corpora under `fuzz/seeds/<target>/`: valid request frames for `handlers`
-//! (one per method, unauthenticated and as alice), and the client harness's seeds for `client`.
-//! Run: `cargo run --manifest-path fuzz/Cargo.toml --bin gen_corpus`.
+//! (one per method, unauthenticated and as alice), the client harness's seeds for `client`,
+//! and local socket frames for `ipc`.
+//! Run: `cargo run --manifest-path fuzz/Cargo.toml --bin gen_corpus [target...]`; without
+//! targets it writes all of them. (The OPAQUE messages in the `handlers` and `frame_decode`
+//! seeds are random, so regenerating those rewrites every such file.)
 
 use std::path::Path;
 use std::sync::Arc;
@@ -12,26 +15,55 @@ use qpq_core::opaque;
 use qpq_core::vault::{KdfParams, Vault};
 use qpq_proto::{Message, frame, method, v1};
 use qpq_server_lite::fuzzing::Harness;
+use qpq_tui::ipc;
+use serde_json::json;
 
 fn main() -> std::io::Result<()> {
+    let only: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(t) = only.iter().find(|t| !TARGETS.contains(&t.as_str())) {
+        return Err(std::io::Error::other(format!("unknown target {t}; targets: {TARGETS:?}")));
+    }
+    let wanted = |t: &str| only.is_empty() || only.iter().any(|a| a == t);
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds");
-    let opaque = opaque_messages()?;
-    let handlers = root.join("handlers");
-    std::fs::create_dir_all(&handlers)?;
-    for (id, name, payload) in requests(&opaque) {
-        for flags in [0u8, 1] {
-            let input = [&[flags][..], &id.to_be_bytes(), &payload].concat();
-            std::fs::write(handlers.join(format!("{name}-{flags}")), input)?;
+    if wanted("handlers") || wanted("frame_decode") {
+        let opaque = opaque_messages()?;
+        if wanted("handlers") {
+            handlers_seeds(&root.join("handlers"), &opaque)?;
+        }
+        if wanted("frame_decode") {
+            frame_decode_seeds(&root.join("frame_decode"), &opaque)?;
         }
     }
-    let client = root.join("client");
-    std::fs::create_dir_all(&client)?;
-    for (name, input) in ClientHarness::seeds() {
-        std::fs::write(client.join(name), input)?;
+    if wanted("client") {
+        let client = root.join("client");
+        std::fs::create_dir_all(&client)?;
+        for (name, input) in ClientHarness::seeds() {
+            std::fs::write(client.join(name), input)?;
+        }
     }
-    let frames = root.join("frame_decode");
-    std::fs::create_dir_all(&frames)?;
-    for (id, name, payload) in requests(&opaque) {
+    if wanted("ipc") {
+        ipc_seeds(&root.join("ipc"))?;
+    }
+    Ok(())
+}
+
+/// The targets that have seeds here.
+const TARGETS: [&str; 4] = ["handlers", "client", "frame_decode", "ipc"];
+
+fn handlers_seeds(dir: &Path, opaque: &Opaque) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for (id, name, payload) in requests(opaque) {
+        for flags in [0u8, 1] {
+            let input = [&[flags][..], &id.to_be_bytes(), &payload].concat();
+            std::fs::write(dir.join(format!("{name}-{flags}")), input)?;
+        }
+    }
+    Ok(())
+}
+
+fn frame_decode_seeds(frames: &Path, opaque: &Opaque) -> std::io::Result<()> {
+    std::fs::create_dir_all(frames)?;
+    for (id, name, payload) in requests(opaque) {
         if let Ok(f) = frame::encode_request(id, 1, &payload) {
             std::fs::write(frames.join(format!("request-{name}")), f)?;
         }
@@ -48,6 +80,26 @@ fn main() -> std::io::Result<()> {
         std::fs::write(frames.join("push-new-message"), f)?;
     }
     Ok(())
+}
+
+/// Local socket frames (`qpq_tui::ipc`): JSON values of the shapes serde gives enums and
+/// structs, numbers that change when written again, and a header with no payload after it.
+fn ipc_seeds(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let values = [
+        ("unit-variant", json!("Bye")),
+        ("struct-variant", json!({ "Hello": { "name": "alice", "device": 7 } })),
+        ("array", json!([1, -2.5, 1e15, null, true, "caf\u{e9}\u{1}", [], {}])),
+        ("nested", json!({ "Data": [[[[{ "a": [0, 255] }]]]] })),
+    ];
+    for (name, v) in values {
+        let f = ipc::encode(&v).map_err(|e| std::io::Error::other(e.to_string()))?;
+        std::fs::write(dir.join(name), f)?;
+    }
+    let mut header_only = ipc::MAGIC.to_vec();
+    header_only.extend_from_slice(&ipc::IPC_VERSION.to_be_bytes());
+    header_only.extend_from_slice(&16u32.to_be_bytes());
+    std::fs::write(dir.join("header-only"), header_only)
 }
 
 /// The identity key of the fuzz user with this seed byte (as `fuzz_targets/handlers.rs`).

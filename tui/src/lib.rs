@@ -6,6 +6,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod downloads;
+pub mod ipc;
 pub mod login;
 pub mod signals;
 pub mod tui_main;
