@@ -1,9 +1,12 @@
 //! Every way a `qpq` can be ended leaves an account that opens: a terminal that goes away under
 //! the TUI (tmux `kill-session` and `kill-pane`, which hang up the pane), SIGHUP, SIGTERM and
-//! SIGINT to `tail --follow`, and SIGKILL. A clean end is checked, not assumed: the process
-//! exits with 128 + the signal, removes its `account.qpq.owner` note and leaves a store that
-//! needs no repair; after SIGKILL the store does need repair, and opens all the same. A second
-//! `qpq` refused by the lock names the holder; user errors never print a backtrace.
+//! SIGINT to `tail --follow`, and SIGKILL of the daemon that holds the store. Both the TUI and
+//! `tail --follow` attach to a `qpq daemon` they start, which holds the store while anything
+//! is attached, so a second `qpq` works meanwhile. A clean end is checked, not assumed: the
+//! signalled process exits with 128 + the signal, and the daemon, once nothing is attached,
+//! removes its `account.qpq.owner` note and leaves a store that needs no repair. After SIGKILL
+//! of the daemon the store needs repair, the attached `tail --follow` says so, attaches to a
+//! new daemon and goes on printing. User errors never print a backtrace.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -60,19 +63,68 @@ fn signal(pid: u32, sig: &str) {
     assert!(Command::new("kill").args([sig, &pid.to_string()]).status().unwrap().success());
 }
 
-/// Starts `tail --follow` and waits until it holds the store (its owner note names it).
-fn start_tail(home: &Path) -> Child {
-    let mut child = qpq(home, "bob", &["tail", "alice", "--follow"]).spawn().unwrap();
+/// The pid of the process holding the store, from its owner note, once it names a `qpq
+/// daemon` other than `not`.
+fn daemon_pid(home: &Path, not: Option<u32>, limit: Duration) -> u32 {
     let note = home.join("account.qpq.owner");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !std::fs::read_to_string(&note).is_ok_and(|t| t.contains(&child.id().to_string())) {
-        assert!(child.try_wait().unwrap().is_none(), "tail exited early");
-        assert!(Instant::now() < deadline, "tail never opened the store");
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&note)
+            && text.contains("command qpq daemon")
+            && let Some(pid) = text
+                .lines()
+                .find_map(|l| l.strip_prefix("pid "))
+                .and_then(|p| p.trim().parse::<u32>().ok())
+            && Some(pid) != not
+        {
+            return pid;
+        }
+        assert!(Instant::now() < deadline, "no qpq daemon opened the store");
         std::thread::sleep(Duration::from_millis(20));
     }
-    // Past the open: let it connect and reach its wait.
+}
+
+/// Waits until nothing holds the store (the daemon closed it, at most a few seconds after
+/// the last attached process left).
+fn wait_closed(home: &Path, limit: Duration) {
+    let note = home.join("account.qpq.owner");
+    let deadline = Instant::now() + limit;
+    while note.exists() {
+        assert!(Instant::now() < deadline, "the store is still held after {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Starts `tail --follow` (which starts a daemon and unlocks it) and waits until the daemon
+/// holds the store; returns the tail and the daemon's pid.
+fn start_tail(home: &Path) -> (Child, u32) {
+    let mut child = qpq(home, "bob", &["tail", "alice", "--follow"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let daemon = daemon_pid(home, None, Duration::from_secs(15));
+    assert!(child.try_wait().unwrap().is_none(), "tail exited early");
+    // Past the open: let the tail get its history and reach its wait.
     std::thread::sleep(Duration::from_millis(500));
-    child
+    (child, daemon)
+}
+
+/// Collects a child's stdout on a thread, as it comes.
+fn collect(out: std::process::ChildStdout) -> std::sync::Arc<std::sync::Mutex<String>> {
+    use std::io::Read as _;
+    let text = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = text.clone();
+    std::thread::spawn(move || {
+        let mut out = out;
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    text
 }
 
 struct Setup {
@@ -99,15 +151,9 @@ async fn setup() -> Setup {
 async fn tail_follow_ends_cleanly_on_hangup_terminate_and_interrupt() {
     let s = setup().await;
     for (sig, code) in [("-HUP", 129), ("-TERM", 143), ("-INT", 130)] {
-        let mut tail = start_tail(&s.bob);
-        // A second qpq is told who holds the store.
-        let out = qpq(&s.bob, "bob", &["whoami"]).output().unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success());
-        assert!(
-            err.contains(&format!("process {}", tail.id())) && err.contains("qpq tail --follow"),
-            "the refusal does not name the holder: {err}"
-        );
+        let (mut tail, daemon) = start_tail(&s.bob);
+        // A second qpq works meanwhile: it attaches to the same daemon.
+        assert_opens(&s.bob, "bob");
         signal(tail.id(), sig);
         let status = wait_exit(&mut tail, Duration::from_secs(10));
         assert_eq!(status.code(), Some(code), "exit status after {sig}");
@@ -116,19 +162,39 @@ async fn tail_follow_ends_cleanly_on_hangup_terminate_and_interrupt() {
         assert!(stdout.contains("hello bob"), "tail printed the history: {stdout}");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!stderr.contains("panicked") && !stderr.contains("backtrace"), "{stderr}");
+        // Nothing attached: the daemon closes the store and exits.
+        wait_gone(daemon, Duration::from_secs(10));
         assert_closed_cleanly(&s.bob, sig);
         assert_opens(&s.bob, "bob");
+        wait_closed(&s.bob, Duration::from_secs(10));
     }
-    // The case: SIGKILL. Nothing can run, so the store needs repair, and opens.
-    let mut tail = start_tail(&s.bob);
-    signal(tail.id(), "-KILL");
-    wait_exit(&mut tail, Duration::from_secs(10));
-    assert!(needs_recovery(&s.bob.join("account.qpq")).unwrap(), "SIGKILL left a clean store?");
-    assert_opens(&s.bob, "bob");
-    assert!(!needs_recovery(&s.bob.join("account.qpq")).unwrap(), "opening repaired it");
-    // And it still works end to end.
+    // SIGKILL of the process that holds the store, with a `tail -f` attached: nothing can run
+    // there, so the store needs repair. The tail says so, starts a new daemon (unlocking it
+    // with its passphrase), and goes on: a message sent afterwards is printed.
+    let (mut tail, daemon) = start_tail(&s.bob);
+    let printed = collect(tail.stdout.take().unwrap());
+    signal(daemon, "-KILL");
+    wait_gone(daemon, Duration::from_secs(10));
+    // The owner note is the dead daemon's until a new one opens (and repairs) the store.
+    daemon_pid(&s.bob, Some(daemon), Duration::from_secs(20));
     let out = qpq(&s.alice, "alice", &["send", "bob", "after the kill"]).output().unwrap();
     assert!(out.status.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !printed.lock().unwrap().contains("after the kill") {
+        assert!(
+            Instant::now() < deadline,
+            "tail never printed the message sent after the kill: {}",
+            printed.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    signal(tail.id(), "-TERM");
+    let status = wait_exit(&mut tail, Duration::from_secs(10));
+    assert_eq!(status.code(), Some(143));
+    let out = tail.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("the qpq daemon went away"), "the tail reported it: {stderr}");
+    // And a one-shot command reads it too.
     let out = qpq(&s.bob, "bob", &["tail", "alice"]).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("after the kill"));
 }
@@ -159,6 +225,8 @@ async fn the_tui_closes_the_store_when_its_terminal_goes_away() {
             _ => signal(pid, "-TERM"),
         }
         wait_gone(pid, Duration::from_secs(10));
+        // The TUI was the only one attached: its daemon closes the store and exits.
+        wait_closed(&s.bob, Duration::from_secs(10));
         assert_closed_cleanly(&s.bob, how);
         assert_opens(&s.bob, "bob");
         tmux.run(&["kill-session", "-t", &name]);

@@ -10,6 +10,7 @@ use qpq_core::client::{ConnState, ConvKind, Conversation, HistoryEntry};
 use ratatui_textarea::TextArea;
 
 use crate::config::{self, Config};
+pub use crate::protocol::{Command, InfoView, WorkerEvent};
 
 /// Which pane has the keyboard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,78 +64,6 @@ pub enum Overlay {
     },
 }
 
-/// Group details as shown.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InfoView {
-    /// Name.
-    pub name: String,
-    /// Topic.
-    pub topic: String,
-    /// MLS epoch.
-    pub epoch: u64,
-    /// Verification code.
-    pub code: String,
-    /// (name, admin).
-    pub members: Vec<(String, bool)>,
-}
-
-/// What the UI asks the worker to do.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Command {
-    /// Load a conversation's history and members; mark it read.
-    Open(Vec<u8>),
-    /// Load the page of history before local seq `before`.
-    Older { conv: Vec<u8>, before: u64 },
-    /// Send text (optionally a reply).
-    Send { conv: Vec<u8>, text: String, reply_to: Option<[u8; 16]> },
-    /// Typing started/stopped.
-    Typing { conv: Vec<u8>, active: bool },
-    /// Open (or create) the DM with a user.
-    Dm(String),
-    /// Create a group.
-    CreateGroup(String),
-    /// Add users to a group.
-    Add { conv: Vec<u8>, users: Vec<String> },
-    /// Remove a user.
-    Remove { conv: Vec<u8>, user: String },
-    /// Promote (true) or demote.
-    SetAdmin { conv: Vec<u8>, user: String, admin: bool },
-    /// Rename / set topic.
-    Rename { conv: Vec<u8>, name: String, topic: Option<String> },
-    /// Leave.
-    Leave(Vec<u8>),
-    /// Rotate own keys.
-    Rotate(Vec<u8>),
-    /// Group info.
-    Info(Vec<u8>),
-    /// Safety number with a user.
-    Verify(String),
-    /// Record (or forget) that a user's safety number was compared.
-    MarkVerified {
-        /// The user.
-        user: String,
-        /// Verified or not.
-        verified: bool,
-    },
-    /// Send a file.
-    SendFile { conv: Vec<u8>, path: PathBuf },
-    /// Download a file offer into `dir` (`None`: the XDG download directory, which the worker
-    /// looks up: the UI does no I/O).
-    Download { conv: Vec<u8>, message_id: [u8; 16], dir: Option<PathBuf> },
-    /// React to a message.
-    React { conv: Vec<u8>, target: [u8; 16], emoji: String },
-    /// Edit one of our messages.
-    Edit { conv: Vec<u8>, target: [u8; 16], text: String },
-    /// Delete one of our messages.
-    Delete { conv: Vec<u8>, target: [u8; 16] },
-    /// Set a conversation's notification level.
-    Notify { conv: Vec<u8>, level: config::NotifyLevel },
-    /// Copy text to the clipboard (OSC 52; the main loop writes it).
-    Copy(String),
-    /// Leave the program.
-    Quit,
-}
-
 /// What the UI reacts to.
 #[derive(Debug, Clone)]
 #[allow(clippy::large_enum_variant)] // one at a time, straight into update()
@@ -147,44 +76,6 @@ pub enum Action {
     Tick(Instant),
     /// The worker reports.
     Worker(WorkerEvent),
-}
-
-/// What the worker tells the UI.
-#[derive(Debug, Clone)]
-#[allow(clippy::large_enum_variant)] // moved through a channel once
-pub enum WorkerEvent {
-    /// All conversations, most recent first.
-    Conversations(Vec<Conversation>),
-    /// A conversation's recent history (and the names of its senders).
-    History { conv: Vec<u8>, entries: Vec<HistoryEntry>, names: Vec<(Vec<u8>, String)> },
-    /// An older page of a conversation's history (empty: the beginning was reached).
-    Older { conv: Vec<u8>, entries: Vec<HistoryEntry>, names: Vec<(Vec<u8>, String)> },
-    /// A conversation's members: (name, admin, typing-capable identity).
-    Members { conv: Vec<u8>, members: Vec<(String, bool, Vec<u8>)> },
-    /// A new message arrived in a conversation.
-    Incoming { conv: Vec<u8>, entry: HistoryEntry, sender: String, mention: bool },
-    /// Someone is typing.
-    Typing { conv: Vec<u8>, who: String, active: bool },
-    /// Group info.
-    Info(InfoView),
-    /// Safety number.
-    Safety { user: String, number: String, verified: bool },
-    /// A warning the user must acknowledge before anything else (a contact's key changed).
-    Alert { title: String, text: String },
-    /// Transfer progress.
-    Transfer { name: String, done: u64, total: u64, upload: bool },
-    /// An entry of a conversation changed (delivered, edited, deleted, reacted to, read).
-    Changed { conv: Vec<u8>, entry: HistoryEntry },
-    /// Connection, outbox, and when the next reconnect attempt starts (offline).
-    Status { conn: ConnState, outbox: usize, retry_in: Option<Duration> },
-    /// Our identity and server.
-    Identity { username: String, server: String, identity: String },
-    /// A stored per-conversation notification level.
-    NotifyLevel { conv: Vec<u8>, level: config::NotifyLevel },
-    /// Something to show in the status line.
-    Notice(String),
-    /// Something that failed.
-    Error(String),
 }
 
 /// One conversation in the list.

@@ -32,8 +32,10 @@ struct Cli {
     command: Option<Command>,
 }
 
-#[derive(Subcommand)]
-enum Command {
+/// A subcommand (also what an attached `qpq` asks the daemon to run: see
+/// [`crate::protocol::Request::Cli`]).
+#[derive(Subcommand, Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub enum Command {
     /// Create an account on a server (and the local encrypted store).
     Register {
         /// Username.
@@ -127,14 +129,33 @@ enum Command {
     },
     /// The users you know, their account keys and whether you verified them.
     Contacts,
+    /// Serve this account to every `qpq` of yours on a local socket, without a UI: it keeps
+    /// receiving while nothing is attached. Starts locked: the first `qpq` that attaches
+    /// unlocks it (the passphrase is never read from the environment or a file here).
+    Daemon {
+        /// Close the store after this many seconds with nothing attached (0: never).
+        #[arg(long, default_value_t = 0)]
+        lock_after: u64,
+        /// Run this shell command for each new message (variables QPQ_CONVERSATION,
+        /// QPQ_SENDER, QPQ_KIND: message, mention or file).
+        #[arg(long)]
+        notify: Option<String>,
+        /// Give the notify command the message text too (QPQ_TEXT): plaintext leaves qpq.
+        #[arg(long, requires = "notify")]
+        notify_text: bool,
+        /// Exit a few seconds after the last attached `qpq` leaves (how `qpq` starts one).
+        #[arg(long, hide = true)]
+        exit_when_detached: bool,
+    },
     /// Accept this store as the newest copy after you moved or restored it yourself: its
     /// anchor file (`account.qpq.anchor`) is rewritten to match it. Not for a store you did
     /// not put back yourself: an older copy rewinds encryption state its groups have left.
     Reanchor,
 }
 
-#[derive(Subcommand)]
-enum GroupCommand {
+/// `qpq group ...`.
+#[derive(Subcommand, Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub enum GroupCommand {
     /// Create a group.
     Create { name: String },
     /// Add members (admins only).
@@ -170,8 +191,10 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let daemon = matches!(cli.command, Some(Command::Daemon { .. }));
     let result = runtime.block_on(async {
-        let signals = crate::signals::watch()?;
+        let signals =
+            if daemon { crate::signals::watch_daemon()? } else { crate::signals::watch()? };
         run(cli, signals).await
     });
     // Dropping the runtime drops every task still holding the store, which closes it cleanly.
@@ -209,6 +232,7 @@ fn holder_label(cli: &Cli) -> String {
         Some(Command::Trust { .. }) => "trust",
         Some(Command::Contacts) => "contacts",
         Some(Command::Reanchor) => "reanchor",
+        Some(Command::Daemon { .. }) => "daemon",
     };
     format!("qpq {sub}")
 }
@@ -269,6 +293,46 @@ async fn run(cli: Cli, signals: crate::signals::Signals) -> anyhow::Result<()> {
     if !store.exists() {
         bail!("no account in {}; run `qpq register` first", home.display());
     }
+    if let Command::Daemon { lock_after, notify, notify_text, exit_when_detached } = command {
+        let opts = crate::daemon::Options {
+            exit_when_detached,
+            lock_after: (lock_after > 0).then(|| Duration::from_secs(lock_after)),
+            notifier: notify.map(|c| crate::daemon::Notifier::new(c, notify_text)),
+            server: cli.server,
+        };
+        return crate::daemon::run(home, opts, signals).await;
+    }
+    // `tail --follow` runs for as long as the user wants: it attaches to the daemon, starting
+    // one if none serves, so other `qpq`s can use the account meanwhile.
+    if matches!(command, Command::Tail { follow: true, .. }) {
+        let mut stop = signals.clone();
+        let attached = tokio::select! {
+            a = crate::attach::Attached::to_or_start(&home) => a?,
+            i = stop.interrupted() => return Err(i.into()),
+        };
+        return remote(attached, &home, command, &signals).await;
+    }
+    // A daemon serves the account: the command runs there. Otherwise it runs here, holding
+    // the serve lock (a daemon started meanwhile waits for it). If another one-shot command
+    // holds it for longer than a moment, opening the store below says which one.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let _serving = loop {
+        if let Some(attached) = crate::attach::Attached::to(&home).await? {
+            return remote(attached, &home, command, &signals).await;
+        }
+        if let Some(lock) = crate::daemon::try_serve_lock(&home)? {
+            break Some(lock);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break None;
+        }
+        // A daemon is starting (or another one-shot command runs): wait for it.
+        let mut stop = signals.clone();
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            i = stop.interrupted() => return Err(i.into()),
+        }
+    };
     let passphrase = ask(&signals, "QPQ_PASSPHRASE", "Passphrase: ").await?;
     if matches!(command, Command::Reanchor) {
         let generation = Vault::reanchor(&store, passphrase.as_bytes())?;
@@ -284,15 +348,7 @@ async fn run(cli: Cli, signals: crate::signals::Signals) -> anyhow::Result<()> {
         client.set_server(server);
     }
     if matches!(command, Command::Whoami) {
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "username {}", client.username())?;
-        writeln!(out, "identity {}", hex(&client.identity_key()))?;
-        writeln!(out, "server {}", client.server())?;
-        if let Some(fp) = client.pinned_fingerprint() {
-            writeln!(out, "pinned sha256:{fp}")?;
-        }
-        writeln!(out, "outbox {}", client.outbox_len()?)?;
-        return Ok(());
+        return whoami(&client, &mut Stdout);
     }
     // From here on the store is open: a signal or a lost terminal ends the command at its
     // next await point, and the store and the connection are closed cleanly below. Whatever
@@ -305,6 +361,92 @@ async fn run(cli: Cli, signals: crate::signals::Signals) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(2), client.disconnect()).await;
     drop(client);
     result
+}
+
+/// Runs a subcommand on the daemon that serves the account (unlocking it first if it is
+/// locked); a `tail --follow` then prints new messages from the daemon's events, and attaches
+/// again (to a daemon it starts, if need be) when the daemon goes away.
+async fn remote(
+    mut attached: crate::attach::Attached,
+    home: &Path,
+    mut command: Command,
+    signals: &crate::signals::Signals,
+) -> anyhow::Result<()> {
+    use crate::protocol::{Reply, Request, WorkerEvent};
+    // What only this process can know: its stdin, its working directory, its environment.
+    let mut password = None;
+    match &mut command {
+        Command::Send { text, .. } if *text == ["-"] => {
+            let mut s = String::new();
+            std::io::stdin().read_to_string(&mut s)?;
+            *text = vec![s.trim_end_matches('\n').to_string()];
+        }
+        Command::SendFile { path, .. } => *path = std::path::absolute(&*path)?,
+        Command::Download { dir, .. } => {
+            *dir = Some(match dir.take() {
+                Some(d) => std::path::absolute(d)?,
+                None => crate::downloads::default_dir(),
+            });
+        }
+        Command::Login => {
+            password = Some(ask(signals, "QPQ_PASSWORD", "Password: ").await?);
+        }
+        _ => {}
+    }
+    let mut stop = signals.clone();
+    let mut request = Request::Cli { command, password };
+    loop {
+        if attached.locked {
+            let passphrase = ask(signals, "QPQ_PASSPHRASE", "Passphrase: ").await?;
+            if let Err(why) = attached.unlock(passphrase).await? {
+                bail!("{why}");
+            }
+        }
+        attached.send(&request).await?;
+        let mut follow = None;
+        loop {
+            let reply = tokio::select! {
+                r = attached.recv() => r?,
+                i = stop.interrupted() => return Err(i.into()),
+            };
+            match reply {
+                Some(Reply::Output(text)) => write!(std::io::stdout(), "{text}")?,
+                Some(Reply::Done { error, follow: f, notes }) => {
+                    for note in notes {
+                        writeln!(std::io::stderr(), "qpq: note: {note}")?;
+                    }
+                    if let Some(e) = error {
+                        bail!("{e}");
+                    }
+                    if f.is_none() {
+                        return Ok(());
+                    }
+                    follow = f;
+                    std::io::stdout().flush()?;
+                }
+                Some(Reply::Event(WorkerEvent::Incoming { conv, entry, sender, .. }))
+                    if follow.as_ref() == Some(&conv) =>
+                {
+                    writeln!(std::io::stdout(), "{}", entry_line(&sender, &entry))?;
+                    std::io::stdout().flush()?;
+                }
+                Some(Reply::Error(e)) if follow.is_none() => bail!("{e}"),
+                None if follow.is_none() => bail!("the qpq daemon went away"),
+                // Following: attach again (starting a daemon if none took over) and go on
+                // from now (no history again).
+                None | Some(Reply::Error(_)) => break,
+                Some(_) => {}
+            }
+        }
+        writeln!(std::io::stderr(), "qpq: the qpq daemon went away; attaching again")?;
+        if let Request::Cli { command: Command::Tail { lines, .. }, .. } = &mut request {
+            *lines = 0;
+        }
+        attached = tokio::select! {
+            a = crate::attach::Attached::to_or_start(home) => a?,
+            i = stop.interrupted() => return Err(i.into()),
+        };
+    }
 }
 
 async fn connect_and_act(
@@ -335,34 +477,134 @@ async fn connect_and_act(
     act(client, command).await
 }
 
-/// `println!` that returns the error instead of panicking when stdout is gone (a closed pipe,
-/// a terminal that went away with its SSH session).
+/// `writeln!` to the command's output (stdout, or the buffer sent back to an attached
+/// `qpq`), returning the error instead of panicking when stdout is gone (a closed pipe, a
+/// terminal that went away with its SSH session).
 macro_rules! say {
-    ($($t:tt)*) => {
-        writeln!(std::io::stdout().lock(), $($t)*)
+    ($out:expr, $($t:tt)*) => {
+        writeln!($out, $($t)*)
     };
 }
+
+/// Standard output, written fallibly (the lock is taken per write: `Send`, unlike the
+/// guard).
+struct Stdout;
+
+impl Write for Stdout {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        std::io::stdout().lock().write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stdout().lock().flush()
+    }
+}
+
+/// A subcommand's output.
+type Out<'a> = &'a mut (dyn Write + Send);
 
 async fn act(client: &mut Client, command: Command) -> anyhow::Result<()> {
     // What went wrong on the way (a message or group change refused for someone, a fork
     // detected) is told on stderr at the end, whatever the command printed.
     let mut notes = client.subscribe();
     let result = act_on(client, command).await;
+    for note in rejections(&mut notes) {
+        let _ = writeln!(std::io::stderr(), "qpq: note: {note}");
+    }
+    result
+}
+
+/// The `Rejected` reasons among the events received, made printable.
+fn rejections(events: &mut tokio::sync::broadcast::Receiver<Event>) -> Vec<String> {
+    let mut notes = Vec::new();
     loop {
-        match notes.try_recv() {
-            Ok(Event::Rejected { reason }) => {
-                let _ = writeln!(std::io::stderr(), "qpq: note: {}", printable(&reason));
-            }
+        match events.try_recv() {
+            Ok(Event::Rejected { reason }) => notes.push(printable(&reason)),
             Ok(_) | Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => {}
             Err(_) => break,
         }
     }
-    result
+    notes
 }
 
 async fn act_on(client: &mut Client, command: Command) -> anyhow::Result<()> {
     client.flush_outbox().await?;
     client.sync().await?;
+    let mut out = Stdout;
+    if let Some(conv) = execute(client, command, &mut out).await? {
+        let mut events = client.subscribe();
+        loop {
+            client.wait(Duration::from_secs(25)).await?;
+            while let Ok(ev) = events.try_recv() {
+                if let Event::Message { conv: c, entry } = ev
+                    && c == conv
+                {
+                    print_entry(client, &entry, &mut out)?;
+                }
+            }
+            out.flush()?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs a subcommand for an attached `qpq` on the daemon's client (connected and synced by
+/// the worker, so no preamble). Returns what it printed and the notes to show on stderr with
+/// the result: `Ok(Some(conversation))` for a `tail --follow`, which the attached process
+/// goes on printing from the daemon's events.
+pub async fn perform(
+    client: &mut Client,
+    command: Command,
+    password: Option<String>,
+) -> (String, Vec<String>, anyhow::Result<Option<Vec<u8>>>) {
+    let mut notes = client.subscribe();
+    let mut out = Vec::new();
+    let result = match command {
+        Command::Login => match password {
+            Some(p) => client
+                .login(&p)
+                .await
+                .map_err(anyhow::Error::from)
+                .and_then(|()| Ok(say!(out, "logged in as {}", client.username())?))
+                .map(|()| None),
+            None => Err(anyhow::anyhow!("no password given")),
+        },
+        Command::Whoami => whoami(client, &mut out).map(|()| None),
+        Command::Register { .. } => {
+            Err(anyhow::anyhow!("this home already holds an account; use another --home"))
+        }
+        Command::Reanchor | Command::Daemon { .. } => Err(anyhow::anyhow!(
+            "the account is open in a qpq daemon: stop it (and every attached qpq) first"
+        )),
+        other => {
+            // What arrived since the worker's last turn, as a one-shot command would see it.
+            if client.is_online() {
+                let _ = client.sync().await;
+            }
+            execute(client, other, &mut out).await
+        }
+    };
+    (String::from_utf8_lossy(&out).into_owned(), rejections(&mut notes), result)
+}
+
+fn whoami(client: &Client, out: Out<'_>) -> anyhow::Result<()> {
+    say!(out, "username {}", client.username())?;
+    say!(out, "identity {}", hex(&client.identity_key()))?;
+    say!(out, "server {}", client.server())?;
+    if let Some(fp) = client.pinned_fingerprint() {
+        say!(out, "pinned sha256:{fp}")?;
+    }
+    say!(out, "outbox {}", client.outbox_len()?)?;
+    Ok(())
+}
+
+/// What a subcommand does on a connected, synced client, printing to `out`. A `tail
+/// --follow` prints the history and returns the conversation to follow.
+async fn execute(
+    client: &mut Client,
+    command: Command,
+    out: Out<'_>,
+) -> anyhow::Result<Option<Vec<u8>>> {
     match command {
         Command::Dm { user, text } => {
             let conv = client.dm(&user).await?;
@@ -382,31 +624,20 @@ async fn act_on(client: &mut Client, command: Command) -> anyhow::Result<()> {
             }
             client.send_text(&conv, &text).await?;
         }
-        Command::Group(g) => group(client, g).await?,
+        Command::Group(g) => group(client, g, out).await?,
         Command::Sync => {
             let unread: u32 = client.conversations()?.iter().map(|c| c.unread).sum();
-            say!("{unread} unread")?;
+            say!(out, "{unread} unread")?;
         }
         Command::Tail { conversation, lines, follow } => {
             let conv = client.find_conversation(&conversation)?;
-            say!("-- {} --", printable(&client.conversation_label(&conv)?))?;
+            say!(out, "-- {} --", printable(&client.conversation_label(&conv)?))?;
             for e in client.history(&conv.id, lines)? {
-                print_entry(client, &e)?;
+                print_entry(client, &e, out)?;
             }
             client.mark_read(&conv.id)?;
             if follow {
-                let mut events = client.subscribe();
-                loop {
-                    client.wait(Duration::from_secs(25)).await?;
-                    while let Ok(ev) = events.try_recv() {
-                        if let Event::Message { conv: c, entry } = ev
-                            && c == conv.id
-                        {
-                            print_entry(client, &entry)?;
-                        }
-                    }
-                    std::io::stdout().flush()?;
-                }
+                return Ok(Some(conv.id));
             }
         }
         Command::Unread { json } => {
@@ -428,17 +659,17 @@ async fn act_on(client: &mut Client, command: Command) -> anyhow::Result<()> {
                         }))
                     })
                     .collect::<anyhow::Result<Vec<serde_json::Value>>>()?;
-                say!("{}", serde_json::Value::Array(list))?;
+                say!(out, "{}", serde_json::Value::Array(list))?;
             } else {
                 for c in convs {
-                    say!("{:>4}  {}", c.unread, printable(&client.conversation_label(&c)?))?;
+                    say!(out, "{:>4}  {}", c.unread, printable(&client.conversation_label(&c)?))?;
                 }
             }
         }
         Command::SendFile { conversation, path } => {
             let conv = client.find_conversation(&conversation)?.id;
             let offer = client.send_file(&conv, &path).await?;
-            say!("sent {} ({} bytes)", offer.name, offer.size)?;
+            say!(out, "sent {} ({} bytes)", offer.name, offer.size)?;
         }
         Command::Download { conversation, name, dir } => {
             let conv = client.find_conversation(&conversation)?.id;
@@ -455,9 +686,10 @@ async fn act_on(client: &mut Client, command: Command) -> anyhow::Result<()> {
             let path = client.download(&offer, &dir).await?;
             let used = path.file_name().map(|n| n.to_string_lossy().into_owned());
             if used.as_deref() == Some(offer.name.as_str()) {
-                say!("saved {}", printable(&path.display().to_string()))?;
+                say!(out, "saved {}", printable(&path.display().to_string()))?;
             } else {
                 say!(
+                    out,
                     "saved {} (offered as {:?})",
                     printable(&path.display().to_string()),
                     offer.name
@@ -470,11 +702,12 @@ async fn act_on(client: &mut Client, command: Command) -> anyhow::Result<()> {
                 client.mark_verified(&user, mark)?;
             }
             let verified = client.contact(&user)?.is_some_and(|c| c.verified);
-            say!("safety number with {user}:\n{n}")?;
+            say!(out, "safety number with {user}:\n{n}")?;
             if verified {
-                say!("✓ {user} is verified: you compared this number with them.")?;
+                say!(out, "✓ {user} is verified: you compared this number with them.")?;
             } else {
                 say!(
+                    out,
                     "Compare it with {user} in person or on a call; it matches only if no one is \
                      in between. Then record it with `qpq verify {user} --mark`."
                 )?;
@@ -484,23 +717,28 @@ async fn act_on(client: &mut Client, command: Command) -> anyhow::Result<()> {
             let (old, new) = client.trust(&user).await?;
             match old {
                 Some(old) if old != new => say!(
+                    out,
                     "{user}: now trusting account {} (was {}); not verified: compare safety \
                      numbers with `qpq verify {user}`",
                     hex(&new),
                     hex(&old)
                 )?,
-                _ => say!("{user}: account {} (unchanged; not verified)", hex(&new))?,
+                _ => say!(out, "{user}: account {} (unchanged; not verified)", hex(&new))?,
             }
         }
         Command::Contacts => {
             for (name, c) in client.contacts()? {
                 let mark = if c.verified { "verified" } else { "unverified" };
-                say!("{name}  {}  {mark}", hex(&c.key))?;
+                say!(out, "{name}  {}  {mark}", hex(&c.key))?;
             }
         }
-        Command::Register { .. } | Command::Login | Command::Whoami | Command::Reanchor => {}
+        Command::Register { .. }
+        | Command::Login
+        | Command::Whoami
+        | Command::Reanchor
+        | Command::Daemon { .. } => {}
     }
-    Ok(())
+    Ok(None)
 }
 
 /// A group command's conversation: a bare name means the group of that name.
@@ -540,7 +778,7 @@ fn refuse_personal_name(client: &Client, name: &str) -> anyhow::Result<()> {
     }
 }
 
-async fn group(client: &mut Client, g: GroupCommand) -> anyhow::Result<()> {
+async fn group(client: &mut Client, g: GroupCommand, out: Out<'_>) -> anyhow::Result<()> {
     let find = |client: &Client, group: &str| -> anyhow::Result<Vec<u8>> {
         Ok(client.find_conversation(&group_address(group))?.id)
     };
@@ -548,7 +786,7 @@ async fn group(client: &mut Client, g: GroupCommand) -> anyhow::Result<()> {
         GroupCommand::Create { name } => {
             refuse_personal_name(client, &name)?;
             client.create_group(&name).await?;
-            say!("created #{}", printable(&name))?;
+            say!(out, "created #{}", printable(&name))?;
         }
         GroupCommand::Add { group, users } => {
             let conv = find(client, &group)?;
@@ -585,30 +823,44 @@ async fn group(client: &mut Client, g: GroupCommand) -> anyhow::Result<()> {
         GroupCommand::Info { group } => {
             let conv = find(client, &group)?;
             let info = client.group_info(&conv).await?;
-            say!("name {}", printable(&info.conversation.name))?;
+            say!(out, "name {}", printable(&info.conversation.name))?;
             if !info.conversation.topic.is_empty() {
-                say!("topic {}", printable(&info.conversation.topic))?;
+                say!(out, "topic {}", printable(&info.conversation.topic))?;
             }
-            say!("epoch {}", info.epoch)?;
-            say!("verification {}", info.verification_code)?;
+            say!(out, "epoch {}", info.epoch)?;
+            say!(out, "verification {}", info.verification_code)?;
             if !info.conversation.warning.is_empty() {
-                say!("warning {}", printable(&info.conversation.warning))?;
+                say!(out, "warning {}", printable(&info.conversation.warning))?;
             }
             for (id, name, admin) in info.members {
-                say!("member {name}{} {}", if admin { " (admin)" } else { "" }, hex(&id[..8]))?;
+                say!(
+                    out,
+                    "member {name}{} {}",
+                    if admin { " (admin)" } else { "" },
+                    hex(&id[..8])
+                )?;
             }
         }
     }
     Ok(())
 }
 
-fn print_entry(client: &Client, e: &qpq_core::client::HistoryEntry) -> std::io::Result<()> {
-    // Peers choose the text and file names: shown, never obeyed by the terminal.
-    if e.system {
-        return say!("* {}", printable(&e.text));
-    }
+fn print_entry(
+    client: &Client,
+    e: &qpq_core::client::HistoryEntry,
+    out: Out<'_>,
+) -> std::io::Result<()> {
     let who =
         client.cached_name(&e.sender).unwrap_or_else(|| hex(&e.sender[..e.sender.len().min(6)]));
+    say!(out, "{}", entry_line(&who, e))
+}
+
+/// How `tail` shows an entry from `who`. Peers choose the text and file names: shown, never
+/// obeyed by the terminal.
+pub(crate) fn entry_line(who: &str, e: &qpq_core::client::HistoryEntry) -> String {
+    if e.system {
+        return format!("* {}", printable(&e.text));
+    }
     let mut line = format!("[{who}] {}", if e.deleted { "(deleted)" } else { &e.text });
     if e.edited {
         line.push_str(" (edited)");
@@ -616,7 +868,7 @@ fn print_entry(client: &Client, e: &qpq_core::client::HistoryEntry) -> std::io::
     if let Some(f) = &e.file {
         line = format!("[{who}] file {} ({} bytes)", f.name, f.size);
     }
-    say!("{}", printable(&line))
+    printable(&line)
 }
 
 /// A secret from `var`, or typed at the terminal without echo. The prompt runs on a blocking

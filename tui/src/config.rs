@@ -92,7 +92,7 @@ impl Default for Theme {
 }
 
 /// When to ring the bell and send a desktop notification.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum NotifyLevel {
     /// Every message.

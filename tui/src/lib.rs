@@ -3,11 +3,14 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod app;
+pub mod attach;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod downloads;
 pub mod ipc;
 pub mod login;
+pub mod protocol;
 pub mod signals;
 pub mod tui_main;
 pub mod ui;

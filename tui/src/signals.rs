@@ -44,6 +44,16 @@ impl Signals {
 
 /// Installs the handlers (inside the runtime) and returns the watch.
 pub fn watch() -> std::io::Result<Signals> {
+    watch_with(true)
+}
+
+/// Like [`watch`] for `qpq daemon`, which a hang-up does not stop (it is caught and
+/// ignored): only SIGTERM and SIGINT do.
+pub fn watch_daemon() -> std::io::Result<Signals> {
+    watch_with(false)
+}
+
+fn watch_with(hangup_stops: bool) -> std::io::Result<Signals> {
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -52,7 +62,12 @@ pub fn watch() -> std::io::Result<Signals> {
         let mut first = None;
         loop {
             let n = tokio::select! {
-                _ = hup.recv() => 1,
+                _ = hup.recv() => {
+                    if !hangup_stops {
+                        continue;
+                    }
+                    1
+                }
                 _ = term.recv() => 15,
                 _ = int.recv() => 2,
             };

@@ -10,16 +10,18 @@ use crossterm::event::{
     Event as TermEvent, KeyCode, KeyEvent, KeyEventKind, MouseEventKind,
 };
 use qpq_core::client::net::Connection;
-use qpq_core::client::{Client, ClientError, RegisterOptions};
-use qpq_core::vault::{KdfParams, VaultError};
+use qpq_core::client::{Client, RegisterOptions};
+use qpq_core::vault::KdfParams;
 use ratatui::DefaultTerminal;
 use tokio::sync::mpsc;
 
-use crate::app::{Action, App, Command};
+use crate::app::{Action, App, Command, WorkerEvent};
+use crate::attach::Attached;
 use crate::config::Config;
 use crate::login::{Form, FormAction, Stage};
+use crate::protocol::{Reply, Request};
 use crate::signals::Signals;
-use crate::{ui, worker};
+use crate::{ipc, ui};
 
 /// Restores the terminal however the UI ends: quit, error, signal or a dropped future.
 struct TerminalGuard;
@@ -54,12 +56,30 @@ pub async fn run(home: PathBuf, store: PathBuf, signals: Signals) -> anyhow::Res
         }
     })?;
     let mut stop = signals.clone();
-    let setup = tokio::select! {
-        r = setup(&mut terminal, &mut keys, &home, &store) => r?,
-        i = stop.interrupted() => return Err(i.into()),
-    };
-    let Some(client) = setup else { return Ok(()) };
-    main_loop(&mut terminal, &mut keys, client, config, signals).await
+    let mut notice = None;
+    loop {
+        let setup = tokio::select! {
+            r = setup(&mut terminal, &mut keys, &home, &store, notice.take()) => r?,
+            i = stop.interrupted() => return Err(i.into()),
+        };
+        let Some(attached) = setup else { return Ok(()) };
+        match main_loop(&mut terminal, &mut keys, attached, config.clone(), signals.clone()).await?
+        {
+            Ended::Quit => return Ok(()),
+            // Killed, or stopped by hand: attach again (a new daemon starts locked).
+            Ended::DaemonGone => {
+                notice = Some("the qpq daemon serving this account stopped".to_string());
+            }
+        }
+    }
+}
+
+/// How the main loop ended.
+enum Ended {
+    /// The user quit (or the terminal went away).
+    Quit,
+    /// The daemon closed the connection.
+    DaemonGone,
 }
 
 async fn next_key(keys: &mut mpsc::Receiver<TermEvent>) -> Option<crossterm::event::KeyEvent> {
@@ -71,37 +91,53 @@ async fn next_key(keys: &mut mpsc::Receiver<TermEvent>) -> Option<crossterm::eve
     }
 }
 
-/// Unlocks the store, or registers a new account; `None` if the user quit.
+/// Attaches to the daemon serving the account (starting one) and unlocks it if needed, or
+/// registers a new account first; `None` if the user quit.
 async fn setup(
     terminal: &mut DefaultTerminal,
     keys: &mut mpsc::Receiver<TermEvent>,
     home: &Path,
     store: &Path,
-) -> anyhow::Result<Option<Client>> {
+    notice: Option<String>,
+) -> anyhow::Result<Option<Attached>> {
     if store.exists() {
         let mut form = Form::unlock(&home.display().to_string());
-        loop {
+        form.error = notice;
+        form.stage = Stage::Working("attaching…".into());
+        terminal.draw(|f| form.draw(f))?;
+        let mut attached = Attached::to_or_start(home).await?;
+        form.stage = Stage::Editing;
+        while attached.locked {
             terminal.draw(|f| form.draw(f))?;
-            let Some(key) = next_key(keys).await else { return Ok(None) };
+            // Another attached qpq may unlock the daemon meanwhile.
+            let key = tokio::select! {
+                key = next_key(keys) => key,
+                reply = attached.recv() => match reply? {
+                    Some(Reply::State { locked }) => {
+                        attached.locked = locked;
+                        continue;
+                    }
+                    Some(_) => continue,
+                    None => anyhow::bail!("the qpq daemon went away"),
+                },
+            };
+            let Some(key) = key else { return Ok(None) };
             match form.key(key) {
                 FormAction::Quit => return Ok(None),
                 FormAction::Submit => {
                     form.stage = Stage::Working("unlocking…".into());
                     terminal.draw(|f| form.draw(f))?;
-                    let (path, pass) = (store.to_path_buf(), form.fields[0].value.clone());
-                    match tokio::task::spawn_blocking(move || Client::open(&path, &pass)).await? {
-                        Ok(c) => return Ok(Some(c)),
-                        Err(ClientError::Vault(VaultError::WrongPassphrase)) => {
-                            form.error = Some("wrong passphrase".into());
-                            form.fields[0].value.clear();
-                        }
-                        Err(e) => form.error = Some(e.to_string()),
+                    let pass = form.fields[0].value.clone();
+                    if let Err(why) = attached.unlock(pass).await? {
+                        form.error = Some(why);
+                        form.fields[0].value.clear();
                     }
                     form.stage = Stage::Editing;
                 }
                 _ => {}
             }
         }
+        return Ok(Some(attached));
     }
     let default_server = std::env::var("QPQ_SERVER").unwrap_or_else(|_| "127.0.0.1:5001".into());
     let mut form = Form::register(&default_server);
@@ -151,8 +187,20 @@ async fn setup(
                     invite: form.value("Invite code (if needed)").to_string(),
                     kdf: KdfParams::default(),
                 };
+                let passphrase = opts.passphrase.clone();
                 match Client::register(opts).await {
-                    Ok(c) => return Ok(Some(c)),
+                    Ok(mut c) => {
+                        // The new store is served by a daemon like any other.
+                        c.disconnect().await;
+                        drop(c);
+                        let mut attached = Attached::to_or_start(home).await?;
+                        if attached.locked
+                            && let Err(why) = attached.unlock(passphrase).await?
+                        {
+                            anyhow::bail!("unlocking the new account: {why}");
+                        }
+                        return Ok(Some(attached));
+                    }
                     Err(e) => {
                         form.stage = Stage::Editing;
                         form.error = Some(e.to_string());
@@ -167,13 +215,35 @@ async fn setup(
 async fn main_loop(
     terminal: &mut DefaultTerminal,
     keys: &mut mpsc::Receiver<TermEvent>,
-    client: Client,
+    attached: Attached,
     config: Config,
     mut signals: Signals,
-) -> anyhow::Result<()> {
-    let (cmd_tx, cmd_rx) = mpsc::channel(256);
-    let (ev_tx, mut events) = mpsc::channel(1024);
-    let worker = tokio::spawn(worker::run(client, cmd_rx, ev_tx));
+) -> anyhow::Result<Ended> {
+    let (mut rd, mut wr) = attached.split();
+    let (cmd_tx, mut cmd_rx) = mpsc::channel::<Command>(256);
+    // `None`: the daemon went away.
+    let (ev_tx, mut events) = mpsc::channel::<Option<WorkerEvent>>(1024);
+    let reader = tokio::spawn(async move {
+        loop {
+            let ev = match rd.recv().await {
+                Some(Ok(Reply::Event(e))) => e,
+                Some(Ok(Reply::Error(e))) => WorkerEvent::Error(e),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => break,
+            };
+            if ev_tx.send(Some(ev)).await.is_err() {
+                return;
+            }
+        }
+        let _ = ev_tx.send(None).await;
+    });
+    let writer = tokio::spawn(async move {
+        while let Some(cmd) = cmd_rx.recv().await {
+            if ipc::write_frame(&mut wr, &Request::Ui(cmd)).await.is_err() {
+                break;
+            }
+        }
+    });
     if config.mouse {
         let _ = crossterm::execute!(std::io::stdout(), EnableMouseCapture);
     }
@@ -182,7 +252,7 @@ async fn main_loop(
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     // Every way out leaves through the end of this loop, so the worker always gets to close
     // the store and the connection.
-    let outcome: anyhow::Result<()> = loop {
+    let outcome: anyhow::Result<Ended> = loop {
         let frame = match terminal.draw(|f| ui::draw(f, &app)) {
             Ok(f) => f,
             Err(e) => break Err(anyhow::Error::new(e).context("the terminal went away")),
@@ -194,7 +264,7 @@ async fn main_loop(
             notify(&alert);
         }
         if app.quit {
-            break Ok(());
+            break Ok(Ended::Quit);
         }
         let action = tokio::select! {
             ev = keys.recv() => match ev {
@@ -207,11 +277,11 @@ async fn main_loop(
                 },
                 Some(_) => continue, // resize and the rest: just redraw
                 // The input thread ended: the terminal is gone (EIO on a hung-up tty).
-                None => break Ok(()),
+                None => break Ok(Ended::Quit),
             },
             ev = events.recv() => match ev {
-                Some(e) => Action::Worker(e),
-                None => break Ok(()),
+                Some(Some(e)) => Action::Worker(e),
+                Some(None) | None => break Ok(Ended::DaemonGone),
             },
             i = signals.interrupted() => break Err(i.into()),
             _ = tick.tick() => Action::Tick(Instant::now()),
@@ -219,10 +289,7 @@ async fn main_loop(
         for cmd in app.update(action) {
             match cmd {
                 Command::Copy(text) => copy(&text),
-                Command::Quit => {
-                    let _ = cmd_tx.send(Command::Quit).await;
-                    app.quit = true;
-                }
+                Command::Quit => app.quit = true,
                 other => {
                     let _ = cmd_tx.send(other).await;
                 }
@@ -232,11 +299,11 @@ async fn main_loop(
     if mouse {
         let _ = crossterm::execute!(std::io::stdout(), DisableMouseCapture);
     }
-    let _ = cmd_tx.try_send(Command::Quit);
+    // Detach: the commands already sent reach the daemon, which keeps the store (and closes
+    // it once nothing is attached, if a terminal UI started it).
     drop(cmd_tx);
-    // The worker finishes its current command, disconnects and drops the client (closing the
-    // store). Past the deadline the runtime drops it, which closes the store all the same.
-    let _ = tokio::time::timeout(Duration::from_secs(3), worker).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+    reader.abort();
     outcome
 }
 

@@ -1,6 +1,9 @@
-//! The network side of the UI: owns the [`Client`], runs [`Command`]s, and turns engine events
-//! into [`WorkerEvent`]s. The UI never waits on it.
+//! The network side of the UI, in the process serving the account (`qpq daemon`): owns the
+//! [`Client`], runs the [`Command`]s and subcommands of every attached `qpq`, and turns engine
+//! events into [`WorkerEvent`]s for all of them ([`Hub`]). No UI ever waits on it.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use qpq_core::client::net::{Connection, NetError};
@@ -12,6 +15,107 @@ use tokio::task::JoinHandle;
 
 use crate::app::{Command, InfoView, WorkerEvent};
 use crate::config::NotifyLevel;
+use crate::protocol::Reply;
+
+/// An attached process, as the serving process numbers them.
+pub type AttachId = u64;
+
+/// What the worker is asked to do.
+#[derive(Debug)]
+pub enum Input {
+    /// A process attached (its reply channel is in the [`Hub`]): greet it with the state.
+    Attach(AttachId),
+    /// It went away.
+    Detach(AttachId),
+    /// A terminal UI's command.
+    Ui(AttachId, Command),
+    /// A subcommand (see [`crate::cli::perform`]).
+    Cli(AttachId, Box<crate::cli::Command>, Option<String>),
+}
+
+/// The attached processes' reply queues. A process that does not keep up (its queue of
+/// [`REPLY_QUEUE`] is full) is dropped from the hub rather than waited for: one stuck
+/// terminal never stalls the others.
+#[derive(Clone, Default)]
+pub struct Hub(Arc<Mutex<HashMap<AttachId, mpsc::Sender<Reply>>>>);
+
+/// Replies queued per attached process.
+pub const REPLY_QUEUE: usize = 4096;
+
+impl Hub {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<AttachId, mpsc::Sender<Reply>>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Adds an attached process.
+    pub fn add(&self, id: AttachId, tx: mpsc::Sender<Reply>) {
+        self.map().insert(id, tx);
+    }
+
+    /// Removes one.
+    pub fn remove(&self, id: AttachId) {
+        self.map().remove(&id);
+    }
+
+    /// How many are attached.
+    pub fn len(&self) -> usize {
+        self.map().len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The attached ids.
+    pub fn ids(&self) -> Vec<AttachId> {
+        self.map().keys().copied().collect()
+    }
+
+    /// Sends to one attached process.
+    pub fn to(&self, id: AttachId, r: Reply) {
+        let mut map = self.map();
+        if let Some(tx) = map.get(&id)
+            && tx.try_send(r).is_err()
+        {
+            map.remove(&id);
+        }
+    }
+
+    /// Sends to all.
+    pub fn all(&self, r: Reply) {
+        self.map().retain(|_, tx| tx.try_send(r.clone()).is_ok());
+    }
+}
+
+/// Where an event goes: the process whose command it answers, or all.
+#[derive(Clone, Copy)]
+struct Tx<'a> {
+    hub: &'a Hub,
+    to: Option<AttachId>,
+}
+
+impl<'a> Tx<'a> {
+    async fn send(&self, ev: WorkerEvent) -> Result<(), ()> {
+        match self.to {
+            Some(id) => self.hub.to(id, Reply::Event(ev)),
+            None => self.hub.all(Reply::Event(ev)),
+        }
+        Ok(())
+    }
+
+    /// The same hub, to everyone.
+    fn all(&self) -> Tx<'a> {
+        Tx { hub: self.hub, to: None }
+    }
+}
+
+/// The conversation each attached UI has open.
+type OpenSet = HashMap<AttachId, Vec<u8>>;
+
+fn is_open(open: &OpenSet, conv: &[u8]) -> bool {
+    open.values().any(|c| c == conv)
+}
 
 /// Messages of history loaded when a conversation opens.
 pub const HISTORY_PAGE: usize = 500;
@@ -75,7 +179,7 @@ impl Link {
     }
 
     /// Tells the UI the connection state, the outbox size and the next retry, if changed.
-    async fn publish(&mut self, client: &Client, tx: &mpsc::Sender<WorkerEvent>) {
+    async fn publish(&mut self, client: &Client, tx: &Tx<'_>) {
         let now = (self.state(client), client.outbox_len().unwrap_or(0), self.retry_at);
         if self.shown != Some(now) {
             self.shown = Some(now);
@@ -86,19 +190,9 @@ impl Link {
     }
 }
 
-/// Runs until the command channel closes.
-pub async fn run(
-    mut client: Client,
-    mut rx: mpsc::Receiver<Command>,
-    tx: mpsc::Sender<WorkerEvent>,
-) {
-    client.set_auto_reconnect(false);
-    let mut events = client.subscribe();
-    let mut open: Option<Vec<u8>> = None;
-    let mut link = Link::new();
-    if client.is_online() {
-        link.retry_at = None;
-    }
+/// Sends one attached process what it needs to draw: who we are, the connection, the
+/// conversations and their notification levels.
+async fn greet(client: &Client, link: &Link, tx: &Tx<'_>) {
     let _ = tx
         .send(WorkerEvent::Identity {
             username: client.username().to_string(),
@@ -106,17 +200,48 @@ pub async fn run(
             identity: hex(&client.identity_key()[..6]),
         })
         .await;
-    link.publish(&client, &tx).await;
-    send_conversations(&client, &tx).await;
-    for c in client.conversations().unwrap_or_default() {
-        let level =
-            match client.setting(&format!("notify/{}", hex(&c.id))).ok().flatten().as_deref() {
+    let retry_in = link.retry_at.map(|t| t.saturating_duration_since(Instant::now()));
+    let (conn, outbox) = (link.state(client), client.outbox_len().unwrap_or(0));
+    let _ = tx.send(WorkerEvent::Status { conn, outbox, retry_in }).await;
+    if let Ok(list) = client.conversations() {
+        for c in &list {
+            let key = format!("notify/{}", hex(&c.id));
+            let level = match client.setting(&key).ok().flatten().as_deref() {
                 Some("all") => NotifyLevel::All,
                 Some("mentions") => NotifyLevel::Mentions,
                 Some("none") => NotifyLevel::None,
                 _ => continue,
             };
-        let _ = tx.send(WorkerEvent::NotifyLevel { conv: c.id, level }).await;
+            let _ = tx.send(WorkerEvent::NotifyLevel { conv: c.id.clone(), level }).await;
+        }
+        let _ = tx.send(WorkerEvent::Conversations(list)).await;
+    }
+}
+
+/// Runs until the input channel closes; returns after closing the connection (the caller
+/// drops the client, which closes the store). Events go to every process in `hub`.
+pub async fn run(
+    mut client: Client,
+    mut rx: mpsc::Receiver<Input>,
+    hub: Hub,
+    notifier: Option<crate::daemon::Notifier>,
+) {
+    client.set_auto_reconnect(false);
+    let mut events = client.subscribe();
+    let mut open = OpenSet::new();
+    let mut link = Link::new();
+    if client.is_online() {
+        link.retry_at = None;
+    }
+    let everyone = Tx { hub: &hub, to: None };
+    // Connect and catch up before the first command, so a subcommand sent with the unlock
+    // sees the account as it is (one attempt: unreachable, the link retries as usual).
+    if !client.is_online() && client.reconnect().await.is_ok() {
+        link.retry_at = None;
+        let _ = client.sync().await;
+    }
+    for id in hub.ids() {
+        greet(&client, &link, &Tx { hub: &hub, to: Some(id) }).await;
     }
     loop {
         // Forward what the engine reported since the last turn (never inside the select:
@@ -124,51 +249,70 @@ pub async fn run(
         let mut lagged = false;
         loop {
             match events.try_recv() {
-                Ok(ev) => forward(&mut client, ev, open.as_deref(), &tx).await,
+                Ok(ev) => forward(&mut client, ev, &open, &everyone, notifier.as_ref()).await,
                 Err(broadcast::error::TryRecvError::Lagged(_)) => lagged = true,
                 Err(_) => break,
             }
         }
         if lagged {
-            send_conversations(&client, &tx).await;
-            if let Some(conv) = &open {
-                let _ = send_history(&mut client, conv, &tx).await;
+            send_conversations(&client, &everyone).await;
+            for (id, conv) in &open {
+                let _ = send_history(&mut client, conv, &Tx { hub: &hub, to: Some(*id) }).await;
             }
         }
         if !client.is_online() {
             link.lost();
         }
-        link.publish(&client, &tx).await;
+        link.publish(&client, &everyone).await;
         let online = client.is_online();
         let retry_at = link.retry_at.map(tokio::time::Instant::from_std);
         tokio::select! {
-            cmd = rx.recv() => {
-                let Some(cmd) = cmd else { break };
-                if cmd == Command::Quit {
-                    break;
+            input = rx.recv() => match input {
+                None => break,
+                Some(Input::Attach(id)) => greet(&client, &link, &Tx { hub: &hub, to: Some(id) }).await,
+                Some(Input::Detach(id)) => {
+                    open.remove(&id);
                 }
-                if let Command::Open(id) = &cmd {
-                    open = Some(id.clone());
+                Some(Input::Ui(_, Command::Quit)) => {}
+                Some(Input::Ui(id, cmd)) => {
+                    if let Command::Open(conv) = &cmd {
+                        open.insert(id, conv.clone());
+                    }
+                    let tx = Tx { hub: &hub, to: Some(id) };
+                    if let Err(e) =
+                        run_command(&mut client, cmd, &mut events, &open, &tx, notifier.as_ref()).await
+                    {
+                        let event = match &e {
+                            // Loud and blocking: an overlay that must be acknowledged.
+                            ClientError::KeyChanged { username, .. } => WorkerEvent::Alert {
+                                title: format!("{username}'s key changed"),
+                                text: e.to_string(),
+                            },
+                            ClientError::Net(_) if !client.is_online() => {
+                                WorkerEvent::Error(format!("offline: {e}"))
+                            }
+                            _ => WorkerEvent::Error(e.to_string()),
+                        };
+                        let _ = tx.send(event).await;
+                    }
                 }
-                if let Err(e) = run_command(&mut client, cmd, &mut events, open.as_deref(), &tx).await {
-                    let event = match &e {
-                        // Loud and blocking: an overlay that must be acknowledged.
-                        ClientError::KeyChanged { username, .. } => WorkerEvent::Alert {
-                            title: format!("{username}'s key changed"),
-                            text: e.to_string(),
-                        },
-                        ClientError::Net(_) if !client.is_online() => WorkerEvent::Error(
-                            format!("offline: {e}"),
-                        ),
-                        _ => WorkerEvent::Error(e.to_string()),
+                Some(Input::Cli(id, command, password)) => {
+                    let (output, notes, result) =
+                        crate::cli::perform(&mut client, *command, password).await;
+                    if !output.is_empty() {
+                        hub.to(id, Reply::Output(output));
+                    }
+                    let (error, follow) = match result {
+                        Ok(follow) => (None, follow),
+                        Err(e) => (Some(format!("{e:#}")), None),
                     };
-                    let _ = tx.send(event).await;
+                    hub.to(id, Reply::Done { error, follow, notes });
                 }
-            }
+            },
             // Cancel-safe: a command interrupts the wait, never a sync.
             r = client.wait_for_activity(Duration::from_secs(20)), if online => {
                 if let Err(e) = r {
-                    report_net(&mut link, &client, e, &tx).await;
+                    report_net(&mut link, &client, e, &everyone).await;
                 }
             }
             () = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)),
@@ -177,7 +321,7 @@ pub async fn run(
                 link.retry_at = None;
                 match client.dialer() {
                     Ok(dial) => link.dialing = Some(tokio::spawn(dial)),
-                    Err(e) => report_net(&mut link, &client, e, &tx).await,
+                    Err(e) => report_net(&mut link, &client, e, &everyone).await,
                 }
             }
             dialed = async {
@@ -196,18 +340,18 @@ pub async fn run(
                     Ok(()) => {
                         link.backoff = RETRY_FIRST;
                         if std::mem::take(&mut link.reported) {
-                            let _ = tx.send(WorkerEvent::Notice("back online".into())).await;
+                            let _ = everyone.send(WorkerEvent::Notice("back online".into())).await;
                         }
-                        send_conversations(&client, &tx).await;
+                        send_conversations(&client, &everyone).await;
                     }
-                    Err(e) => report_net(&mut link, &client, e, &tx).await,
+                    Err(e) => report_net(&mut link, &client, e, &everyone).await,
                 }
             }
         }
         if client.is_online()
             && let Err(e) = client.sync().await
         {
-            report_net(&mut link, &client, e, &tx).await;
+            report_net(&mut link, &client, e, &everyone).await;
         }
     }
     if let Some(dialing) = link.dialing.take() {
@@ -223,8 +367,9 @@ async fn run_command(
     client: &mut Client,
     cmd: Command,
     events: &mut broadcast::Receiver<Event>,
-    open: Option<&[u8]>,
-    tx: &mpsc::Sender<WorkerEvent>,
+    open: &OpenSet,
+    tx: &Tx<'_>,
+    notifier: Option<&crate::daemon::Notifier>,
 ) -> Result<(), ClientError> {
     let (me, username) = (client.identity_key(), client.username().to_string());
     let mut held = Vec::new();
@@ -238,6 +383,7 @@ async fn run_command(
                 ev = events.recv() => match ev {
                     Ok(Event::Transfer(t)) => {
                         let _ = tx
+                            .all()
                             .send(WorkerEvent::Transfer {
                                 name: t.name,
                                 done: t.done,
@@ -254,7 +400,7 @@ async fn run_command(
                             sender: username.clone(),
                             mention: false,
                         };
-                        let _ = tx.send(incoming).await;
+                        let _ = tx.all().send(incoming).await;
                     }
                     Ok(other) => held.push(other),
                     // Too many at once: the caller's next turn reloads.
@@ -264,7 +410,7 @@ async fn run_command(
         }
     };
     for ev in held {
-        forward(client, ev, open, tx).await;
+        forward(client, ev, open, &tx.all(), notifier).await;
     }
     if own_message {
         send_conversations(client, tx).await;
@@ -274,12 +420,7 @@ async fn run_command(
 
 /// A network failure: the connection may be gone (then a reconnect is scheduled). The first
 /// failure of an outage is shown; later ones only move the retry time in the status bar.
-async fn report_net(
-    link: &mut Link,
-    client: &Client,
-    e: ClientError,
-    tx: &mpsc::Sender<WorkerEvent>,
-) {
+async fn report_net(link: &mut Link, client: &Client, e: ClientError, tx: &Tx<'_>) {
     let text = match &e {
         ClientError::NeedLogin => {
             link.retry_at = None;
@@ -303,17 +444,13 @@ async fn report_net(
     link.publish(client, tx).await;
 }
 
-async fn send_conversations(client: &Client, tx: &mpsc::Sender<WorkerEvent>) {
+async fn send_conversations(client: &Client, tx: &Tx<'_>) {
     if let Ok(list) = client.conversations() {
-        let _ = tx.send(WorkerEvent::Conversations(list)).await;
+        let _ = tx.all().send(WorkerEvent::Conversations(list)).await;
     }
 }
 
-async fn send_history(
-    client: &mut Client,
-    conv: &[u8],
-    tx: &mpsc::Sender<WorkerEvent>,
-) -> Result<(), ClientError> {
+async fn send_history(client: &mut Client, conv: &[u8], tx: &Tx<'_>) -> Result<(), ClientError> {
     let entries = client.history(conv, HISTORY_PAGE)?;
     let mut names = Vec::new();
     for e in &entries {
@@ -325,22 +462,23 @@ async fn send_history(
     Ok(())
 }
 
-async fn send_members(client: &mut Client, conv: &[u8], tx: &mpsc::Sender<WorkerEvent>) {
+async fn send_members(client: &mut Client, conv: &[u8], tx: &Tx<'_>) {
     if client.conversation(conv).ok().flatten().is_none_or(|c| c.kind != ConvKind::Group) {
         return;
     }
     if let Ok(info) = client.group_info(conv).await {
         let members =
             info.members.into_iter().map(|(id, name, admin)| (name, admin, id.to_vec())).collect();
-        let _ = tx.send(WorkerEvent::Members { conv: conv.to_vec(), members }).await;
+        let _ = tx.all().send(WorkerEvent::Members { conv: conv.to_vec(), members }).await;
     }
 }
 
 async fn forward(
     client: &mut Client,
     ev: Event,
-    open: Option<&[u8]>,
-    tx: &mpsc::Sender<WorkerEvent>,
+    open: &OpenSet,
+    tx: &Tx<'_>,
+    notifier: Option<&crate::daemon::Notifier>,
 ) {
     match ev {
         Event::Message { conv, entry } => {
@@ -349,14 +487,22 @@ async fn forward(
                 Err(_) => String::new(),
             };
             let mention = entry.text.contains(&format!("@{}", client.username()));
-            if open == Some(conv.as_slice()) {
+            if is_open(open, &conv) {
                 let _ = client.mark_read(&conv);
+            }
+            if let Some(n) = notifier
+                && entry.sender != client.identity_key()
+                && !entry.system
+                && let Ok(Some(c)) = client.conversation(&conv)
+            {
+                let label = client.conversation_label(&c).unwrap_or_else(|_| c.name.clone());
+                n.message(&label, &sender, &entry, mention);
             }
             let _ = tx.send(WorkerEvent::Incoming { conv, entry, sender, mention }).await;
             send_conversations(client, tx).await;
         }
         // Only the entry that changed, not a reload of the page.
-        Event::Updated { conv, message_id } if open == Some(conv.as_slice()) => {
+        Event::Updated { conv, message_id } if is_open(open, &conv) => {
             if let Ok(Some((in_conv, entry))) = client.entry(&message_id)
                 && in_conv == conv
             {
@@ -369,7 +515,7 @@ async fn forward(
         }
         Event::Conversation { conv } => {
             send_conversations(client, tx).await;
-            if open == Some(conv.as_slice()) {
+            if is_open(open, &conv) {
                 send_members(client, &conv, tx).await;
             }
         }
@@ -399,11 +545,7 @@ async fn forward(
     }
 }
 
-async fn handle(
-    client: &mut Client,
-    cmd: Command,
-    tx: &mpsc::Sender<WorkerEvent>,
-) -> Result<(), ClientError> {
+async fn handle(client: &mut Client, cmd: Command, tx: &Tx<'_>) -> Result<(), ClientError> {
     match cmd {
         Command::Open(conv) => {
             send_history(client, &conv, tx).await?;

@@ -109,7 +109,7 @@ pub enum ClientError {
 }
 
 /// Connection state, as events report it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ConnState {
     /// Connected and authenticated.
     Online,

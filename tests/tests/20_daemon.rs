@@ -1,0 +1,330 @@
+//! One account in many terminals, through the real binaries: `qpq daemon` serves the account on
+//! its socket and every `qpq` attaches (two terminal UIs in tmux, a `tail -f`, scripted
+//! `send`s); SIGKILL of the daemon while they are attached (they say so, attach again, nothing
+//! acknowledged is lost); malformed socket messages (an error and a closed socket, the daemon
+//! goes on); the notify command; locking after an idle time.
+
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use qpq_tests::tmux::Tmux;
+use qpq_tests::{ServerProcess, qpq_command, register_account};
+use qpq_tui::ipc;
+use qpq_tui::protocol::{Reply, Request};
+use tokio::io::AsyncWriteExt;
+
+async fn account(server: &ServerProcess, home: &Path, name: &str) {
+    register_account(server, home, name, &format!("{name}-pass"), &format!("{name}-password"))
+        .await;
+}
+
+fn qpq(home: &Path, name: &str, args: &[&str]) -> Command {
+    let mut c = qpq_command(home, &format!("{name}-pass"), &format!("{name}-password"));
+    c.args(args);
+    c
+}
+
+fn ok(home: &Path, name: &str, args: &[&str]) -> String {
+    let out = qpq(home, name, args).output().unwrap();
+    assert!(out.status.success(), "qpq {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A child's stdout and stderr, collected on threads as they come.
+struct Collected {
+    out: Arc<Mutex<String>>,
+    err: Arc<Mutex<String>>,
+}
+
+fn collect(child: &mut Child) -> Collected {
+    fn pump(mut r: impl std::io::Read + Send + 'static) -> Arc<Mutex<String>> {
+        let text = Arc::new(Mutex::new(String::new()));
+        let sink = text.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = r.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        text
+    }
+    Collected { out: pump(child.stdout.take().unwrap()), err: pump(child.stderr.take().unwrap()) }
+}
+
+fn wait_text(text: &Arc<Mutex<String>>, needle: &str, limit: Duration, what: &str) {
+    let deadline = Instant::now() + limit;
+    while !text.lock().unwrap().contains(needle) {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {needle:?} never appeared in:\n{}",
+            text.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The pid in the store's owner note once it names a `qpq daemon` other than `not`.
+fn daemon_pid(home: &Path, not: Option<u32>, limit: Duration) -> u32 {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(home.join("account.qpq.owner"))
+            && text.contains("command qpq daemon")
+            && let Some(pid) = text
+                .lines()
+                .find_map(|l| l.strip_prefix("pid "))
+                .and_then(|p| p.trim().parse::<u32>().ok())
+            && Some(pid) != not
+        {
+            return pid;
+        }
+        assert!(Instant::now() < deadline, "no qpq daemon holds the store");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+fn kill(pid: u32, sig: &str) {
+    assert!(Command::new("kill").args([sig, &pid.to_string()]).status().unwrap().success());
+}
+
+fn wait_gone(pid: u32, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while alive(pid) {
+        assert!(Instant::now() < deadline, "pid {pid} still runs after {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+struct Setup {
+    server: ServerProcess,
+    _dir: tempfile::TempDir,
+    alice: PathBuf,
+    bob: PathBuf,
+}
+
+/// alice and bob with a DM between them.
+async fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(&dir.path().join("server"), &[]).unwrap();
+    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
+    account(&server, &alice, "alice").await;
+    account(&server, &bob, "bob").await;
+    ok(&alice, "alice", &["dm", "bob", "hello bob"]);
+    Setup { server, _dir: dir, alice, bob }
+}
+
+fn start_tui(tmux: &Tmux, name: &str, home: &Path) {
+    tmux.start(name, home);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(qpq_no_tmux, ignore = "tmux is not installed: apt-get install tmux")]
+async fn two_tuis_a_tail_and_scripts_share_one_account_and_survive_a_killed_daemon() {
+    let s = setup().await;
+    let tmux = Tmux::new("daemon");
+
+    // The first TUI starts the daemon and unlocks it; the second attaches, no passphrase.
+    start_tui(&tmux, "one", &s.bob);
+    tmux.wait_for("one", "Passphrase", Duration::from_secs(15));
+    tmux.type_text("one", "bob-pass");
+    tmux.keys("one", &["Enter"]);
+    tmux.wait_for("one", "● online", Duration::from_secs(15));
+    let daemon = daemon_pid(&s.bob, None, Duration::from_secs(5));
+    start_tui(&tmux, "two", &s.bob);
+    let two = tmux.wait_for("two", "● online", Duration::from_secs(15));
+    assert!(!two.contains("Passphrase"), "the second TUI needed no passphrase:\n{two}");
+    tmux.wait_for("two", "hello bob", Duration::from_secs(10));
+
+    // A `tail -f` pane and a script, at the same time.
+    let mut tail = qpq(&s.bob, "bob", &["tail", "@alice", "--follow"]).spawn().unwrap();
+    let tailed = collect(&mut tail);
+    wait_text(&tailed.out, "hello bob", Duration::from_secs(10), "tail history");
+    assert_eq!(daemon_pid(&s.bob, None, Duration::from_secs(1)), daemon, "one daemon");
+    ok(&s.bob, "bob", &["send", "@alice", "from the script"]);
+    ok(&s.alice, "alice", &["send", "@bob", "from alice"]);
+    tmux.type_text("one", "typed in tui one");
+    tmux.keys("one", &["Enter"]);
+    for text in ["from the script", "from alice", "typed in tui one"] {
+        tmux.wait_for("one", text, Duration::from_secs(15));
+        tmux.wait_for("two", text, Duration::from_secs(15));
+        wait_text(&tailed.out, text, Duration::from_secs(15), "tail -f");
+    }
+    let alice_sees = ok(&s.alice, "alice", &["tail", "@bob"]);
+    assert!(
+        alice_sees.contains("from the script") && alice_sees.contains("typed in tui one"),
+        "{alice_sees}"
+    );
+    assert!(alive(daemon));
+
+    // SIGKILL of the daemon with all three attached.
+    kill(daemon, "-KILL");
+    wait_gone(daemon, Duration::from_secs(5));
+    wait_text(&tailed.err, "the qpq daemon went away", Duration::from_secs(10), "tail stderr");
+    // The tail starts a new daemon and unlocks it with its passphrase; the TUIs attach to it
+    // and, unlocked by then or as soon as it is, go on without a passphrase typed.
+    let second = daemon_pid(&s.bob, Some(daemon), Duration::from_secs(20));
+    for tui in ["one", "two"] {
+        let screen = tmux.wait_for(tui, "● online", Duration::from_secs(20));
+        // Nothing acknowledged was lost: every message is still there.
+        for text in ["hello bob", "from the script", "from alice", "typed in tui one"] {
+            assert!(screen.contains(text), "{tui} lost {text:?}:\n{screen}");
+        }
+    }
+    ok(&s.alice, "alice", &["send", "@bob", "after the kill"]);
+    tmux.wait_for("one", "after the kill", Duration::from_secs(15));
+    tmux.wait_for("two", "after the kill", Duration::from_secs(15));
+    wait_text(&tailed.out, "after the kill", Duration::from_secs(15), "tail -f after the kill");
+
+    // Everyone leaves: the daemon a TUI started closes the store and exits.
+    kill(tail.id(), "-TERM");
+    let _ = tail.wait();
+    tmux.keys("one", &["C-q"]);
+    tmux.keys("two", &["C-q"]);
+    wait_gone(second, Duration::from_secs(15));
+    assert!(!s.bob.join("account.qpq.owner").exists(), "the store was closed");
+    drop(s.server);
+}
+
+/// A daemon started by hand, for the socket-level tests.
+fn start_daemon(home: &Path, name: &str, args: &[&str]) -> Child {
+    let mut all = vec!["daemon"];
+    all.extend_from_slice(args);
+    let child = qpq(home, name, &all).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let socket = ipc::socket_path(home).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "the daemon never bound {}", socket.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+async fn raw(home: &Path) -> tokio::net::UnixStream {
+    ipc::connect(&ipc::socket_path(home).unwrap()).await.unwrap().expect("a daemon serves")
+}
+
+/// Reads replies until the daemon closes the connection; returns them.
+async fn until_closed(stream: &mut tokio::net::UnixStream) -> Vec<Reply> {
+    let mut replies = Vec::new();
+    let read = async {
+        while let Ok(Some(r)) = ipc::read_frame::<Reply, _>(stream).await {
+            replies.push(r);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read).await.expect("the daemon closed it");
+    replies
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_socket_messages_get_an_error_and_a_closed_socket() {
+    let s = setup().await;
+    let mut daemon = start_daemon(&s.bob, "bob", &[]);
+    let header = |magic: &[u8; 4], version: u16, len: u32| {
+        [&magic[..], &version.to_be_bytes(), &len.to_be_bytes()].concat()
+    };
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("not qpq", b"GET / HTTP/1.1\r\n\r\n".to_vec(), "not a qpq"),
+        ("another version", header(b"QPQS", 99, 2), "version"),
+        ("oversized", header(b"QPQS", ipc::IPC_VERSION, u32::MAX), "over the"),
+        ("not JSON", [header(b"QPQS", ipc::IPC_VERSION, 3), b"{{{".to_vec()].concat(), ""),
+        (
+            "an unknown request",
+            [header(b"QPQS", ipc::IPC_VERSION, 11), br#"{"Nope":{}}"#.to_vec()].concat(),
+            "",
+        ),
+        ("cut short", header(b"QPQS", ipc::IPC_VERSION, 100)[..7].to_vec(), ""),
+    ];
+    for (what, bytes, expect) in cases {
+        let mut stream = raw(&s.bob).await;
+        stream.write_all(&bytes).await.unwrap();
+        stream.shutdown().await.unwrap();
+        let replies = until_closed(&mut stream).await;
+        assert!(
+            matches!(replies.first(), Some(Reply::State { locked: true })),
+            "{what}: first the state: {replies:?}"
+        );
+        let errors: Vec<&String> = replies
+            .iter()
+            .filter_map(|r| match r {
+                Reply::Error(e) => Some(e),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(errors.len(), 1, "{what}: one error, then closed: {replies:?}");
+        assert!(errors[0].contains(expect), "{what}: {}", errors[0]);
+        assert!(daemon.try_wait().unwrap().is_none(), "{what} stopped the daemon");
+    }
+    // A wrong passphrase is refused without closing anything; the right one opens the store.
+    let mut stream = raw(&s.bob).await;
+    let _ = ipc::read_frame::<Reply, _>(&mut stream).await.unwrap();
+    ipc::write_frame(&mut stream, &Request::Unlock { passphrase: "wrong".into() }).await.unwrap();
+    match ipc::read_frame::<Reply, _>(&mut stream).await.unwrap() {
+        Some(Reply::UnlockFailed(why)) => assert!(why.contains("wrong passphrase"), "{why}"),
+        other => panic!("expected UnlockFailed, got {other:?}"),
+    }
+    // Subcommands attach and work (unlocking with their passphrase).
+    assert!(ok(&s.bob, "bob", &["tail", "@alice"]).contains("hello bob"));
+    ok(&s.bob, "bob", &["send", "@alice", "through the daemon"]);
+    assert!(ok(&s.alice, "alice", &["tail", "@bob"]).contains("through the daemon"));
+    // A second daemon for the same account refuses to start.
+    let out = qpq(&s.bob, "bob", &["daemon"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already serves"));
+    // SIGTERM: a clean stop; the socket is removed and the store needs no repair.
+    drop(stream);
+    kill(daemon.id(), "-TERM");
+    let status = daemon.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(!ipc::socket_path(&s.bob).unwrap().exists());
+    assert!(!qpq_core::vault::needs_recovery(&s.bob.join("account.qpq")).unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_notify_command_gets_metadata_not_plaintext_and_the_daemon_locks_when_idle() {
+    let s = setup().await;
+    let log = s.bob.join("notified");
+    let command = format!(
+        "echo \"$QPQ_CONVERSATION|$QPQ_SENDER|$QPQ_KIND|${{QPQ_TEXT-unset}}\" >> {}",
+        log.display()
+    );
+    let mut daemon = start_daemon(&s.bob, "bob", &["--notify", &command, "--lock-after", "2"]);
+    // Unlocked by the first subcommand; keeps receiving with nothing attached.
+    ok(&s.bob, "bob", &["sync"]);
+    ok(&s.alice, "alice", &["send", "@bob", "a secret plan"]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !std::fs::read_to_string(&log).is_ok_and(|t| t.contains("@alice|alice|message|unset")) {
+        assert!(
+            Instant::now() < deadline,
+            "notify never ran as expected: {:?}",
+            std::fs::read_to_string(&log)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!std::fs::read_to_string(&log).unwrap().contains("secret"), "no plaintext");
+    // Two seconds with nothing attached: locked again (the store is closed).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.bob.join("account.qpq.owner").exists() {
+        assert!(Instant::now() < deadline, "the daemon never locked");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut stream = raw(&s.bob).await;
+    assert!(matches!(
+        ipc::read_frame::<Reply, _>(&mut stream).await.unwrap(),
+        Some(Reply::State { locked: true })
+    ));
+    drop(stream);
+    kill(daemon.id(), "-TERM");
+    assert!(daemon.wait().unwrap().success());
+    let mut err = String::new();
+    daemon.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(err.contains("locked after"), "{err}");
+}
