@@ -181,8 +181,12 @@ pub async fn run(
                     next_id += 1;
                     tokio::spawn(connection(stream, next_id, ctl_tx.clone()));
                 }
-                // Another user, or a transient accept error: keep serving.
-                Err(e) => eprintln!("qpq daemon: refused a connection: {e}"),
+                // Another user, or an accept error (out of descriptors): keep serving, without
+                // spinning on an error that persists.
+                Err(e) => {
+                    eprintln!("qpq daemon: refused a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
             },
             Some(ctl) = ctl_rx.recv() => match ctl {
                 Ctl::Attached(id, tx) => {
@@ -313,8 +317,11 @@ async fn sleep_until(at: Option<Instant>) {
 /// gets [`Reply::Error`] and the connection is closed; the daemon goes on.
 async fn connection(stream: UnixStream, id: AttachId, ctl: mpsc::Sender<Ctl>) {
     let (mut rd, mut wr) = stream.into_split();
+    // The hub holds the only sender: once it drops this connection (gone, or too slow to
+    // read its replies), the writer ends and the socket closes, and the attached `qpq`
+    // attaches again.
     let (tx, mut rx) = mpsc::channel::<Reply>(REPLY_QUEUE);
-    if ctl.send(Ctl::Attached(id, tx.clone())).await.is_err() {
+    if ctl.send(Ctl::Attached(id, tx)).await.is_err() {
         return;
     }
     let writer = tokio::spawn(async move {
@@ -340,7 +347,6 @@ async fn connection(stream: UnixStream, id: AttachId, ctl: mpsc::Sender<Ctl>) {
         }
     }
     let _ = ctl.send(Ctl::Gone(id)).await;
-    drop(tx);
     // The writer ends once the hub has dropped its sender too (after `Gone`), having sent
     // what was queued (an error, above).
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
