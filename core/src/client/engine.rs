@@ -2271,8 +2271,21 @@ impl Client {
         use prost::Message as _;
         match p.event {
             method::PUSH_NEW_MESSAGE => {
-                // The queue is the source of truth; fetch so ordering and acks stay exact.
-                self.sync_once().await?;
+                // The pushed envelope, when it is the next one of our queue, is processed and
+                // acknowledged as if fetched: no Fetch round trip per message. One we already
+                // have (a sync fetched it first) is dropped. Anything else (a gap: pushes use
+                // separate streams and may overtake each other; a payload above the inline
+                // limit; an undecodable push) goes through a fetch: the queue is the source of
+                // truth for order and acknowledgements.
+                let envelope =
+                    v1::NewMessage::decode(p.payload.as_slice()).ok().and_then(|m| m.envelope);
+                match envelope {
+                    Some(env) if env.seq != 0 && env.seq <= self.last_seq => {}
+                    Some(env) if !env.data.is_empty() && env.seq == self.last_seq + 1 => {
+                        self.process_envelopes(vec![env]).await?;
+                    }
+                    _ => self.sync_once().await?,
+                }
             }
             method::PUSH_TYPING => {
                 let Ok(t) = v1::TypingIndicator::decode(p.payload.as_slice()) else {
