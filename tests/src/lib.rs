@@ -2,6 +2,7 @@
 //! for end-to-end tests. Everything talks to 127.0.0.1 only.
 #![allow(clippy::unwrap_used)]
 
+pub mod procs;
 pub mod tmux;
 
 use std::io::{BufRead, BufReader};
@@ -637,6 +638,43 @@ pub fn qpq_command(home: &Path, passphrase: &str, password: &str) -> Command {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     c
+}
+
+/// A server and two accounts with real `qpq` stores, `alice` and `bob` (passphrase
+/// `<name>-pass`, password `<name>-password`), and a DM between them: alice said "hello bob",
+/// and bob has synced it. For the tests that drive the `qpq` binary.
+pub struct Pair {
+    /// The server.
+    pub server: ServerProcess,
+    /// Holds everything.
+    pub dir: tempfile::TempDir,
+    /// alice's home.
+    pub alice: PathBuf,
+    /// bob's home.
+    pub bob: PathBuf,
+}
+
+impl Pair {
+    /// Starts the server, registers both and sends the first DM.
+    pub async fn with_dm() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let server = ServerProcess::start(&dir.path().join("server"), &[]).unwrap();
+        let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
+        for (home, name) in [(&alice, "alice"), (&bob, "bob")] {
+            let (pass, password) = (format!("{name}-pass"), format!("{name}-password"));
+            register_account(&server, home, name, &pass, &password).await;
+        }
+        for (home, name, args) in
+            [(&alice, "alice", &["dm", "bob", "hello bob"][..]), (&bob, "bob", &["sync"][..])]
+        {
+            let out = qpq_command(home, &format!("{name}-pass"), &format!("{name}-password"))
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        }
+        Self { server, dir, alice, bob }
+    }
 }
 
 /// Library [`qpq_core::client::Client`]s against a [`ServerProcess`], each account in

@@ -13,13 +13,9 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use qpq_core::vault::needs_recovery;
+use qpq_tests::procs::{collect, daemon_pid, signal, wait_gone, wait_text};
 use qpq_tests::tmux::Tmux;
-use qpq_tests::{ServerProcess, qpq_command, register_account};
-
-async fn account(server: &ServerProcess, home: &Path, name: &str) {
-    register_account(server, home, name, &format!("{name}-pass"), &format!("{name}-password"))
-        .await;
-}
+use qpq_tests::{Pair, qpq_command};
 
 fn qpq(home: &Path, name: &str, args: &[&str]) -> Command {
     let mut c = qpq_command(home, &format!("{name}-pass"), &format!("{name}-password"));
@@ -38,14 +34,6 @@ fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
     }
 }
 
-fn wait_gone(pid: u32, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    while Path::new(&format!("/proc/{pid}")).exists() {
-        assert!(Instant::now() < deadline, "qpq (pid {pid}) did not exit within {limit:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// The process closed its store: the note is gone and redb needs no repair.
 fn assert_closed_cleanly(home: &Path, how: &str) {
     let store = home.join("account.qpq");
@@ -57,31 +45,6 @@ fn assert_opens(home: &Path, name: &str) {
     let out = qpq(home, name, &["whoami"]).output().unwrap();
     assert!(out.status.success(), "whoami failed: {}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("username {name}")));
-}
-
-fn signal(pid: u32, sig: &str) {
-    assert!(Command::new("kill").args([sig, &pid.to_string()]).status().unwrap().success());
-}
-
-/// The pid of the process holding the store, from its owner note, once it names a `qpq
-/// daemon` other than `not`.
-fn daemon_pid(home: &Path, not: Option<u32>, limit: Duration) -> u32 {
-    let note = home.join("account.qpq.owner");
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Ok(text) = std::fs::read_to_string(&note)
-            && text.contains("command qpq daemon")
-            && let Some(pid) = text
-                .lines()
-                .find_map(|l| l.strip_prefix("pid "))
-                .and_then(|p| p.trim().parse::<u32>().ok())
-            && Some(pid) != not
-        {
-            return pid;
-        }
-        assert!(Instant::now() < deadline, "no qpq daemon opened the store");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Waits until nothing holds the store (the daemon closed it, at most a few seconds after
@@ -109,47 +72,9 @@ fn start_tail(home: &Path) -> (Child, u32) {
     (child, daemon)
 }
 
-/// Collects a child's stdout on a thread, as it comes.
-fn collect(out: std::process::ChildStdout) -> std::sync::Arc<std::sync::Mutex<String>> {
-    use std::io::Read as _;
-    let text = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let sink = text.clone();
-    std::thread::spawn(move || {
-        let mut out = out;
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = out.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    });
-    text
-}
-
-struct Setup {
-    _server: ServerProcess,
-    _dir: tempfile::TempDir,
-    alice: PathBuf,
-    bob: PathBuf,
-}
-
-async fn setup() -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(&dir.path().join("server"), &[]).unwrap();
-    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
-    account(&server, &alice, "alice").await;
-    account(&server, &bob, "bob").await;
-    let out = qpq(&alice, "alice", &["dm", "bob", "hello bob"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = qpq(&bob, "bob", &["sync"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    Setup { _server: server, _dir: dir, alice, bob }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tail_follow_ends_cleanly_on_hangup_terminate_and_interrupt() {
-    let s = setup().await;
+    let s = Pair::with_dm().await;
     for (sig, code) in [("-HUP", 129), ("-TERM", 143), ("-INT", 130)] {
         let (mut tail, daemon) = start_tail(&s.bob);
         // A second qpq works meanwhile: it attaches to the same daemon.
@@ -172,27 +97,20 @@ async fn tail_follow_ends_cleanly_on_hangup_terminate_and_interrupt() {
     // there, so the store needs repair. The tail says so, starts a new daemon (unlocking it
     // with its passphrase), and goes on: a message sent afterwards is printed.
     let (mut tail, daemon) = start_tail(&s.bob);
-    let printed = collect(tail.stdout.take().unwrap());
+    let printed = collect(&mut tail);
     signal(daemon, "-KILL");
     wait_gone(daemon, Duration::from_secs(10));
     // The owner note is the dead daemon's until a new one opens (and repairs) the store.
     daemon_pid(&s.bob, Some(daemon), Duration::from_secs(20));
     let out = qpq(&s.alice, "alice", &["send", "bob", "after the kill"]).output().unwrap();
     assert!(out.status.success());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !printed.lock().unwrap().contains("after the kill") {
-        assert!(
-            Instant::now() < deadline,
-            "tail never printed the message sent after the kill: {}",
-            printed.lock().unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_text(&printed.out, "after the kill", Duration::from_secs(20), "tail after the kill");
     signal(tail.id(), "-TERM");
     let status = wait_exit(&mut tail, Duration::from_secs(10));
     assert_eq!(status.code(), Some(143));
-    let out = tail.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    // (Its stderr was collected as it came.)
+    std::thread::sleep(Duration::from_millis(100));
+    let stderr = printed.err.lock().unwrap().clone();
     assert!(stderr.contains("the qpq daemon went away"), "the tail reported it: {stderr}");
     // And a one-shot command reads it too.
     let out = qpq(&s.bob, "bob", &["tail", "alice"]).output().unwrap();
@@ -202,7 +120,7 @@ async fn tail_follow_ends_cleanly_on_hangup_terminate_and_interrupt() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(qpq_no_tmux, ignore = "tmux is not installed: apt-get install tmux")]
 async fn the_tui_closes_the_store_when_its_terminal_goes_away() {
-    let s = setup().await;
+    let s = Pair::with_dm().await;
     let tmux = Tmux::new("signals");
     for (round, how) in ["kill-session", "kill-pane", "SIGTERM"].into_iter().enumerate() {
         let name = format!("bob{round}");
@@ -213,6 +131,7 @@ async fn the_tui_closes_the_store_when_its_terminal_goes_away() {
         tmux.wait_for(&name, "online", Duration::from_secs(15));
         tmux.wait_for(&name, "alice", Duration::from_secs(5));
         let pid = tmux.pane_pid(&name).expect("the pane's pid");
+        let daemon = daemon_pid(&s.bob, None, Duration::from_secs(5));
         match how {
             "kill-session" => {
                 tmux.run(&["kill-session", "-t", &name]);
@@ -226,7 +145,7 @@ async fn the_tui_closes_the_store_when_its_terminal_goes_away() {
         }
         wait_gone(pid, Duration::from_secs(10));
         // The TUI was the only one attached: its daemon closes the store and exits.
-        wait_closed(&s.bob, Duration::from_secs(10));
+        wait_gone(daemon, Duration::from_secs(10));
         assert_closed_cleanly(&s.bob, how);
         assert_opens(&s.bob, "bob");
         tmux.run(&["kill-session", "-t", &name]);

@@ -5,21 +5,18 @@
 //! goes on); the notify command; locking after an idle time.
 
 use std::io::Read as _;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use qpq_tests::procs::{
+    KillOnDrop, alive, collect, daemon_pid, signal as kill, wait_gone, wait_text,
+};
 use qpq_tests::tmux::Tmux;
-use qpq_tests::{ServerProcess, qpq_command, register_account};
+use qpq_tests::{Pair, qpq_command};
 use qpq_tui::ipc;
 use qpq_tui::protocol::{Reply, Request};
 use tokio::io::AsyncWriteExt;
-
-async fn account(server: &ServerProcess, home: &Path, name: &str) {
-    register_account(server, home, name, &format!("{name}-pass"), &format!("{name}-password"))
-        .await;
-}
 
 fn qpq(home: &Path, name: &str, args: &[&str]) -> Command {
     let mut c = qpq_command(home, &format!("{name}-pass"), &format!("{name}-password"));
@@ -33,95 +30,6 @@ fn ok(home: &Path, name: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A child's stdout and stderr, collected on threads as they come.
-struct Collected {
-    out: Arc<Mutex<String>>,
-    err: Arc<Mutex<String>>,
-}
-
-fn collect(child: &mut Child) -> Collected {
-    fn pump(mut r: impl std::io::Read + Send + 'static) -> Arc<Mutex<String>> {
-        let text = Arc::new(Mutex::new(String::new()));
-        let sink = text.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = r.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        text
-    }
-    Collected { out: pump(child.stdout.take().unwrap()), err: pump(child.stderr.take().unwrap()) }
-}
-
-fn wait_text(text: &Arc<Mutex<String>>, needle: &str, limit: Duration, what: &str) {
-    let deadline = Instant::now() + limit;
-    while !text.lock().unwrap().contains(needle) {
-        assert!(
-            Instant::now() < deadline,
-            "{what}: {needle:?} never appeared in:\n{}",
-            text.lock().unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// The pid in the store's owner note once it names a `qpq daemon` other than `not`.
-fn daemon_pid(home: &Path, not: Option<u32>, limit: Duration) -> u32 {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Ok(text) = std::fs::read_to_string(home.join("account.qpq.owner"))
-            && text.contains("command qpq daemon")
-            && let Some(pid) = text
-                .lines()
-                .find_map(|l| l.strip_prefix("pid "))
-                .and_then(|p| p.trim().parse::<u32>().ok())
-            && Some(pid) != not
-        {
-            return pid;
-        }
-        assert!(Instant::now() < deadline, "no qpq daemon holds the store");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-}
-
-fn kill(pid: u32, sig: &str) {
-    assert!(Command::new("kill").args([sig, &pid.to_string()]).status().unwrap().success());
-}
-
-fn wait_gone(pid: u32, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    while alive(pid) {
-        assert!(Instant::now() < deadline, "pid {pid} still runs after {limit:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-struct Setup {
-    server: ServerProcess,
-    _dir: tempfile::TempDir,
-    alice: PathBuf,
-    bob: PathBuf,
-}
-
-/// alice and bob with a DM between them.
-async fn setup() -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(&dir.path().join("server"), &[]).unwrap();
-    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
-    account(&server, &alice, "alice").await;
-    account(&server, &bob, "bob").await;
-    ok(&alice, "alice", &["dm", "bob", "hello bob"]);
-    Setup { server, _dir: dir, alice, bob }
-}
-
 fn start_tui(tmux: &Tmux, name: &str, home: &Path) {
     tmux.start(name, home);
 }
@@ -129,7 +37,7 @@ fn start_tui(tmux: &Tmux, name: &str, home: &Path) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(qpq_no_tmux, ignore = "tmux is not installed: apt-get install tmux")]
 async fn two_tuis_a_tail_and_scripts_share_one_account_and_survive_a_killed_daemon() {
-    let s = setup().await;
+    let s = Pair::with_dm().await;
     let tmux = Tmux::new("daemon");
 
     // The first TUI starts the daemon and unlocks it; the second attaches, no passphrase.
@@ -195,17 +103,6 @@ async fn two_tuis_a_tail_and_scripts_share_one_account_and_survive_a_killed_daem
     drop(s.server);
 }
 
-/// A child process killed if the test ends without stopping it (a failed assertion must not
-/// leave a daemon or a `tail -f` behind).
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// A daemon started by hand, for the socket-level tests.
 fn start_daemon(home: &Path, name: &str, args: &[&str]) -> KillOnDrop {
     let mut all = vec!["daemon"];
@@ -238,7 +135,7 @@ async fn until_closed(stream: &mut tokio::net::UnixStream) -> Vec<Reply> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_socket_messages_get_an_error_and_a_closed_socket() {
-    let s = setup().await;
+    let s = Pair::with_dm().await;
     let mut daemon = start_daemon(&s.bob, "bob", &[]);
     let header = |magic: &[u8; 4], version: u16, len: u32| {
         [&magic[..], &version.to_be_bytes(), &len.to_be_bytes()].concat()
@@ -302,14 +199,17 @@ async fn malformed_socket_messages_get_an_error_and_a_closed_socket() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_notify_command_gets_metadata_not_plaintext_and_the_daemon_locks_when_idle() {
-    let s = setup().await;
+    let s = Pair::with_dm().await;
     let log = s.bob.join("notified");
     let command = format!(
         "echo \"$QPQ_CONVERSATION|$QPQ_SENDER|$QPQ_KIND|${{QPQ_TEXT-unset}}\" >> {}",
         log.display()
     );
     let mut daemon = start_daemon(&s.bob, "bob", &["--notify", &command, "--lock-after", "2"]);
-    // Unlocked by the first subcommand; keeps receiving with nothing attached.
+    // Unlocked by the first subcommand. An attachment is kept meanwhile, so the idle lock
+    // (two seconds with nothing attached) cannot come before the message, however slow the
+    // machine.
+    let mut watcher = raw(&s.bob).await;
     ok(&s.bob, "bob", &["sync"]);
     ok(&s.alice, "alice", &["send", "@bob", "a secret plan"]);
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -322,7 +222,9 @@ async fn the_notify_command_gets_metadata_not_plaintext_and_the_daemon_locks_whe
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(!std::fs::read_to_string(&log).unwrap().contains("secret"), "no plaintext");
-    // Two seconds with nothing attached: locked again (the store is closed).
+    // Nothing attached for two seconds: locked again (the store is closed).
+    watcher.shutdown().await.unwrap();
+    drop(watcher);
     let deadline = Instant::now() + Duration::from_secs(10);
     while s.bob.join("account.qpq.owner").exists() {
         assert!(Instant::now() < deadline, "the daemon never locked");

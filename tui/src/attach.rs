@@ -13,6 +13,8 @@ use crate::protocol::{Reply, Request};
 
 /// How long to wait for a daemon just started (or starting) to answer on its socket.
 pub const START_WAIT: Duration = Duration::from_secs(30);
+/// How long a daemon may take to send its first frame once connected.
+pub const HELLO_WAIT: Duration = Duration::from_secs(10);
 
 /// A connection to the daemon serving the account. Replies are read by a task of their own
 /// into a channel, so waiting for one is cancel-safe (a frame is never read half-way).
@@ -30,26 +32,34 @@ impl Attached {
         let Some(stream) = ipc::connect(&socket).await? else { return Ok(None) };
         let (mut rd, wr) = stream.into_split();
         // The daemon speaks first: whether the store is open.
-        let locked = loop {
-            match ipc::read_frame::<Reply, _>(&mut rd).await {
-                Ok(Some(Reply::State { locked })) => break locked,
-                Ok(Some(Reply::Error(e))) => bail!("the qpq daemon refused: {e}"),
-                Ok(Some(_)) => continue,
-                Ok(None) => return Ok(None),
-                // A daemon dying as we connect (its listener still had us queued).
-                Err(ipc::IpcError::Io(e))
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::ConnectionReset
-                            | std::io::ErrorKind::BrokenPipe
-                            | std::io::ErrorKind::UnexpectedEof
-                    ) =>
-                {
-                    return Ok(None);
+        // A daemon that does not answer (stopped with Ctrl-Z, wedged) must not hang us.
+        let first = tokio::time::timeout(HELLO_WAIT, async {
+            loop {
+                match ipc::read_frame::<Reply, _>(&mut rd).await {
+                    Ok(Some(Reply::State { locked })) => break Ok(Some(locked)),
+                    Ok(Some(Reply::Error(e))) => {
+                        break Err(anyhow::anyhow!("the qpq daemon refused: {e}"));
+                    }
+                    Ok(Some(_)) => continue,
+                    Ok(None) => break Ok(None),
+                    // A daemon dying as we connect (its listener still had us queued).
+                    Err(ipc::IpcError::Io(e))
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::ConnectionReset
+                                | std::io::ErrorKind::BrokenPipe
+                                | std::io::ErrorKind::UnexpectedEof
+                        ) =>
+                    {
+                        break Ok(None);
+                    }
+                    Err(e) => break Err(e.into()),
                 }
-                Err(e) => return Err(e.into()),
             }
-        };
+        })
+        .await
+        .map_err(|_| anyhow::anyhow!("the qpq daemon did not answer within {HELLO_WAIT:?}"))?;
+        let Some(locked) = first? else { return Ok(None) };
         let (tx, replies) = mpsc::channel(1024);
         tokio::spawn(async move {
             loop {

@@ -83,6 +83,10 @@ pub enum Command {
         /// Keep following.
         #[arg(long, short)]
         follow: bool,
+        /// Instead of the last lines: every entry after this local sequence number (how a
+        /// `tail --follow` that attached again picks up where it was).
+        #[arg(long, hide = true)]
+        after: Option<u64>,
     },
     /// Conversations with unread messages.
     Unread {
@@ -404,6 +408,7 @@ async fn remote(
         }
         attached.send(&request).await?;
         let mut follow = None;
+        let mut printed_up_to = 0;
         loop {
             let reply = tokio::select! {
                 r = attached.recv() => r?,
@@ -411,7 +416,7 @@ async fn remote(
             };
             match reply {
                 Some(Reply::Output(text)) => write!(std::io::stdout(), "{text}")?,
-                Some(Reply::Done { error, follow: f, notes }) => {
+                Some(Reply::Done { error, follow: f, after, notes }) => {
                     for note in notes {
                         writeln!(std::io::stderr(), "qpq: note: {note}")?;
                     }
@@ -422,25 +427,27 @@ async fn remote(
                         return Ok(());
                     }
                     follow = f;
+                    printed_up_to = printed_up_to.max(after);
                     std::io::stdout().flush()?;
                 }
                 Some(Reply::Event(WorkerEvent::Incoming { conv, entry, sender, .. }))
-                    if follow.as_ref() == Some(&conv) =>
+                    if follow.as_ref() == Some(&conv) && entry.seq > printed_up_to =>
                 {
+                    printed_up_to = entry.seq;
                     writeln!(std::io::stdout(), "{}", entry_line(&sender, &entry))?;
                     std::io::stdout().flush()?;
                 }
                 Some(Reply::Error(e)) if follow.is_none() => bail!("{e}"),
                 None if follow.is_none() => bail!("the qpq daemon went away"),
                 // Following: attach again (starting a daemon if none took over) and go on
-                // from now (no history again).
+                // after the last entry printed (what arrived meanwhile is printed then).
                 None | Some(Reply::Error(_)) => break,
                 Some(_) => {}
             }
         }
         writeln!(std::io::stderr(), "qpq: the qpq daemon went away; attaching again")?;
-        if let Request::Cli { command: Command::Tail { lines, .. }, .. } = &mut request {
-            *lines = 0;
+        if let Request::Cli { command: Command::Tail { after, .. }, .. } = &mut request {
+            *after = Some(printed_up_to);
         }
         attached = tokio::select! {
             a = crate::attach::Attached::to_or_start(home) => a?,
@@ -531,7 +538,7 @@ async fn act_on(client: &mut Client, command: Command) -> anyhow::Result<()> {
     client.flush_outbox().await?;
     client.sync().await?;
     let mut out = Stdout;
-    if let Some(conv) = execute(client, command, &mut out).await? {
+    if let Some((conv, _)) = execute(client, command, &mut out, true).await? {
         let mut events = client.subscribe();
         loop {
             client.wait(Duration::from_secs(25)).await?;
@@ -556,7 +563,7 @@ pub async fn perform(
     client: &mut Client,
     command: Command,
     password: Option<String>,
-) -> (String, Vec<String>, anyhow::Result<Option<Vec<u8>>>) {
+) -> (String, Vec<String>, anyhow::Result<Option<(Vec<u8>, u64)>>) {
     let mut notes = client.subscribe();
     let mut out = Vec::new();
     let result = match command {
@@ -581,10 +588,18 @@ pub async fn perform(
             if client.is_online() {
                 let _ = client.sync().await;
             }
-            execute(client, other, &mut out).await
+            execute(client, other, &mut out, false).await
         }
     };
-    (String::from_utf8_lossy(&out).into_owned(), rejections(&mut notes), result)
+    let mut notes = rejections(&mut notes);
+    if result.is_ok() && !client.is_online() && client.outbox_len().unwrap_or(0) > 0 {
+        notes.push(
+            "the server is unreachable: what you sent waits in the outbox and goes out when \
+             the connection is back"
+                .into(),
+        );
+    }
+    (String::from_utf8_lossy(&out).into_owned(), notes, result)
 }
 
 fn whoami(client: &Client, out: Out<'_>) -> anyhow::Result<()> {
@@ -604,7 +619,8 @@ async fn execute(
     client: &mut Client,
     command: Command,
     out: Out<'_>,
-) -> anyhow::Result<Option<Vec<u8>>> {
+    stdin: bool,
+) -> anyhow::Result<Option<(Vec<u8>, u64)>> {
     match command {
         Command::Dm { user, text } => {
             let conv = client.dm(&user).await?;
@@ -612,7 +628,9 @@ async fn execute(
         }
         Command::Send { conversation, text } => {
             let conv = client.find_conversation(&conversation)?.id;
-            let text = if text == ["-"] {
+            // `-` reads stdin only in the process whose stdin it is (an attached `qpq` sends
+            // the text itself).
+            let text = if text == ["-"] && stdin {
                 let mut s = String::new();
                 std::io::stdin().read_to_string(&mut s)?;
                 s.trim_end_matches('\n').to_string()
@@ -629,15 +647,29 @@ async fn execute(
             let unread: u32 = client.conversations()?.iter().map(|c| c.unread).sum();
             say!(out, "{unread} unread")?;
         }
-        Command::Tail { conversation, lines, follow } => {
+        Command::Tail { conversation, lines, follow, after } => {
             let conv = client.find_conversation(&conversation)?;
-            say!(out, "-- {} --", printable(&client.conversation_label(&conv)?))?;
-            for e in client.history(&conv.id, lines)? {
-                print_entry(client, &e, out)?;
+            let entries = match after {
+                Some(after) => {
+                    let mut all = client.history(&conv.id, usize::MAX)?;
+                    all.retain(|e| e.seq > after);
+                    all
+                }
+                None => {
+                    say!(out, "-- {} --", printable(&client.conversation_label(&conv)?))?;
+                    client.history(&conv.id, lines)?
+                }
+            };
+            let mut last = after.unwrap_or(0);
+            for e in &entries {
+                print_entry(client, e, out)?;
+                last = last.max(e.seq);
             }
             client.mark_read(&conv.id)?;
             if follow {
-                return Ok(Some(conv.id));
+                // Entries up to here are printed: the follower goes on after them.
+                let last = last.max(conv.next_seq.saturating_sub(1));
+                return Ok(Some((conv.id, last)));
             }
         }
         Command::Unread { json } => {

@@ -64,16 +64,27 @@ pub struct Options {
 pub struct Notifier {
     command: String,
     plaintext: bool,
+    /// Commands still running: above [`NOTIFY_AT_ONCE`], new messages are not announced (a
+    /// catch-up or a flood must not start a process per message).
+    running: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
+
+/// The most notify commands running at once.
+pub const NOTIFY_AT_ONCE: usize = 4;
 
 impl Notifier {
     /// A notifier running `command`; with `plaintext`, it gets the message text too.
     pub fn new(command: String, plaintext: bool) -> Self {
-        Self { command, plaintext }
+        Self { command, plaintext, running: Default::default() }
     }
 
     /// Runs the command for a message (in the background: never waited for).
     pub fn message(&self, conversation: &str, sender: &str, e: &HistoryEntry, mention: bool) {
+        use std::sync::atomic::Ordering;
+        if self.running.fetch_add(1, Ordering::SeqCst) >= NOTIFY_AT_ONCE {
+            self.running.fetch_sub(1, Ordering::SeqCst);
+            return;
+        }
         let kind = if e.file.is_some() {
             "file"
         } else if mention {
@@ -88,17 +99,26 @@ impl Notifier {
             .env("QPQ_SENDER", sender)
             .env("QPQ_KIND", kind)
             .env_remove("QPQ_TEXT")
+            .env_remove("QPQ_PASSPHRASE")
+            .env_remove("QPQ_PASSWORD")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null());
         if self.plaintext {
             c.env("QPQ_TEXT", &e.text);
         }
+        let running = self.running.clone();
         match c.spawn() {
             // Reaped on a thread of its own, so no zombie is left.
             Ok(mut child) => {
-                std::thread::spawn(move || child.wait());
+                std::thread::spawn(move || {
+                    let _ = child.wait();
+                    running.fetch_sub(1, Ordering::SeqCst);
+                });
             }
-            Err(e) => eprintln!("qpq daemon: notify command: {e}"),
+            Err(e) => {
+                running.fetch_sub(1, Ordering::SeqCst);
+                eprintln!("qpq daemon: notify command: {e}");
+            }
         }
     }
 }
@@ -112,13 +132,23 @@ pub struct ServeLock {
 
 /// Takes the serve lock if it is free.
 pub fn try_serve_lock(home: &Path) -> anyhow::Result<Option<ServeLock>> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
     let path = home.join("qpq.lock");
+    // Private: another user able to open it could hold the lock and keep every daemon out.
     let file = File::options()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
+    let meta = file.metadata()?;
+    if meta.uid() != rustix::process::geteuid().as_raw() {
+        bail!("{} belongs to another user", path.display());
+    }
+    if meta.mode() & 0o077 != 0 {
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
     match file.try_lock() {
         Ok(()) => Ok(Some(ServeLock { _file: file })),
         Err(std::fs::TryLockError::WouldBlock) => Ok(None),
@@ -193,7 +223,7 @@ pub async fn run(
                     hub.add(id, tx);
                     hub.to(id, Reply::State { locked: worker.is_none() });
                     if let Some(w) = &worker {
-                        let _ = w.input.send(Input::Attach(id)).await;
+                        let _ = w.input.try_send(Input::Attach(id));
                     }
                     alone_since = None;
                 }
@@ -201,7 +231,7 @@ pub async fn run(
                 Ctl::Gone(id) => {
                     hub.remove(id);
                     if let Some(w) = &worker {
-                        let _ = w.input.send(Input::Detach(id)).await;
+                        let _ = w.input.try_send(Input::Detach(id));
                     }
                     if hub.is_empty() {
                         alone_since = Some(Instant::now());
@@ -228,18 +258,32 @@ pub async fn run(
                     }
                     hub.all(Reply::State { locked: false });
                 }
+                // Never waited for: a worker busy with a long command must not stall accepting,
+                // attaching and stopping. A full queue is answered "busy".
                 Ctl::Request(id, request) => match (&worker, request) {
                     (Some(w), Request::Ui(cmd)) => {
-                        let _ = w.input.send(Input::Ui(id, cmd)).await;
+                        if w.input.try_send(Input::Ui(id, cmd)).is_err() {
+                            let busy = "the qpq daemon is busy; try again".to_string();
+                            hub.to(id, Reply::Event(crate::protocol::WorkerEvent::Error(busy)));
+                        }
                     }
                     (Some(w), Request::Cli { command, password }) => {
-                        let _ = w.input.send(Input::Cli(id, Box::new(command), password)).await;
+                        let input = Input::Cli(id, Box::new(command), password);
+                        if w.input.try_send(input).is_err() {
+                            hub.to(id, Reply::Done {
+                                error: Some("the qpq daemon is busy; try again".into()),
+                                follow: None,
+                                after: 0,
+                                notes: Vec::new(),
+                            });
+                        }
                     }
                     (None, Request::Cli { .. }) => hub.to(
                         id,
                         Reply::Done {
                             error: Some("the daemon is locked: unlock it first".into()),
                             follow: None,
+                            after: 0,
                             notes: Vec::new(),
                         },
                     ),
@@ -299,10 +343,13 @@ async fn unlock(store: &Path, passphrase: String, opts: &Options) -> Result<Clie
 }
 
 /// Stops the worker: it closes the connection and drops the client, which closes the store.
-async fn close(w: Running) {
+async fn close(mut w: Running) {
     drop(w.input);
-    if tokio::time::timeout(Duration::from_secs(5), w.task).await.is_err() {
-        eprintln!("qpq daemon: the worker did not stop within 5 s");
+    if tokio::time::timeout(Duration::from_secs(5), &mut w.task).await.is_err() {
+        // Dropping the task drops the client, which closes the store all the same.
+        eprintln!("qpq daemon: the worker did not stop within 5 s; stopping it");
+        w.task.abort();
+        let _ = w.task.await;
     }
 }
 
@@ -326,8 +373,16 @@ async fn connection(stream: UnixStream, id: AttachId, ctl: mpsc::Sender<Ctl>) {
     }
     let writer = tokio::spawn(async move {
         while let Some(r) = rx.recv().await {
-            if ipc::write_frame(&mut wr, &r).await.is_err() {
-                break;
+            match ipc::write_frame(&mut wr, &r).await {
+                Ok(()) => {}
+                // Refused before a byte was written: say so and go on.
+                Err(e @ ipc::IpcError::TooLarge(_)) => {
+                    let note = Reply::Error(format!("a reply was not sent: {e}"));
+                    if ipc::write_frame(&mut wr, &note).await.is_err() {
+                        break;
+                    }
+                }
+                Err(_) => break,
             }
         }
     });

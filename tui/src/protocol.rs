@@ -150,9 +150,10 @@ pub enum Reply {
     /// What a subcommand printed.
     Output(String),
     /// A subcommand ended; `error` is why it failed. `follow` is the conversation a
-    /// `tail --follow` goes on printing from [`Reply::Event`]s.
+    /// `tail --follow` goes on printing from [`Reply::Event`]s, those with a local sequence
+    /// number above `after` (the ones printed already are not printed twice).
     /// What went wrong on the way for others (`notes`, shown on stderr as `qpq: note:`).
-    Done { error: Option<String>, follow: Option<Vec<u8>>, notes: Vec<String> },
+    Done { error: Option<String>, follow: Option<Vec<u8>>, after: u64, notes: Vec<String> },
     /// The connection is refused (a malformed or oversized frame, another version): the
     /// serving process closes it after this.
     Error(String),

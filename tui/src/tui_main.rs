@@ -291,7 +291,7 @@ async fn main_loop(
                 Command::Copy(text) => copy(&text),
                 Command::Quit => app.quit = true,
                 other => {
-                    let _ = cmd_tx.send(other).await;
+                    let _ = cmd_tx.send(in_our_directory(other)).await;
                 }
             }
         }
@@ -305,6 +305,22 @@ async fn main_loop(
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
     reader.abort();
     outcome
+}
+
+/// Paths as this terminal means them: the daemon runs in another working directory (and
+/// environment), so a file to send becomes absolute here, and so does where downloads go
+/// (this user's download directory by default).
+fn in_our_directory(cmd: Command) -> Command {
+    let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
+    match cmd {
+        Command::SendFile { conv, path } => Command::SendFile { conv, path: absolute(path) },
+        Command::Download { conv, message_id, dir } => Command::Download {
+            conv,
+            message_id,
+            dir: Some(absolute(dir.unwrap_or_else(crate::downloads::default_dir))),
+        },
+        other => other,
+    }
 }
 
 /// Rewrites every `http(s)://` run on screen as an OSC 8 hyperlink (same text, same place), so

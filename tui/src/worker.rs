@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use qpq_core::client::net::{Connection, NetError};
-use qpq_core::client::{Client, ClientError, ConnState, ConvKind, Event};
+use qpq_core::client::{Client, ClientError, ConnState, ConvKind, Event, HistoryEntry};
 use qpq_core::content::Body;
 use qpq_core::identity::hex;
 use tokio::sync::{broadcast, mpsc};
@@ -138,6 +138,9 @@ struct Link {
     dialing: Option<JoinHandle<Result<Connection, NetError>>>,
     /// The outage was reported once (its error line); later failures only move the retry time.
     reported: bool,
+    /// Retrying cannot help (the session expired, the server's certificate changed): no
+    /// attempt until the connection is back by other means (`qpq login`, `qpq trust`).
+    halted: bool,
     /// What the UI was last told: (state, outbox, retry time).
     shown: Option<(ConnState, usize, Option<Instant>)>,
 }
@@ -149,6 +152,7 @@ impl Link {
             backoff: RETRY_FIRST,
             dialing: None,
             reported: false,
+            halted: false,
             shown: None,
         }
     }
@@ -165,7 +169,7 @@ impl Link {
 
     /// The connection was found dead: schedule the first attempt.
     fn lost(&mut self) {
-        if self.retry_at.is_none() && self.dialing.is_none() {
+        if self.retry_at.is_none() && self.dialing.is_none() && !self.halted {
             self.backoff = RETRY_FIRST;
             self.retry_at = Some(Instant::now() + RETRY_FIRST);
         }
@@ -236,9 +240,14 @@ pub async fn run(
     let everyone = Tx { hub: &hub, to: None };
     // Connect and catch up before the first command, so a subcommand sent with the unlock
     // sees the account as it is (one attempt: unreachable, the link retries as usual).
-    if !client.is_online() && client.reconnect().await.is_ok() {
-        link.retry_at = None;
-        let _ = client.sync().await;
+    if !client.is_online() {
+        match client.reconnect().await {
+            Ok(()) => {
+                link.retry_at = None;
+                let _ = client.sync().await;
+            }
+            Err(e) => report_net(&mut link, &client, e, &everyone).await,
+        }
     }
     for id in hub.ids() {
         greet(&client, &link, &Tx { hub: &hub, to: Some(id) }).await;
@@ -260,7 +269,9 @@ pub async fn run(
                 let _ = send_history(&mut client, conv, &Tx { hub: &hub, to: Some(*id) }).await;
             }
         }
-        if !client.is_online() {
+        if client.is_online() {
+            link.halted = false;
+        } else {
             link.lost();
         }
         link.publish(&client, &everyone).await;
@@ -302,11 +313,12 @@ pub async fn run(
                     if !output.is_empty() {
                         hub.to(id, Reply::Output(output));
                     }
-                    let (error, follow) = match result {
-                        Ok(follow) => (None, follow),
-                        Err(e) => (Some(format!("{e:#}")), None),
+                    let (error, follow, after) = match result {
+                        Ok(Some((conv, after))) => (None, Some(conv), after),
+                        Ok(None) => (None, None, 0),
+                        Err(e) => (Some(format!("{e:#}")), None, 0),
                     };
-                    hub.to(id, Reply::Done { error, follow, notes });
+                    hub.to(id, Reply::Done { error, follow, after, notes });
                 }
             },
             // Cancel-safe: a command interrupts the wait, never a sync.
@@ -351,7 +363,13 @@ pub async fn run(
         if client.is_online()
             && let Err(e) = client.sync().await
         {
+            let local = !matches!(e, ClientError::Net(_) | ClientError::NeedLogin);
             report_net(&mut link, &client, e, &everyone).await;
+            // A failure that persists (the disk is full) must not spin the loop: the message
+            // stays queued, so the wait above would return at once.
+            if local {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
         }
     }
     if let Some(dialing) = link.dialing.take() {
@@ -382,15 +400,7 @@ async fn run_command(
                 r = &mut fut => break r,
                 ev = events.recv() => match ev {
                     Ok(Event::Transfer(t)) => {
-                        let _ = tx
-                            .all()
-                            .send(WorkerEvent::Transfer {
-                                name: t.name,
-                                done: t.done,
-                                total: t.total,
-                                upload: t.upload,
-                            })
-                            .await;
+                        let _ = tx.all().send(transfer(t)).await;
                     }
                     Ok(Event::Message { conv, entry }) if entry.sender == me => {
                         own_message = true;
@@ -418,16 +428,22 @@ async fn run_command(
     result
 }
 
+fn transfer(t: qpq_core::client::Transfer) -> WorkerEvent {
+    WorkerEvent::Transfer { name: t.name, done: t.done, total: t.total, upload: t.upload }
+}
+
 /// A network failure: the connection may be gone (then a reconnect is scheduled). The first
 /// failure of an outage is shown; later ones only move the retry time in the status bar.
 async fn report_net(link: &mut Link, client: &Client, e: ClientError, tx: &Tx<'_>) {
     let text = match &e {
         ClientError::NeedLogin => {
             link.retry_at = None;
+            link.halted = true;
             Some("session expired: quit and run `qpq login`".to_string())
         }
         ClientError::Net(NetError::CertificateChanged { .. }) | ClientError::PinMissing => {
             link.retry_at = None;
+            link.halted = true;
             Some(e.to_string())
         }
         ClientError::Net(n) if !client.is_online() => {
@@ -450,8 +466,28 @@ async fn send_conversations(client: &Client, tx: &Tx<'_>) {
     }
 }
 
+/// The most a page of history may take once encoded for the socket (half a frame): peers
+/// choose the text, and 500 long entries of control characters (six bytes each in JSON) would
+/// not fit in one.
+const HISTORY_PAGE_BYTES: usize = crate::ipc::MAX_FRAME / 2;
+
+/// Keeps the newest entries that fit in [`HISTORY_PAGE_BYTES`] once encoded.
+fn fit_page(mut entries: Vec<HistoryEntry>) -> Vec<HistoryEntry> {
+    let mut total = 0;
+    let mut keep = 0;
+    for e in entries.iter().rev() {
+        total += serde_json::to_vec(e).map_or(usize::MAX / 2, |v| v.len());
+        if total > HISTORY_PAGE_BYTES {
+            break;
+        }
+        keep += 1;
+    }
+    entries.drain(..entries.len() - keep);
+    entries
+}
+
 async fn send_history(client: &mut Client, conv: &[u8], tx: &Tx<'_>) -> Result<(), ClientError> {
-    let entries = client.history(conv, HISTORY_PAGE)?;
+    let entries = fit_page(client.history(conv, HISTORY_PAGE)?);
     let mut names = Vec::new();
     for e in &entries {
         if let Some(n) = client.cached_name(&e.sender) {
@@ -490,9 +526,15 @@ async fn forward(
             if is_open(open, &conv) {
                 let _ = client.mark_read(&conv);
             }
+            // Not for a conversation muted with `/notify none`.
+            let muted = || {
+                client.setting(&format!("notify/{}", hex(&conv))).ok().flatten().as_deref()
+                    == Some("none")
+            };
             if let Some(n) = notifier
                 && entry.sender != client.identity_key()
                 && !entry.system
+                && !muted()
                 && let Ok(Some(c)) = client.conversation(&conv)
             {
                 let label = client.conversation_label(&c).unwrap_or_else(|_| c.name.clone());
@@ -520,14 +562,7 @@ async fn forward(
             }
         }
         Event::Transfer(t) => {
-            let _ = tx
-                .send(WorkerEvent::Transfer {
-                    name: t.name,
-                    done: t.done,
-                    total: t.total,
-                    upload: t.upload,
-                })
-                .await;
+            let _ = tx.send(transfer(t)).await;
         }
         Event::Rejected { reason } => {
             let _ = tx.send(WorkerEvent::Error(format!("rejected a message: {reason}"))).await;
@@ -558,7 +593,7 @@ async fn handle(client: &mut Client, cmd: Command, tx: &Tx<'_>) -> Result<(), Cl
             }
         }
         Command::Older { conv, before } => {
-            let entries = client.history_before(&conv, before, HISTORY_PAGE)?;
+            let entries = fit_page(client.history_before(&conv, before, HISTORY_PAGE)?);
             let names = entries
                 .iter()
                 .filter_map(|e| client.cached_name(&e.sender).map(|n| (e.sender.clone(), n)))
@@ -644,6 +679,13 @@ async fn handle(client: &mut Client, cmd: Command, tx: &Tx<'_>) -> Result<(), Cl
             send_conversations(client, tx).await;
         }
         Command::SendFile { conv, path } => {
+            // The daemon's working directory is not the terminal's: the UI sends it absolute.
+            if !path.is_absolute() {
+                return Err(ClientError::Invalid(format!(
+                    "not an absolute path: {}",
+                    path.display()
+                )));
+            }
             let offer = client.send_file(&conv, &path).await?;
             let _ = tx.send(WorkerEvent::Notice(format!("sent {}", offer.name))).await;
         }
@@ -656,6 +698,12 @@ async fn handle(client: &mut Client, cmd: Command, tx: &Tx<'_>) -> Result<(), Cl
             let offer = Client::offer_of(&entry)
                 .ok_or_else(|| ClientError::Invalid("not a file".into()))?;
             let dir = dir.unwrap_or_else(crate::downloads::default_dir);
+            if !dir.is_absolute() {
+                return Err(ClientError::Invalid(format!(
+                    "not an absolute path: {}",
+                    dir.display()
+                )));
+            }
             let path = client.download(&offer, &dir).await?;
             let saved = crate::downloads::printable(&path.display().to_string());
             let renamed = path.file_name().is_none_or(|n| n.to_string_lossy() != offer.name);

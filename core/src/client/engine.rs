@@ -565,6 +565,8 @@ impl Client {
                 Ok(())
             }
             Err(e) if e.status() == Some(Status::Unauthorized) => {
+                // Not kept: an unauthenticated connection is no reason to look online.
+                self.conn = None;
                 self.vault.delete(Space::Account, b"token")?;
                 Err(ClientError::NeedLogin)
             }
@@ -2276,10 +2278,14 @@ impl Client {
                 // have (a sync fetched it first) is dropped. Anything else (a gap: pushes use
                 // separate streams and may overtake each other; a payload above the inline
                 // limit; an undecodable push) goes through a fetch: the queue is the source of
-                // truth for order and acknowledgements.
-                let envelope =
-                    v1::NewMessage::decode(p.payload.as_slice()).ok().and_then(|m| m.envelope);
-                match envelope {
+                // truth for order and acknowledgements. A push for another channel is ignored:
+                // the sender chooses the channel and seqs are per channel, so it says nothing
+                // about the queue we fetch (the default one).
+                let push = v1::NewMessage::decode(p.payload.as_slice()).ok();
+                if push.as_ref().is_some_and(|m| !m.channel_id.is_empty()) {
+                    return Ok(());
+                }
+                match push.and_then(|m| m.envelope) {
                     Some(env) if env.seq != 0 && env.seq <= self.last_seq => {}
                     Some(env) if !env.data.is_empty() && env.seq == self.last_seq + 1 => {
                         self.process_envelopes(vec![env]).await?;
@@ -2333,6 +2339,9 @@ impl Client {
             if env.seq <= self.last_seq {
                 continue; // already stored; the ack was lost
             }
+            // Each envelope is a durable commit (an fsync): let the connection's keep-alives
+            // and acks run between them on a slow disk.
+            tokio::task::yield_now().await;
             if self.last_seq > 0 && env.seq > self.last_seq + 1 {
                 self.emit(Event::Gap { after: self.last_seq, next: env.seq });
                 self.probe_slots = true;

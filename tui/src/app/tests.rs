@@ -226,20 +226,10 @@ fn help_opens_and_closes_and_quit_quits() {
 fn notifications_follow_the_conversation_level() {
     let mut a = app();
     let entry = |text: &str| HistoryEntry {
-        seq: 1,
         message_id: [9; 16],
         sender: vec![7; 32],
-        sent_at_ms: 0,
-        received_at_ms: 0,
         text: text.into(),
-        reply_to: None,
-        file: None,
-        edited: false,
-        deleted: false,
-        reactions: vec![],
-        read_by: vec![],
-        system: false,
-        pending: false,
+        ..own_entry(1, false)
     };
     let incoming = |conv: u8, text: &str, mention| {
         Action::Worker(WorkerEvent::Incoming {
@@ -322,22 +312,7 @@ fn timeline_keys_react_copy_and_reply() {
 #[test]
 fn scrolling_past_the_oldest_loaded_entry_asks_for_the_page_before() {
     let mut a = app();
-    let mk = |seq: u64| HistoryEntry {
-        seq,
-        message_id: [seq as u8; 16],
-        sender: vec![7; 32],
-        sent_at_ms: 0,
-        received_at_ms: 0,
-        text: format!("m{seq}"),
-        reply_to: None,
-        file: None,
-        edited: false,
-        deleted: false,
-        reactions: vec![],
-        read_by: vec![],
-        system: false,
-        pending: false,
-    };
+    let mk = |seq: u64| HistoryEntry { sender: vec![7; 32], ..own_entry(seq, false) };
     a.update(Action::Worker(WorkerEvent::History {
         conv: vec![1; 16],
         entries: vec![mk(5), mk(6)],
