@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use crate::config::{Config, Registration};
 use crate::handler::{self, Bound, Conn, RpcError};
 use crate::hub::{PUSH_QUEUE, PushFrame, Queued};
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::store::{RegisterOutcome, Store, StoreError, now_ms};
 
 /// Runs one request on `conn` the way a QUIC stream does once its payload is read: refused

@@ -16,7 +16,7 @@ use qpq_core::opaque::Suite;
 use qpq_proto::{Message, Status, method};
 
 use crate::hub::PushSender;
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::store::StoreError;
 
 /// A failed RPC: the status byte and the `Error` payload's fields.

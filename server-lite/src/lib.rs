@@ -15,6 +15,7 @@ pub mod handler;
 pub mod hub;
 pub mod rate;
 pub mod server;
+pub mod shared;
 pub mod store;
 pub mod tls;
 

@@ -5,26 +5,25 @@
 //! against the frame cap before reading the payload, dispatches, writes one response frame
 //! and finishes the stream. Pushes go out on server-opened unidirectional streams.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use anyhow::Context;
 use opaque_ke::ServerSetup;
 use qpq_core::opaque::Suite;
 use qpq_proto::frame::{FrameError, REQUEST_HEADER_LEN, RequestHeader, ResponseHeader};
 use qpq_proto::{Message, Status, method, v1};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::budget::{self, Budget, Priority, Reservation};
+use crate::budget::{self, Priority, Reservation};
 use crate::config::Config;
 use crate::handler::{self, Conn, RpcError};
-use crate::hub::{Hub, PUSH_QUEUE, Queued};
-use crate::rate::RateLimiter;
+use crate::hub::{PUSH_QUEUE, Queued};
+pub use crate::shared::Shared;
 use crate::store::Store;
 use crate::tls;
 
@@ -45,100 +44,6 @@ const BUSY_LINGER: Duration = Duration::from_secs(2);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a push may take to be written before the connection's push task gives up on it.
 const PUSH_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// State shared by every connection.
-pub struct Shared {
-    /// The loaded configuration.
-    pub config: Config,
-    /// The database.
-    pub store: Store,
-    /// Connected clients.
-    pub hub: Hub,
-    /// The OPAQUE server keys, persisted in the database.
-    pub opaque: ServerSetup<Suite>,
-    /// Auth attempts per client address.
-    pub auth_per_ip: RateLimiter<IpAddr>,
-    /// Login attempts per username.
-    pub auth_per_user: RateLimiter<String>,
-    /// KeyPackage fetches per requesting identity.
-    pub key_package_fetch_per_user: RateLimiter<[u8; 32]>,
-    /// KeyPackage fetches per target identity (whose packages are fetched).
-    pub key_package_fetch_per_target: RateLimiter<[u8; 32]>,
-    /// When the server started.
-    pub started: Instant,
-    /// The memory budget.
-    pub budget: Arc<Budget>,
-    conns: Mutex<ConnCounts>,
-    handshakes: AtomicUsize,
-    busy: AtomicUsize,
-    next_conn_id: AtomicU64,
-    inflight: AtomicUsize,
-    idle: Notify,
-    draining: std::sync::atomic::AtomicBool,
-    drain_started: Notify,
-}
-
-impl Shared {
-    /// State for a server with this configuration, database and OPAQUE keys, before any
-    /// connection.
-    pub(crate) fn new(config: Config, store: Store, opaque: ServerSetup<Suite>) -> Self {
-        let l = &config.limits;
-        let budget =
-            Arc::new(Budget::for_this_process(l.memory_budget_bytes, l.db_cache_bytes as u64));
-        info!(
-            budget_kib = l.memory_budget_bytes >> 10,
-            base_kib = budget.base() >> 10,
-            "memory budget (base: resident size now plus the database cache)"
-        );
-        if budget.base() > l.memory_budget_bytes / 2 {
-            warn!("the memory budget is less than twice the base; few connections will fit");
-        }
-        Self {
-            auth_per_ip: RateLimiter::new(l.auth_per_ip_burst, l.auth_per_ip_per_min, 10_000),
-            auth_per_user: RateLimiter::new(l.auth_per_user_burst, l.auth_per_user_per_min, 10_000),
-            key_package_fetch_per_user: RateLimiter::new(
-                l.key_package_fetch_per_user_burst,
-                l.key_package_fetch_per_user_per_min,
-                10_000,
-            ),
-            key_package_fetch_per_target: RateLimiter::new(
-                l.key_package_fetch_per_target_burst,
-                l.key_package_fetch_per_target_per_min,
-                10_000,
-            ),
-            config,
-            store,
-            hub: Hub::with_budget(budget.clone()),
-            opaque,
-            started: Instant::now(),
-            budget,
-            conns: Mutex::default(),
-            handshakes: AtomicUsize::new(0),
-            busy: AtomicUsize::new(0),
-            next_conn_id: AtomicU64::new(1),
-            inflight: AtomicUsize::new(0),
-            idle: Notify::new(),
-            draining: std::sync::atomic::AtomicBool::new(false),
-            drain_started: Notify::new(),
-        }
-    }
-
-    /// Whether shutdown has begun (new calls are refused, long polls end).
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Acquire)
-    }
-
-    /// Resolves when shutdown begins. Create it before checking [`Shared::is_draining`].
-    pub fn drain_started(&self) -> tokio::sync::futures::Notified<'_> {
-        self.drain_started.notified()
-    }
-}
-
-#[derive(Default)]
-struct ConnCounts {
-    total: u32,
-    per_ip: HashMap<IpAddr, u32>,
-}
 
 /// A bound, ready-to-run server.
 pub struct Server {
