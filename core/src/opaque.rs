@@ -10,6 +10,9 @@ use opaque_ke::{
 use rand::rngs::OsRng;
 use zeroize::Zeroizing;
 
+#[cfg(feature = "flows")]
+pub mod flow;
+
 /// The cipher suite both sides instantiate opaque-ke with.
 #[derive(Debug, Clone, Copy)]
 pub struct Suite;

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use opaque_ke::ServerSetup;
 use qpq_core::opaque::{self, Suite};
-use qpq_proto::{Message, Status, method, v1};
+use qpq_proto::{Message, Status};
 use tokio::sync::mpsc;
 
 use crate::config::{Config, Registration};
@@ -145,55 +145,9 @@ impl Harness {
         password: &str,
         identity: [u8; 32],
     ) -> Result<Account, RpcError> {
-        let fail = |what: &'static str| move |_| RpcError::new(Status::Internal, what);
         let c = self.connection();
-        let start = opaque::register_start(password.as_bytes()).map_err(fail("register start"))?;
-        let resp: v1::OpaqueRegisterStartResponse = c
-            .call(
-                method::OPAQUE_REGISTER_START,
-                &v1::OpaqueRegisterStartRequest {
-                    username: username.into(),
-                    request: start.request.clone(),
-                    invite_code: String::new(),
-                },
-            )
-            .await?;
-        let upload = opaque::register_finish(start, password.as_bytes(), &resp.response)
-            .map_err(fail("register finish"))?;
-        let _: v1::OpaqueRegisterFinishResponse = c
-            .call(
-                method::OPAQUE_REGISTER_FINISH,
-                &v1::OpaqueRegisterFinishRequest {
-                    username: username.into(),
-                    upload,
-                    identity_key: identity.to_vec(),
-                    invite_code: String::new(),
-                },
-            )
-            .await?;
-        let start = opaque::login_start(password.as_bytes()).map_err(fail("login start"))?;
-        let resp: v1::OpaqueLoginStartResponse = c
-            .call(
-                method::OPAQUE_LOGIN_START,
-                &v1::OpaqueLoginStartRequest {
-                    username: username.into(),
-                    request: start.request.clone(),
-                },
-            )
-            .await?;
-        let finish = opaque::login_finish(start, password.as_bytes(), &resp.response)
-            .map_err(fail("login finish"))?;
-        let _: v1::OpaqueLoginFinishResponse = c
-            .call(
-                method::OPAQUE_LOGIN_FINISH,
-                &v1::OpaqueLoginFinishRequest {
-                    username: username.into(),
-                    finalization: finish.finalization,
-                    identity_key: identity.to_vec(),
-                    device_id: Vec::new(),
-                },
-            )
-            .await?;
+        opaque::flow::register(&c, username, password, &identity, "").await?;
+        opaque::flow::login(&c, username, password, &identity).await?;
         let bound =
             c.bound().ok_or_else(|| RpcError::new(Status::Internal, "login did not bind"))?;
         let record = self
@@ -267,9 +221,28 @@ impl Drop for Connection {
     }
 }
 
+impl opaque::flow::Call for Connection {
+    type Error = RpcError;
+
+    async fn call<Req, Resp>(&self, method: u16, req: &Req) -> Result<Resp, RpcError>
+    where
+        Req: Message + Sync,
+        Resp: Message + Default,
+    {
+        Connection::call(self, method, req).await
+    }
+}
+
+impl From<opaque::OpaqueClientError> for RpcError {
+    fn from(e: opaque::OpaqueClientError) -> Self {
+        RpcError::new(Status::Internal, format!("OPAQUE step failed: {e}"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use qpq_proto::{method, v1};
 
     #[tokio::test]
     async fn requests_run_unauthenticated_and_bound() {

@@ -405,7 +405,8 @@ impl Client {
         read_response(&mut recv).await
     }
 
-    /// Registers `username` with `password` and `identity`.
+    /// Registers `username` with `password` and `identity` (the client's OPAQUE flow,
+    /// `qpq_core::opaque::flow`).
     pub async fn register(
         &self,
         username: &str,
@@ -413,31 +414,7 @@ impl Client {
         identity: &[u8; 32],
         invite: &str,
     ) -> Result<(), CallError> {
-        let start = qpq_core::opaque::register_start(password.as_bytes()).unwrap();
-        let resp: v1::OpaqueRegisterStartResponse = self
-            .call(
-                method::OPAQUE_REGISTER_START,
-                &v1::OpaqueRegisterStartRequest {
-                    username: username.into(),
-                    request: start.request.clone(),
-                    invite_code: invite.into(),
-                },
-            )
-            .await?;
-        let upload = qpq_core::opaque::register_finish(start, password.as_bytes(), &resp.response)
-            .map_err(|e| CallError::Transport(e.to_string()))?;
-        let _: v1::OpaqueRegisterFinishResponse = self
-            .call(
-                method::OPAQUE_REGISTER_FINISH,
-                &v1::OpaqueRegisterFinishRequest {
-                    username: username.into(),
-                    upload,
-                    identity_key: identity.to_vec(),
-                    invite_code: invite.into(),
-                },
-            )
-            .await?;
-        Ok(())
+        qpq_core::opaque::flow::register(self, username, password, identity, invite).await
     }
 
     /// Logs in; returns the session token. A wrong password fails on the client side
@@ -448,30 +425,7 @@ impl Client {
         password: &str,
         identity: &[u8; 32],
     ) -> Result<Vec<u8>, CallError> {
-        let start = qpq_core::opaque::login_start(password.as_bytes()).unwrap();
-        let resp: v1::OpaqueLoginStartResponse = self
-            .call(
-                method::OPAQUE_LOGIN_START,
-                &v1::OpaqueLoginStartRequest {
-                    username: username.into(),
-                    request: start.request.clone(),
-                },
-            )
-            .await?;
-        let finish = qpq_core::opaque::login_finish(start, password.as_bytes(), &resp.response)
-            .map_err(|e| CallError::Transport(e.to_string()))?;
-        let done: v1::OpaqueLoginFinishResponse = self
-            .call(
-                method::OPAQUE_LOGIN_FINISH,
-                &v1::OpaqueLoginFinishRequest {
-                    username: username.into(),
-                    finalization: finish.finalization,
-                    identity_key: identity.to_vec(),
-                    device_id: Vec::new(),
-                },
-            )
-            .await?;
-        Ok(done.session_token)
+        qpq_core::opaque::flow::login(self, username, password, identity).await
     }
 
     /// Binds this connection to an existing session.
@@ -674,6 +628,24 @@ impl Pair {
             assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         }
         Self { server, dir, alice, bob }
+    }
+}
+
+impl qpq_core::opaque::flow::Call for Client {
+    type Error = CallError;
+
+    async fn call<Req, Resp>(&self, method: u16, req: &Req) -> Result<Resp, CallError>
+    where
+        Req: Message + Sync,
+        Resp: Message + Default,
+    {
+        Client::call(self, method, req).await
+    }
+}
+
+impl From<qpq_core::opaque::OpaqueClientError> for CallError {
+    fn from(e: qpq_core::opaque::OpaqueClientError) -> Self {
+        CallError::Transport(e.to_string())
     }
 }
 

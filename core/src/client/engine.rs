@@ -309,32 +309,9 @@ impl Client {
             if client.conn.is_none() {
                 client.dial().await?;
             }
-            let conn = client.connection()?;
-            let start = opaque::register_start(o.password.as_bytes())?;
-            let resp: v1::OpaqueRegisterStartResponse = conn
-                .call(
-                    method::OPAQUE_REGISTER_START,
-                    &v1::OpaqueRegisterStartRequest {
-                        username: o.username.clone(),
-                        request: start.request.clone(),
-                        invite_code: o.invite.clone(),
-                    },
-                    Duration::ZERO,
-                )
-                .await?;
-            let upload = opaque::register_finish(start, o.password.as_bytes(), &resp.response)?;
-            let _: v1::OpaqueRegisterFinishResponse = conn
-                .call(
-                    method::OPAQUE_REGISTER_FINISH,
-                    &v1::OpaqueRegisterFinishRequest {
-                        username: o.username.clone(),
-                        upload,
-                        identity_key: client.identity_key().to_vec(),
-                        invite_code: o.invite.clone(),
-                    },
-                    Duration::ZERO,
-                )
-                .await?;
+            let conn = Calls(client.connection()?);
+            let identity = client.identity_key();
+            opaque::flow::register(&conn, &o.username, &o.password, &identity, &o.invite).await?;
             registered = true;
             client.login(&o.password).await
         }
@@ -583,32 +560,10 @@ impl Client {
         if !self.is_online() {
             self.dial().await?;
         }
-        let conn = self.connection()?;
-        let start = opaque::login_start(password.as_bytes())?;
-        let resp: v1::OpaqueLoginStartResponse = conn
-            .call(
-                method::OPAQUE_LOGIN_START,
-                &v1::OpaqueLoginStartRequest {
-                    username: self.username.clone(),
-                    request: start.request.clone(),
-                },
-                Duration::ZERO,
-            )
-            .await?;
-        let finish = opaque::login_finish(start, password.as_bytes(), &resp.response)?;
-        let done: v1::OpaqueLoginFinishResponse = conn
-            .call(
-                method::OPAQUE_LOGIN_FINISH,
-                &v1::OpaqueLoginFinishRequest {
-                    username: self.username.clone(),
-                    finalization: finish.finalization,
-                    identity_key: self.identity_key().to_vec(),
-                    device_id: Vec::new(),
-                },
-                Duration::ZERO,
-            )
-            .await?;
-        self.vault.put(Space::Account, b"token", &done.session_token)?;
+        let conn = Calls(self.connection()?);
+        let token =
+            opaque::flow::login(&conn, &self.username, password, &self.identity_key()).await?;
+        self.vault.put(Space::Account, b"token", &token)?;
         self.emit(Event::Connection(ConnState::Online));
         self.ensure_key_packages().await?;
         Ok(())
@@ -2841,6 +2796,21 @@ impl Client {
     /// The file offer of a history entry.
     pub fn offer_of(entry: &HistoryEntry) -> Option<FileOffer> {
         entry.file.clone()
+    }
+}
+
+/// The engine's connection as the OPAQUE flows' [`opaque::flow::Call`].
+struct Calls<'a>(&'a Connection);
+
+impl opaque::flow::Call for Calls<'_> {
+    type Error = ClientError;
+
+    async fn call<Req, Resp>(&self, method: u16, req: &Req) -> Result<Resp, ClientError>
+    where
+        Req: prost::Message + Sync,
+        Resp: prost::Message + Default,
+    {
+        Ok(self.0.call(method, req, Duration::ZERO).await?)
     }
 }
 
