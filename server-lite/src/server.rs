@@ -518,7 +518,21 @@ async fn serve_stream(
         drop(body);
         return refuse_for_memory(&mut send, &mut recv, header.request_id, e, timeout).await;
     }
-    let (result, _wait_slot) = handler::dispatch(&ctx, header.method, &body).await;
+    // A long poll the client gave up on (it dropped the call: its stream is stopped) ends at
+    // once and frees its stream; left to its deadline, a handful of abandoned polls would hold
+    // every stream the connection may open. Only the long poll, a read, is cut short.
+    let dispatch = handler::dispatch(&ctx, header.method, &body);
+    let (result, _wait_slot) = if header.method == method::FETCH_WAIT {
+        tokio::select! {
+            r = dispatch => r,
+            _ = send.stopped() => {
+                debug!(method = name, "the client gave up on its long poll");
+                return;
+            }
+        }
+    } else {
+        dispatch.await
+    };
     drop(body);
     drop(memory);
     if let Err(e) = &result {

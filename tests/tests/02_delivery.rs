@@ -534,3 +534,28 @@ async fn delete_account_purges_everything() {
     let bob2 = user(&server, "bob").await;
     assert!(bob2.c.fetch(0).await.unwrap().is_empty());
 }
+
+/// A long poll the client drops (a UI cancels its wait whenever the user acts) must not keep
+/// its stream: the server allows 16 at once per connection, and 20 abandoned polls left to
+/// their 20 s deadlines would make the next call wait for the oldest one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_long_polls_free_their_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path(), &[]).unwrap();
+    let bob = user(&server, "bob").await;
+    let long = v1::FetchWaitRequest { timeout_ms: 20_000, ..Default::default() };
+    for _ in 0..20 {
+        let poll = bob.c.call::<_, v1::FetchWaitResponse>(method::FETCH_WAIT, &long);
+        // Cancelled once it is surely waiting on the server.
+        assert!(tokio::time::timeout(Duration::from_millis(100), poll).await.is_err());
+    }
+    let t = Instant::now();
+    let _: v1::HealthResponse = bob.c.call(method::HEALTH, &v1::HealthRequest {}).await.unwrap();
+    let took = t.elapsed();
+    let log = server.stderr.lock().unwrap().clone();
+    let gave_up = log.matches("gave up").count();
+    assert!(
+        took < Duration::from_secs(5),
+        "the next call waited {took:?} for a free stream; server saw {gave_up} polls given up"
+    );
+}
