@@ -96,12 +96,11 @@ struct Tx<'a> {
 }
 
 impl<'a> Tx<'a> {
-    async fn send(&self, ev: WorkerEvent) -> Result<(), ()> {
+    fn send(&self, ev: WorkerEvent) {
         match self.to {
             Some(id) => self.hub.to(id, Reply::Event(ev)),
             None => self.hub.all(Reply::Event(ev)),
         }
-        Ok(())
     }
 
     /// The same hub, to everyone.
@@ -183,30 +182,28 @@ impl Link {
     }
 
     /// Tells the UI the connection state, the outbox size and the next retry, if changed.
-    async fn publish(&mut self, client: &Client, tx: &Tx<'_>) {
+    fn publish(&mut self, client: &Client, tx: &Tx<'_>) {
         let now = (self.state(client), client.outbox_len().unwrap_or(0), self.retry_at);
         if self.shown != Some(now) {
             self.shown = Some(now);
             let (conn, outbox, retry_at) = now;
             let retry_in = retry_at.map(|t| t.saturating_duration_since(Instant::now()));
-            let _ = tx.send(WorkerEvent::Status { conn, outbox, retry_in }).await;
+            tx.send(WorkerEvent::Status { conn, outbox, retry_in });
         }
     }
 }
 
 /// Sends one attached process what it needs to draw: who we are, the connection, the
 /// conversations and their notification levels.
-async fn greet(client: &Client, link: &Link, tx: &Tx<'_>) {
-    let _ = tx
-        .send(WorkerEvent::Identity {
-            username: client.username().to_string(),
-            server: client.server().to_string(),
-            identity: hex(&client.identity_key()[..6]),
-        })
-        .await;
+fn greet(client: &Client, link: &Link, tx: &Tx<'_>) {
+    tx.send(WorkerEvent::Identity {
+        username: client.username().to_string(),
+        server: client.server().to_string(),
+        identity: hex(&client.identity_key()[..6]),
+    });
     let retry_in = link.retry_at.map(|t| t.saturating_duration_since(Instant::now()));
     let (conn, outbox) = (link.state(client), client.outbox_len().unwrap_or(0));
-    let _ = tx.send(WorkerEvent::Status { conn, outbox, retry_in }).await;
+    tx.send(WorkerEvent::Status { conn, outbox, retry_in });
     if let Ok(list) = client.conversations() {
         for c in &list {
             let key = format!("notify/{}", hex(&c.id));
@@ -216,9 +213,9 @@ async fn greet(client: &Client, link: &Link, tx: &Tx<'_>) {
                 Some("none") => NotifyLevel::None,
                 _ => continue,
             };
-            let _ = tx.send(WorkerEvent::NotifyLevel { conv: c.id.clone(), level }).await;
+            tx.send(WorkerEvent::NotifyLevel { conv: c.id.clone(), level });
         }
-        let _ = tx.send(WorkerEvent::Conversations(list)).await;
+        tx.send(WorkerEvent::Conversations(list));
     }
 }
 
@@ -246,11 +243,11 @@ pub async fn run(
                 link.retry_at = None;
                 let _ = client.sync().await;
             }
-            Err(e) => report_net(&mut link, &client, e, &everyone).await,
+            Err(e) => report_net(&mut link, &client, e, &everyone),
         }
     }
     for id in hub.ids() {
-        greet(&client, &link, &Tx { hub: &hub, to: Some(id) }).await;
+        greet(&client, &link, &Tx { hub: &hub, to: Some(id) });
     }
     loop {
         // Forward what the engine reported since the last turn (never inside the select:
@@ -264,9 +261,9 @@ pub async fn run(
             }
         }
         if lagged {
-            send_conversations(&client, &everyone).await;
+            send_conversations(&client, &everyone);
             for (id, conv) in &open {
-                let _ = send_history(&mut client, conv, &Tx { hub: &hub, to: Some(*id) }).await;
+                let _ = send_history(&mut client, conv, &Tx { hub: &hub, to: Some(*id) });
             }
         }
         if client.is_online() {
@@ -274,13 +271,13 @@ pub async fn run(
         } else {
             link.lost();
         }
-        link.publish(&client, &everyone).await;
+        link.publish(&client, &everyone);
         let online = client.is_online();
         let retry_at = link.retry_at.map(tokio::time::Instant::from_std);
         tokio::select! {
             input = rx.recv() => match input {
                 None => break,
-                Some(Input::Attach(id)) => greet(&client, &link, &Tx { hub: &hub, to: Some(id) }).await,
+                Some(Input::Attach(id)) => greet(&client, &link, &Tx { hub: &hub, to: Some(id) }),
                 Some(Input::Detach(id)) => {
                     open.remove(&id);
                 }
@@ -304,7 +301,7 @@ pub async fn run(
                             }
                             _ => WorkerEvent::Error(e.to_string()),
                         };
-                        let _ = tx.send(event).await;
+                        tx.send(event);
                     }
                 }
                 Some(Input::Cli(id, command, password)) => {
@@ -324,7 +321,7 @@ pub async fn run(
             // Cancel-safe: a command interrupts the wait, never a sync.
             r = client.wait_for_activity(Duration::from_secs(20)), if online => {
                 if let Err(e) = r {
-                    report_net(&mut link, &client, e, &everyone).await;
+                    report_net(&mut link, &client, e, &everyone);
                 }
             }
             () = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)),
@@ -333,7 +330,7 @@ pub async fn run(
                 link.retry_at = None;
                 match client.dialer() {
                     Ok(dial) => link.dialing = Some(tokio::spawn(dial)),
-                    Err(e) => report_net(&mut link, &client, e, &everyone).await,
+                    Err(e) => report_net(&mut link, &client, e, &everyone),
                 }
             }
             dialed = async {
@@ -352,11 +349,11 @@ pub async fn run(
                     Ok(()) => {
                         link.backoff = RETRY_FIRST;
                         if std::mem::take(&mut link.reported) {
-                            let _ = everyone.send(WorkerEvent::Notice("back online".into())).await;
+                            everyone.send(WorkerEvent::Notice("back online".into()));
                         }
-                        send_conversations(&client, &everyone).await;
+                        send_conversations(&client, &everyone);
                     }
-                    Err(e) => report_net(&mut link, &client, e, &everyone).await,
+                    Err(e) => report_net(&mut link, &client, e, &everyone),
                 }
             }
         }
@@ -364,7 +361,7 @@ pub async fn run(
             && let Err(e) = client.sync().await
         {
             let local = !matches!(e, ClientError::Net(_) | ClientError::NeedLogin);
-            report_net(&mut link, &client, e, &everyone).await;
+            report_net(&mut link, &client, e, &everyone);
             // A failure that persists (the disk is full) must not spin the loop: the message
             // stays queued, so the wait above would return at once.
             if local {
@@ -400,7 +397,7 @@ async fn run_command(
                 r = &mut fut => break r,
                 ev = events.recv() => match ev {
                     Ok(Event::Transfer(t)) => {
-                        let _ = tx.all().send(transfer(t)).await;
+                        tx.all().send(transfer(t));
                     }
                     Ok(Event::Message { conv, entry }) if entry.sender == me => {
                         own_message = true;
@@ -410,7 +407,7 @@ async fn run_command(
                             sender: username.clone(),
                             mention: false,
                         };
-                        let _ = tx.all().send(incoming).await;
+                        tx.all().send(incoming);
                     }
                     Ok(other) => held.push(other),
                     // Too many at once: the caller's next turn reloads.
@@ -423,7 +420,7 @@ async fn run_command(
         forward(client, ev, open, &tx.all(), notifier).await;
     }
     if own_message {
-        send_conversations(client, tx).await;
+        send_conversations(client, tx);
     }
     result
 }
@@ -434,7 +431,7 @@ fn transfer(t: qpq_core::client::Transfer) -> WorkerEvent {
 
 /// A network failure: the connection may be gone (then a reconnect is scheduled). The first
 /// failure of an outage is shown; later ones only move the retry time in the status bar.
-async fn report_net(link: &mut Link, client: &Client, e: ClientError, tx: &Tx<'_>) {
+fn report_net(link: &mut Link, client: &Client, e: ClientError, tx: &Tx<'_>) {
     let text = match &e {
         ClientError::NeedLogin => {
             link.retry_at = None;
@@ -455,14 +452,14 @@ async fn report_net(link: &mut Link, client: &Client, e: ClientError, tx: &Tx<'_
         _ => Some(e.to_string()),
     };
     if let Some(text) = text {
-        let _ = tx.send(WorkerEvent::Error(text)).await;
+        tx.send(WorkerEvent::Error(text));
     }
-    link.publish(client, tx).await;
+    link.publish(client, tx);
 }
 
-async fn send_conversations(client: &Client, tx: &Tx<'_>) {
+fn send_conversations(client: &Client, tx: &Tx<'_>) {
     if let Ok(list) = client.conversations() {
-        let _ = tx.all().send(WorkerEvent::Conversations(list)).await;
+        tx.all().send(WorkerEvent::Conversations(list));
     }
 }
 
@@ -486,7 +483,7 @@ fn fit_page(mut entries: Vec<HistoryEntry>) -> Vec<HistoryEntry> {
     entries
 }
 
-async fn send_history(client: &mut Client, conv: &[u8], tx: &Tx<'_>) -> Result<(), ClientError> {
+fn send_history(client: &mut Client, conv: &[u8], tx: &Tx<'_>) -> Result<(), ClientError> {
     let entries = fit_page(client.history(conv, HISTORY_PAGE)?);
     let mut names = Vec::new();
     for e in &entries {
@@ -494,7 +491,7 @@ async fn send_history(client: &mut Client, conv: &[u8], tx: &Tx<'_>) -> Result<(
             names.push((e.sender.clone(), n));
         }
     }
-    let _ = tx.send(WorkerEvent::History { conv: conv.to_vec(), entries, names }).await;
+    tx.send(WorkerEvent::History { conv: conv.to_vec(), entries, names });
     Ok(())
 }
 
@@ -505,7 +502,7 @@ async fn send_members(client: &mut Client, conv: &[u8], tx: &Tx<'_>) {
     if let Ok(info) = client.group_info(conv).await {
         let members =
             info.members.into_iter().map(|(id, name, admin)| (name, admin, id.to_vec())).collect();
-        let _ = tx.all().send(WorkerEvent::Members { conv: conv.to_vec(), members }).await;
+        tx.all().send(WorkerEvent::Members { conv: conv.to_vec(), members });
     }
 }
 
@@ -540,41 +537,39 @@ async fn forward(
                 let label = client.conversation_label(&c).unwrap_or_else(|_| c.name.clone());
                 n.message(&label, &sender, &entry, mention);
             }
-            let _ = tx.send(WorkerEvent::Incoming { conv, entry, sender, mention }).await;
-            send_conversations(client, tx).await;
+            tx.send(WorkerEvent::Incoming { conv, entry, sender, mention });
+            send_conversations(client, tx);
         }
         // Only the entry that changed, not a reload of the page.
         Event::Updated { conv, message_id } if is_open(open, &conv) => {
             if let Ok(Some((in_conv, entry))) = client.entry(&message_id)
                 && in_conv == conv
             {
-                let _ = tx.send(WorkerEvent::Changed { conv, entry }).await;
+                tx.send(WorkerEvent::Changed { conv, entry });
             }
         }
         Event::Typing { conv, who, active } => {
             let name = client.name_of(&who).await;
-            let _ = tx.send(WorkerEvent::Typing { conv, who: name, active }).await;
+            tx.send(WorkerEvent::Typing { conv, who: name, active });
         }
         Event::Conversation { conv } => {
-            send_conversations(client, tx).await;
+            send_conversations(client, tx);
             if is_open(open, &conv) {
                 send_members(client, &conv, tx).await;
             }
         }
         Event::Transfer(t) => {
-            let _ = tx.send(transfer(t)).await;
+            tx.send(transfer(t));
         }
         Event::Rejected { reason } => {
-            let _ = tx.send(WorkerEvent::Error(format!("rejected a message: {reason}"))).await;
+            tx.send(WorkerEvent::Error(format!("rejected a message: {reason}")));
         }
         Event::Gap { after, next } => {
-            let _ = tx
-                .send(WorkerEvent::Error(format!(
-                    "messages {}..{} expired on the server before arriving",
-                    after + 1,
-                    next - 1
-                )))
-                .await;
+            tx.send(WorkerEvent::Error(format!(
+                "messages {}..{} expired on the server before arriving",
+                after + 1,
+                next - 1
+            )));
         }
         _ => {}
     }
@@ -583,9 +578,9 @@ async fn forward(
 async fn handle(client: &mut Client, cmd: Command, tx: &Tx<'_>) -> Result<(), ClientError> {
     match cmd {
         Command::Open(conv) => {
-            send_history(client, &conv, tx).await?;
+            send_history(client, &conv, tx)?;
             let last = client.mark_read(&conv)?;
-            send_conversations(client, tx).await;
+            send_conversations(client, tx);
             send_members(client, &conv, tx).await;
             if let Some(up_to) = last {
                 // A read receipt; failures (offline) are not worth an error line.
@@ -598,7 +593,7 @@ async fn handle(client: &mut Client, cmd: Command, tx: &Tx<'_>) -> Result<(), Cl
                 .iter()
                 .filter_map(|e| client.cached_name(&e.sender).map(|n| (e.sender.clone(), n)))
                 .collect();
-            let _ = tx.send(WorkerEvent::Older { conv, entries, names }).await;
+            tx.send(WorkerEvent::Older { conv, entries, names });
         }
         // The engine's events carry the new entry (pending, then delivered).
         Command::Send { conv, text, reply_to } => {
@@ -609,32 +604,32 @@ async fn handle(client: &mut Client, cmd: Command, tx: &Tx<'_>) -> Result<(), Cl
         }
         Command::Dm(user) => {
             let conv = client.dm(&user).await?;
-            send_conversations(client, tx).await;
-            let _ = tx.send(WorkerEvent::Notice(format!("DM with {user} ready"))).await;
-            send_history(client, &conv, tx).await?;
+            send_conversations(client, tx);
+            tx.send(WorkerEvent::Notice(format!("DM with {user} ready")));
+            send_history(client, &conv, tx)?;
         }
         Command::CreateGroup(name) => {
             if let Some(why) = crate::cli::personal_name(client, &name)? {
                 return Err(ClientError::Invalid(why));
             }
             client.create_group(&name).await?;
-            send_conversations(client, tx).await;
-            let _ = tx.send(WorkerEvent::Notice(format!("created #{name}; /invite people"))).await;
+            send_conversations(client, tx);
+            tx.send(WorkerEvent::Notice(format!("created #{name}; /invite people")));
         }
         Command::Add { conv, users } => {
             client.add_members(&conv, &users).await?;
             send_members(client, &conv, tx).await;
-            send_history(client, &conv, tx).await?;
+            send_history(client, &conv, tx)?;
         }
         Command::Remove { conv, user } => {
             client.remove_member(&conv, &user).await?;
             send_members(client, &conv, tx).await;
-            send_history(client, &conv, tx).await?;
+            send_history(client, &conv, tx)?;
         }
         Command::SetAdmin { conv, user, admin } => {
             client.set_admin(&conv, &user, admin).await?;
             send_members(client, &conv, tx).await;
-            send_history(client, &conv, tx).await?;
+            send_history(client, &conv, tx)?;
         }
         Command::Rename { conv, name, topic } => {
             // `/topic` keeps the name it has; only a new name is checked.
@@ -645,16 +640,16 @@ async fn handle(client: &mut Client, cmd: Command, tx: &Tx<'_>) -> Result<(), Cl
                 return Err(ClientError::Invalid(why));
             }
             client.rename(&conv, &name, topic.as_deref()).await?;
-            send_conversations(client, tx).await;
+            send_conversations(client, tx);
         }
         Command::Leave(conv) => {
             client.leave(&conv).await?;
-            send_conversations(client, tx).await;
-            let _ = tx.send(WorkerEvent::Notice("left the group".into())).await;
+            send_conversations(client, tx);
+            tx.send(WorkerEvent::Notice("left the group".into()));
         }
         Command::Rotate(conv) => {
             client.rotate_keys(&conv).await?;
-            let _ = tx.send(WorkerEvent::Notice("keys rotated".into())).await;
+            tx.send(WorkerEvent::Notice("keys rotated".into()));
         }
         Command::Info(conv) => {
             let info = client.group_info(&conv).await?;
@@ -665,18 +660,18 @@ async fn handle(client: &mut Client, cmd: Command, tx: &Tx<'_>) -> Result<(), Cl
                 code: info.verification_code,
                 members: info.members.into_iter().map(|(_, n, a)| (n, a)).collect(),
             };
-            let _ = tx.send(WorkerEvent::Info(view)).await;
+            tx.send(WorkerEvent::Info(view));
         }
         Command::Verify(user) => {
             let number = client.safety_number(&user).await?;
             let verified = client.contact(&user)?.is_some_and(|c| c.verified);
-            let _ = tx.send(WorkerEvent::Safety { user, number, verified }).await;
+            tx.send(WorkerEvent::Safety { user, number, verified });
         }
         Command::MarkVerified { user, verified } => {
             client.mark_verified(&user, verified)?;
             let what = if verified { "marked verified ✓" } else { "no longer marked verified" };
-            let _ = tx.send(WorkerEvent::Notice(format!("{user}: {what}"))).await;
-            send_conversations(client, tx).await;
+            tx.send(WorkerEvent::Notice(format!("{user}: {what}")));
+            send_conversations(client, tx);
         }
         Command::SendFile { conv, path } => {
             // The daemon's working directory is not the terminal's: the UI sends it absolute.
@@ -687,7 +682,7 @@ async fn handle(client: &mut Client, cmd: Command, tx: &Tx<'_>) -> Result<(), Cl
                 )));
             }
             let offer = client.send_file(&conv, &path).await?;
-            let _ = tx.send(WorkerEvent::Notice(format!("sent {}", offer.name))).await;
+            tx.send(WorkerEvent::Notice(format!("sent {}", offer.name)));
         }
         Command::Download { conv, message_id, dir } => {
             let entry = client
@@ -712,7 +707,7 @@ async fn handle(client: &mut Client, cmd: Command, tx: &Tx<'_>) -> Result<(), Cl
             } else {
                 format!("saved {saved}")
             };
-            let _ = tx.send(WorkerEvent::Notice(notice)).await;
+            tx.send(WorkerEvent::Notice(notice));
         }
         Command::React { conv, target, emoji } => {
             client.send(&conv, Body::Reaction { target, emoji, remove: false }).await?;
@@ -730,7 +725,7 @@ async fn handle(client: &mut Client, cmd: Command, tx: &Tx<'_>) -> Result<(), Cl
                 NotifyLevel::None => "none",
             };
             client.set_setting(&format!("notify/{}", hex(&conv)), v)?;
-            let _ = tx.send(WorkerEvent::Notice(format!("notifications: {v}"))).await;
+            tx.send(WorkerEvent::Notice(format!("notifications: {v}")));
         }
         Command::Copy(_) | Command::Quit => {}
     }
