@@ -975,18 +975,23 @@ impl Client {
         &self,
         message_id: &[u8; 16],
     ) -> Result<Option<(Vec<u8>, HistoryEntry)>, ClientError> {
+        let Some((conv, seq)) = self.locate(message_id)? else { return Ok(None) };
+        let Some(v) = self.vault.get(Space::Messages, &message_key(&conv, seq))? else {
+            return Ok(None);
+        };
+        Ok(Some((conv, unjson(&v)?)))
+    }
+
+    /// Where a message id's entry is: its conversation and local seq (the `mid/` index).
+    fn locate(&self, message_id: &[u8; 16]) -> Result<Option<(Vec<u8>, u64)>, ClientError> {
         let Some(index) =
             self.vault.get(Space::State, &[b"mid/".as_slice(), message_id].concat())?
         else {
             return Ok(None);
         };
-        let Some((conv, seq)) = index.split_last_chunk::<8>() else { return Ok(None) };
-        let Some(v) =
-            self.vault.get(Space::Messages, &message_key(conv, u64::from_be_bytes(*seq)))?
-        else {
-            return Ok(None);
-        };
-        Ok(Some((conv.to_vec(), unjson(&v)?)))
+        Ok(index
+            .split_last_chunk::<8>()
+            .map(|(conv, seq)| (conv.to_vec(), u64::from_be_bytes(*seq))))
     }
 
     fn update_entry(
@@ -994,23 +999,13 @@ impl Client {
         message_id: &[u8; 16],
         f: impl FnOnce(&mut HistoryEntry),
     ) -> Result<Option<Vec<u8>>, ClientError> {
-        let Some(index) =
-            self.vault.get(Space::State, &[b"mid/".as_slice(), message_id].concat())?
-        else {
-            return Ok(None);
-        };
-        if index.len() < 8 {
-            return Ok(None);
-        }
-        let (conv, seq) = index.split_at(index.len() - 8);
-        let seq =
-            u64::from_be_bytes(seq.try_into().map_err(|_| ClientError::Invalid("index".into()))?);
-        let key = message_key(conv, seq);
+        let Some((conv, seq)) = self.locate(message_id)? else { return Ok(None) };
+        let key = message_key(&conv, seq);
         let Some(v) = self.vault.get(Space::Messages, &key)? else { return Ok(None) };
         let mut e: HistoryEntry = unjson(&v)?;
         f(&mut e);
         self.vault.put(Space::Messages, &key, &json(&e)?)?;
-        Ok(Some(conv.to_vec()))
+        Ok(Some(conv))
     }
 
     fn new_conversation(
@@ -2115,16 +2110,8 @@ impl Client {
         reader: &[u8; 32],
         up_to: &[u8; 16],
     ) -> Result<Option<Vec<u8>>, ClientError> {
-        let Some(index) = self.vault.get(Space::State, &[b"mid/".as_slice(), up_to].concat())?
-        else {
-            return Ok(None);
-        };
-        let Some((conv, seq)) = index.len().checked_sub(8).map(|at| index.split_at(at)) else {
-            return Ok(None);
-        };
-        let last =
-            u64::from_be_bytes(seq.try_into().map_err(|_| ClientError::Invalid("index".into()))?);
-        for (key, value) in self.vault.scan_last(Space::Messages, &conv_prefix(conv), 200)? {
+        let Some((conv, last)) = self.locate(up_to)? else { return Ok(None) };
+        for (key, value) in self.vault.scan_last(Space::Messages, &conv_prefix(&conv), 200)? {
             let mut e: HistoryEntry = unjson(&value)?;
             if e.seq <= last
                 && !e.system
@@ -2135,7 +2122,7 @@ impl Client {
                 self.vault.put(Space::Messages, &key, &json(&e)?)?;
             }
         }
-        Ok(Some(conv.to_vec()))
+        Ok(Some(conv))
     }
 
     // ----- receiving -------------------------------------------------------------------
