@@ -1,5 +1,5 @@
-//! The qpq wire protocol: protobuf messages, method and push-event ids, status codes and the
-//! sans-I/O frame codec.
+//! The qpq wire protocol: protobuf messages, method and push-event ids, status codes, QUIC
+//! close codes and the sans-I/O frame codec.
 //!
 //! This crate does no I/O, no cryptography and reads no clock. Transports (the server's QUIC
 //! driver, the client engine) read a fixed-size header, check it with the codec, then read
@@ -18,10 +18,12 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 #![warn(missing_docs)]
 
+mod close;
 pub mod frame;
 pub mod method;
 mod status;
 
+pub use close::{CloseCode, UnknownCloseCode};
 pub use prost::Message;
 pub use status::Status;
 

@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use qpq_proto::CloseCode;
 use tokio::sync::{Notify, mpsc};
 
 use crate::budget::{Budget, Priority, Reservation};
@@ -128,7 +129,7 @@ impl Hub {
                 && Some(p.conn_id) != keep_conn
                 && let Some(conn) = &p.conn
             {
-                conn.close(quinn::VarInt::from_u32(CLOSE_REVOKED), reason.as_bytes());
+                conn.close(quinn::VarInt::from_u32(CloseCode::Revoked.as_u32()), reason.as_bytes());
             }
         }
     }
@@ -165,9 +166,6 @@ pub enum Which<'a> {
     /// The connections of one device.
     Device(&'a [u8]),
 }
-
-/// QUIC application close code: the session was ended (logout, revocation, deletion).
-pub const CLOSE_REVOKED: u32 = 2;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())

@@ -15,7 +15,7 @@ use anyhow::Context;
 use opaque_ke::ServerSetup;
 use qpq_core::opaque::Suite;
 use qpq_proto::frame::{FrameError, REQUEST_HEADER_LEN, RequestHeader, ResponseHeader};
-use qpq_proto::{Message, Status, method, v1};
+use qpq_proto::{CloseCode, Message, Status, method, v1};
 use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -27,12 +27,6 @@ pub use crate::shared::Shared;
 use crate::store::Store;
 use crate::tls;
 
-/// QUIC application close code: the server is shutting down.
-pub const CLOSE_SHUTDOWN: u32 = 1;
-/// QUIC application close code: the server is out of memory budget; retry later.
-pub const CLOSE_BUSY: u32 = 3;
-/// QUIC application close code: the client did not read its pushes.
-pub const CLOSE_SLOW_CONSUMER: u32 = 4;
 /// QUIC stream error code sent with `stop` when a request is refused before it is read.
 pub const STREAM_REFUSED: u32 = 1;
 /// Connections answered with Unavailable at once while the memory budget is spent; beyond
@@ -132,7 +126,8 @@ impl Server {
             }
         }
         sweeper.abort();
-        endpoint.close(quinn::VarInt::from_u32(CLOSE_SHUTDOWN), b"server shutting down");
+        endpoint
+            .close(quinn::VarInt::from_u32(CloseCode::Shutdown.as_u32()), b"server shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
         info!("shutdown complete");
         Ok(())
@@ -320,7 +315,7 @@ async fn serve_busy(conn: quinn::Connection, e: budget::Exhausted) {
     };
     let _ = tokio::time::timeout(BUSY_LINGER, answer).await;
     let reason = format!("server busy; retry in {} s", budget::RETRY_CONNECTION.as_secs());
-    conn.close(quinn::VarInt::from_u32(CLOSE_BUSY), reason.as_bytes());
+    conn.close(quinn::VarInt::from_u32(CloseCode::Busy.as_u32()), reason.as_bytes());
 }
 
 async fn serve_connection(
@@ -368,7 +363,10 @@ async fn push_loop(conn: quinn::Connection, mut rx: mpsc::Receiver<Queued>) {
             Ok(None) => debug!("push not delivered; client will fetch"),
             Err(_) => {
                 debug!("client does not read its pushes; closing");
-                conn.close(quinn::VarInt::from_u32(CLOSE_SLOW_CONSUMER), b"pushes not read");
+                conn.close(
+                    quinn::VarInt::from_u32(CloseCode::SlowConsumer.as_u32()),
+                    b"pushes not read",
+                );
                 return;
             }
         }

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+pub use qpq_proto::CloseCode;
 use qpq_proto::frame::{self, RESPONSE_HEADER_LEN, ResponseHeader};
 use qpq_proto::{MAX_PAYLOAD, Message, Status, v1};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -48,9 +49,10 @@ pub enum NetError {
         /// What the server presented.
         presented: String,
     },
-    /// The connection failed or was lost.
-    #[error("connection: {0}")]
-    Connection(String),
+    /// The connection failed or was lost; the [`ConnectionLost`] says how (with the server's
+    /// close code when it closed the connection).
+    #[error(transparent)]
+    Connection(ConnectionLost),
     /// The server sent something that is not a valid frame or message.
     #[error("protocol error: {0}")]
     Protocol(String),
@@ -78,10 +80,27 @@ impl NetError {
         }
     }
 
+    /// The code the server closed the connection with, if it closed it with one this client
+    /// knows.
+    pub fn close_code(&self) -> Option<CloseCode> {
+        self.connection_lost().and_then(ConnectionLost::close_code)
+    }
+
+    /// How the connection failed or was lost, if that is the error.
+    pub fn connection_lost(&self) -> Option<&ConnectionLost> {
+        match self {
+            Self::Connection(lost) => Some(lost),
+            _ => None,
+        }
+    }
+
     /// Whether retrying later may succeed (connection trouble, rate limits, unavailability).
+    /// Not when the server closed the connection because the session was revoked: that needs a
+    /// new login.
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::Connection(_) | Self::Timeout => true,
+            Self::Connection(lost) => lost.is_transient(),
+            Self::Timeout => true,
             Self::Status { status, .. } => matches!(
                 status,
                 Status::RateLimited
@@ -90,6 +109,205 @@ impl NetError {
                     | Status::Internal
             ),
             _ => false,
+        }
+    }
+}
+
+impl From<ConnectionLost> for NetError {
+    fn from(lost: ConnectionLost) -> Self {
+        Self::Connection(lost)
+    }
+}
+
+/// How a connection failed or was lost ([`NetError::Connection`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectionLost {
+    /// The server closed the connection with an application close code (see [`CloseCode`]
+    /// for what each asks of the client).
+    #[error("the server closed the connection: {}", closed_text(.code, *.raw, .reason))]
+    ClosedByServer {
+        /// The close code; `None` for a number this client does not know (see `raw`).
+        code: Option<CloseCode>,
+        /// The close code's number as sent.
+        raw: u64,
+        /// The server's reason text (control characters removed, shortened).
+        reason: String,
+    },
+    /// Nothing was heard from the server for the idle timeout: it or the network went away.
+    #[error("the server stopped answering (idle timeout)")]
+    TimedOut,
+    /// The server no longer knew the connection (it restarted) and reset it.
+    #[error("the server reset the connection (it may have restarted)")]
+    Reset,
+    /// The server refused the connection before the handshake (too many connections or
+    /// handshakes, or out of memory).
+    #[error("the server refused the connection")]
+    Refused,
+    /// Nothing answered the handshake: the server is down, the address is wrong, or UDP is
+    /// blocked.
+    #[error("no answer from the server")]
+    Unreachable,
+    /// The TLS handshake failed (no common protocol, a bad signature, or a certificate one
+    /// side refused) other than a changed certificate ([`NetError::CertificateChanged`]).
+    #[error("the TLS handshake failed: {0}")]
+    Handshake(String),
+    /// A QUIC transport error: one side found the other breaking the protocol, or there is no
+    /// common QUIC version.
+    #[error("QUIC transport error: {0}")]
+    Transport(String),
+    /// This client closed the connection.
+    #[error("the connection was closed by this client")]
+    ClosedLocally,
+    /// This client could not set up a connection (socket, TLS configuration, address).
+    #[error("could not set up the connection: {0}")]
+    Setup(String),
+    /// A stream failed in a way that carries no more detail (stopped or reset by the server,
+    /// finished early).
+    #[error("connection: {0}")]
+    Io(String),
+    /// There is no connection to use (the client is offline or not connected yet).
+    #[error("connection: {0}")]
+    Local(&'static str),
+}
+
+impl ConnectionLost {
+    /// The code the server closed the connection with, if it is one this client knows.
+    pub fn close_code(&self) -> Option<CloseCode> {
+        match self {
+            Self::ClosedByServer { code, .. } => *code,
+            _ => None,
+        }
+    }
+
+    /// Whether connecting again later may help: everything except a revoked session (which
+    /// needs a new login).
+    pub fn is_transient(&self) -> bool {
+        self.close_code() != Some(CloseCode::Revoked)
+    }
+}
+
+/// `ClosedByServer`'s text after "the server closed the connection: ".
+fn closed_text(code: &Option<CloseCode>, raw: u64, reason: &str) -> String {
+    match code {
+        Some(code) if reason.is_empty() || reason == code.describe() => {
+            format!("{code} (code {raw})")
+        }
+        Some(code) => format!("{code} (code {raw}: {reason})"),
+        None if reason.is_empty() => format!("code {raw}"),
+        None => format!("{reason} (code {raw})"),
+    }
+}
+
+/// The longest server reason text kept, in characters.
+const MAX_REASON: usize = 200;
+
+/// A peer's reason text fit to show: lossy UTF-8, control characters dropped, shortened.
+fn reason_text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).chars().filter(|c| !c.is_control()).take(MAX_REASON).collect()
+}
+
+/// Whether a QUIC transport error code is a TLS alert (0x100 to 0x1ff, RFC 9001 §4.8).
+fn is_crypto(code: quinn::TransportErrorCode) -> bool {
+    (0x100..0x200).contains(&u64::from(code))
+}
+
+/// A state of this client's own making ("offline", "not connected"): [`ConnectionLost::Local`].
+impl From<&'static str> for ConnectionLost {
+    fn from(what: &'static str) -> Self {
+        Self::Local(what)
+    }
+}
+
+/// A failure described only in words: [`ConnectionLost::Io`].
+impl From<String> for ConnectionLost {
+    fn from(what: String) -> Self {
+        Self::Io(what)
+    }
+}
+
+impl From<quinn::ConnectionError> for ConnectionLost {
+    fn from(e: quinn::ConnectionError) -> Self {
+        use quinn::ConnectionError as E;
+        match e {
+            E::ApplicationClosed(c) => {
+                let raw = c.error_code.into_inner();
+                Self::ClosedByServer {
+                    code: CloseCode::from_u64(raw),
+                    raw,
+                    reason: reason_text(&c.reason),
+                }
+            }
+            E::ConnectionClosed(c)
+                if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
+            {
+                Self::Refused
+            }
+            E::ConnectionClosed(c) if is_crypto(c.error_code) => {
+                let alert = u64::from(c.error_code) & 0xff;
+                Self::Handshake(match reason_text(&c.reason) {
+                    r if r.is_empty() => format!("the server sent TLS alert {alert}"),
+                    r => format!("the server sent TLS alert {alert}: {r}"),
+                })
+            }
+            E::ConnectionClosed(c) => Self::Transport(format!(
+                "the server aborted the connection: {}",
+                quinn::ConnectionClose { reason: reason_text(&c.reason).into_bytes().into(), ..c }
+            )),
+            E::TransportError(t) if is_crypto(t.code) => Self::Handshake(t.to_string()),
+            E::TransportError(t) => Self::Transport(t.to_string()),
+            E::VersionMismatch => Self::Transport(e.to_string()),
+            E::Reset => Self::Reset,
+            E::TimedOut => Self::TimedOut,
+            E::LocallyClosed => Self::ClosedLocally,
+            E::CidsExhausted => Self::Setup(e.to_string()),
+        }
+    }
+}
+
+impl From<quinn::ConnectError> for ConnectionLost {
+    fn from(e: quinn::ConnectError) -> Self {
+        Self::Setup(e.to_string())
+    }
+}
+
+impl From<quinn::WriteError> for ConnectionLost {
+    fn from(e: quinn::WriteError) -> Self {
+        match e {
+            quinn::WriteError::ConnectionLost(c) => c.into(),
+            quinn::WriteError::Stopped(code) => {
+                Self::Io(format!("the server stopped reading the request (code {code})"))
+            }
+            other => Self::Io(format!("sending the request: {other}")),
+        }
+    }
+}
+
+impl From<quinn::ClosedStream> for ConnectionLost {
+    fn from(e: quinn::ClosedStream) -> Self {
+        Self::Io(format!("sending the request: {e}"))
+    }
+}
+
+impl From<quinn::ReadError> for ConnectionLost {
+    fn from(e: quinn::ReadError) -> Self {
+        match e {
+            quinn::ReadError::ConnectionLost(c) => c.into(),
+            quinn::ReadError::Reset(code) => {
+                Self::Io(format!("the server reset the response (code {code})"))
+            }
+            other => Self::Io(format!("reading the response: {other}")),
+        }
+    }
+}
+
+impl From<quinn::ReadExactError> for ConnectionLost {
+    fn from(e: quinn::ReadExactError) -> Self {
+        match e {
+            quinn::ReadExactError::ReadError(e) => e.into(),
+            quinn::ReadExactError::FinishedEarly(n) => {
+                Self::Io(format!("the server ended the response early ({n} bytes read)"))
+            }
         }
     }
 }
@@ -132,12 +350,11 @@ impl Connection {
         config.transport_config(Arc::new(transport));
         let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
             .parse()
-            .map_err(|_| NetError::Connection("bind address".into()))?;
-        let mut endpoint =
-            quinn::Endpoint::client(bind).map_err(|e| NetError::Connection(e.to_string()))?;
+            .map_err(|_| ConnectionLost::Setup("bind address".into()))?;
+        let mut endpoint = quinn::Endpoint::client(bind)
+            .map_err(|e| ConnectionLost::Setup(format!("UDP socket: {e}")))?;
         endpoint.set_default_client_config(config);
-        let connecting =
-            endpoint.connect(addr, server_name).map_err(|e| NetError::Connection(e.to_string()))?;
+        let connecting = endpoint.connect(addr, server_name).map_err(ConnectionLost::from)?;
         let conn = match tokio::time::timeout(Duration::from_secs(10), connecting).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
@@ -149,7 +366,7 @@ impl Connection {
                         presented,
                     });
                 }
-                return Err(NetError::Connection(e.to_string()));
+                return Err(dial_failed(e).into());
             }
             Err(_) => return Err(NetError::Timeout),
         };
@@ -180,16 +397,15 @@ impl Connection {
         let bytes = frame::encode_request(method, id, &req.encode_to_vec())
             .map_err(|e| NetError::Protocol(e.to_string()))?;
         let exchange = async {
-            let (mut send, mut recv) =
-                self.conn.open_bi().await.map_err(|e| NetError::Connection(e.to_string()))?;
-            send.write_all(&bytes).await.map_err(|e| NetError::Connection(e.to_string()))?;
-            send.finish().map_err(|e| NetError::Connection(e.to_string()))?;
+            let (mut send, mut recv) = self.conn.open_bi().await.map_err(|e| self.lost(e))?;
+            send.write_all(&bytes).await.map_err(|e| self.lost(e))?;
+            send.finish().map_err(|e| self.lost(e))?;
             let mut head = [0u8; RESPONSE_HEADER_LEN];
-            recv.read_exact(&mut head).await.map_err(|e| NetError::Connection(e.to_string()))?;
+            recv.read_exact(&mut head).await.map_err(|e| self.lost(e))?;
             let header =
                 ResponseHeader::decode(&head).map_err(|e| NetError::Protocol(e.to_string()))?;
             let mut body = vec![0u8; header.len as usize];
-            recv.read_exact(&mut body).await.map_err(|e| NetError::Connection(e.to_string()))?;
+            recv.read_exact(&mut body).await.map_err(|e| self.lost(e))?;
             Ok::<_, NetError>((header, body))
         };
         let (header, body) = tokio::time::timeout(CALL_TIMEOUT + extra, exchange)
@@ -203,6 +419,23 @@ impl Connection {
         self.conn.close_reason().is_some()
     }
 
+    /// Why the connection closed (with the server's close code if it closed it), or `None`
+    /// while it is open.
+    pub fn close_reason(&self) -> Option<ConnectionLost> {
+        self.conn.close_reason().map(ConnectionLost::from)
+    }
+
+    /// A failed stream operation as a connection error. A stream error that says nothing
+    /// more (a finished or closed stream) gives way to the connection's own close reason
+    /// when the connection is closed, so the server's close code is not lost.
+    fn lost(&self, e: impl Into<ConnectionLost>) -> NetError {
+        let lost = e.into();
+        match (&lost, self.close_reason()) {
+            (ConnectionLost::Io(_), Some(closed)) => NetError::Connection(closed),
+            _ => NetError::Connection(lost),
+        }
+    }
+
     /// Waits until the connection closes.
     pub async fn closed(&self) {
         self.conn.closed().await;
@@ -213,6 +446,15 @@ impl Connection {
     pub async fn close(self) {
         self.conn.close(0u32.into(), b"bye");
         let _ = tokio::time::timeout(Duration::from_secs(1), self._endpoint.wait_idle()).await;
+    }
+}
+
+/// A failed handshake as a connection error: no answer within the idle timeout means nobody
+/// answered, not that an established connection went quiet.
+fn dial_failed(e: quinn::ConnectionError) -> ConnectionLost {
+    match e {
+        quinn::ConnectionError::TimedOut => ConnectionLost::Unreachable,
+        e => e.into(),
     }
 }
 
@@ -266,7 +508,7 @@ fn tls_config(
     });
     let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| NetError::Connection(e.to_string()))?
+        .map_err(|e| ConnectionLost::Setup(format!("TLS configuration: {e}")))?
         .dangerous()
         .with_custom_certificate_verifier(verifier.clone())
         .with_no_client_auth();
@@ -279,7 +521,7 @@ fn crypto(
     let (mut tls, verifier) = tls_config(pin, Arc::new(crate::pq_tls::crypto_provider()))?;
     tls.alpn_protocols = vec![qpq_proto::ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-        .map_err(|e| NetError::Connection(e.to_string()))?;
+        .map_err(|e| ConnectionLost::Setup(format!("TLS configuration: {e}")))?;
     Ok((crypto, verifier))
 }
 
@@ -342,5 +584,195 @@ impl ServerCertVerifier for PinVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use quinn::{ConnectionError, TransportErrorCode, VarInt};
+
+    use super::*;
+
+    fn app_close(code: u32, reason: &[u8]) -> ConnectionError {
+        ConnectionError::ApplicationClosed(quinn::ApplicationClose {
+            error_code: VarInt::from_u32(code),
+            reason: reason.to_vec().into(),
+        })
+    }
+
+    fn transport_close(code: TransportErrorCode) -> ConnectionError {
+        ConnectionError::ConnectionClosed(quinn::ConnectionClose {
+            error_code: code,
+            frame_type: None,
+            reason: b"nope".to_vec().into(),
+        })
+    }
+
+    fn net(e: impl Into<ConnectionLost>) -> NetError {
+        NetError::Connection(e.into())
+    }
+
+    #[test]
+    fn application_close_keeps_the_servers_code() {
+        for code in CloseCode::ALL {
+            let lost = ConnectionLost::from(app_close(code.as_u32(), b"why"));
+            assert_eq!(
+                lost,
+                ConnectionLost::ClosedByServer {
+                    code: Some(code),
+                    raw: code.as_u32().into(),
+                    reason: "why".into()
+                }
+            );
+            assert_eq!(net(lost).close_code(), Some(code));
+        }
+        let revoked = net(app_close(2, b"logged out"));
+        assert_eq!(
+            revoked.to_string(),
+            "the server closed the connection: session revoked (code 2: logged out)"
+        );
+        let shutdown = net(app_close(1, b"server shutting down"));
+        assert_eq!(
+            shutdown.to_string(),
+            "the server closed the connection: server shutting down (code 1)"
+        );
+        assert_eq!(
+            net(app_close(3, b"")).to_string(),
+            "the server closed the connection: server busy (code 3)"
+        );
+    }
+
+    #[test]
+    fn unknown_close_codes_keep_the_number() {
+        let lost = ConnectionLost::from(app_close(77, b"new reason"));
+        assert_eq!(
+            lost,
+            ConnectionLost::ClosedByServer { code: None, raw: 77, reason: "new reason".into() }
+        );
+        assert_eq!(lost.close_code(), None);
+        assert!(lost.is_transient());
+        assert_eq!(lost.to_string(), "the server closed the connection: new reason (code 77)");
+        assert_eq!(
+            ConnectionLost::from(app_close(0, b"")).to_string(),
+            "the server closed the connection: code 0"
+        );
+        // Beyond u32: still a number, not a code.
+        let big = ConnectionError::ApplicationClosed(quinn::ApplicationClose {
+            error_code: VarInt::from_u64(1 << 40).unwrap(),
+            reason: Vec::new().into(),
+        });
+        assert_eq!(ConnectionLost::from(big).close_code(), None);
+    }
+
+    #[test]
+    fn a_hostile_reason_is_defanged() {
+        let mut reason = b"\x1b]52;c;evil\x07\r\nok".to_vec();
+        reason.extend([0xff; 3]);
+        reason.extend([b'x'; 1000]);
+        let ConnectionLost::ClosedByServer { reason, .. } =
+            ConnectionLost::from(app_close(2, &reason))
+        else {
+            panic!("not a server close");
+        };
+        assert!(!reason.chars().any(char::is_control), "{reason:?}");
+        assert!(reason.starts_with("]52;c;evilok\u{fffd}"), "{reason:?}");
+        assert_eq!(reason.chars().count(), MAX_REASON);
+    }
+
+    #[test]
+    fn only_a_revoked_session_is_not_transient() {
+        for code in CloseCode::ALL {
+            let e = net(app_close(code.as_u32(), b""));
+            assert_eq!(e.is_transient(), code != CloseCode::Revoked, "{code:?}");
+        }
+        for lost in [
+            ConnectionLost::TimedOut,
+            ConnectionLost::Reset,
+            ConnectionLost::Refused,
+            ConnectionLost::Unreachable,
+            ConnectionLost::ClosedLocally,
+            ConnectionLost::Io("x".into()),
+            "offline".into(),
+        ] {
+            assert!(net(lost.clone()).is_transient(), "{lost:?}");
+            assert_eq!(net(lost).close_code(), None);
+        }
+    }
+
+    #[test]
+    fn quinn_connection_errors_map_by_kind() {
+        let cases = [
+            (ConnectionError::TimedOut, ConnectionLost::TimedOut),
+            (ConnectionError::Reset, ConnectionLost::Reset),
+            (ConnectionError::LocallyClosed, ConnectionLost::ClosedLocally),
+            (transport_close(TransportErrorCode::CONNECTION_REFUSED), ConnectionLost::Refused),
+        ];
+        for (e, want) in cases {
+            assert_eq!(ConnectionLost::from(e), want);
+        }
+        assert_eq!(
+            ConnectionLost::from(transport_close(TransportErrorCode::crypto(120))).to_string(),
+            "the TLS handshake failed: the server sent TLS alert 120: nope"
+        );
+        assert!(matches!(
+            ConnectionLost::from(ConnectionError::TransportError(
+                TransportErrorCode::crypto(42).into()
+            )),
+            ConnectionLost::Handshake(_)
+        ));
+        let violation =
+            ConnectionLost::from(transport_close(TransportErrorCode::PROTOCOL_VIOLATION));
+        assert!(matches!(violation, ConnectionLost::Transport(ref m) if m.ends_with(": nope")));
+        assert!(matches!(
+            ConnectionLost::from(ConnectionError::VersionMismatch),
+            ConnectionLost::Transport(_)
+        ));
+        // While dialing, silence means nobody answered.
+        assert_eq!(dial_failed(ConnectionError::TimedOut), ConnectionLost::Unreachable);
+        assert_eq!(dial_failed(ConnectionError::Reset), ConnectionLost::Reset);
+    }
+
+    #[test]
+    fn stream_errors_keep_the_connections_close_code() {
+        let w = quinn::WriteError::ConnectionLost(app_close(2, b"device revoked"));
+        assert_eq!(net(w).close_code(), Some(CloseCode::Revoked));
+        let r = quinn::ReadError::ConnectionLost(app_close(1, b""));
+        assert_eq!(net(r).close_code(), Some(CloseCode::Shutdown));
+        let r = quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(app_close(
+            4,
+            b"pushes not read",
+        )));
+        assert_eq!(net(r).close_code(), Some(CloseCode::SlowConsumer));
+        let r = quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(
+            ConnectionError::TimedOut,
+        ));
+        assert_eq!(ConnectionLost::from(r), ConnectionLost::TimedOut);
+    }
+
+    #[test]
+    fn stream_errors_without_a_connection_error_are_io() {
+        let stopped = ConnectionLost::from(quinn::WriteError::Stopped(VarInt::from_u32(1)));
+        assert_eq!(
+            stopped,
+            ConnectionLost::Io("the server stopped reading the request (code 1)".into())
+        );
+        let reset = ConnectionLost::from(quinn::ReadError::Reset(VarInt::from_u32(1)));
+        assert_eq!(reset.to_string(), "connection: the server reset the response (code 1)");
+        let early = ConnectionLost::from(quinn::ReadExactError::FinishedEarly(3));
+        assert!(matches!(early, ConnectionLost::Io(ref m) if m.contains("3 bytes")), "{early}");
+        assert!(matches!(
+            ConnectionLost::from(quinn::WriteError::ClosedStream),
+            ConnectionLost::Io(_)
+        ));
+    }
+
+    #[test]
+    fn engine_states_stay_local_and_read_as_before() {
+        let e = NetError::Connection("offline".into());
+        assert!(matches!(e, NetError::Connection(ConnectionLost::Local("offline"))));
+        assert_eq!(e.to_string(), "connection: offline");
+        assert!(e.is_transient());
+        assert_eq!(e.connection_lost(), Some(&ConnectionLost::Local("offline")));
+        assert_eq!(NetError::Timeout.connection_lost(), None);
     }
 }
