@@ -4,7 +4,10 @@
 //! under a key derived with Argon2id from the user's passphrase, with the table name and the
 //! key as associated data, so a value cannot be moved to another slot. A plaintext `header`
 //! table holds the format version, the KDF parameters, the salt and a sealed check value: a
-//! wrong passphrase is detected before anything is read or written.
+//! wrong passphrase is detected before anything is read or written. The file is private to
+//! its owner (0600 from its creation; an open that finds it readable by others makes it 0600
+//! and says so through [`Vault::loosened_mode`]): a copy is what an offline guess of the
+//! passphrase needs.
 //!
 //! Writes outside [`Vault::atomic`] commit one by one. Inside it, every read and write goes
 //! through one redb write transaction that commits when the closure returns `Ok`: an MLS
@@ -242,6 +245,9 @@ pub struct Vault {
     dirty: AtomicBool,
     /// `<store>.anchor`, for a vault on a file.
     anchor: Option<PathBuf>,
+    /// The mode the store file had when it was opened, if that let group or others in (it
+    /// was then made 0600).
+    loosened: Option<u32>,
     /// The anchor's MAC key, derived from the vault key.
     anchor_key: hmac::Key,
 }
@@ -287,6 +293,18 @@ impl Vault {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(VaultError::Io(e.to_string())),
+        }
+        // Private from its first byte (0600, before redb writes anything): whoever can read
+        // the store can guess its passphrase offline. Renaming keeps the mode.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(|e| VaultError::Io(e.to_string()))?;
         }
         let db = Database::create(&tmp)?;
         let mut vault = Self::initialise(db, passphrase, params)?;
@@ -352,6 +370,7 @@ impl Vault {
             dirty: AtomicBool::new(false),
             anchor: None,
             anchor_key,
+            loosened: None,
         }
     }
 
@@ -379,6 +398,13 @@ impl Vault {
     pub fn reanchor(path: &Path, passphrase: &[u8]) -> Result<u64, VaultError> {
         let vault = Self::open_with(path, passphrase, Anchoring::Accept)?;
         Ok(vault.generation())
+    }
+
+    /// If the store file was readable or writable by its group or by others when this vault
+    /// opened it, the mode it had (permission bits): it is 0600 now. Whoever could read it may
+    /// have copied it to guess the passphrase offline; worth a warning.
+    pub fn loosened_mode(&self) -> Option<u32> {
+        self.loosened
     }
 
     /// The store's generation: how many write transactions it has committed since it was
@@ -419,6 +445,7 @@ impl Vault {
             Err(e) => return Err(locked(e.into())),
         };
         let mut vault = Self::unlock(db, passphrase)?;
+        vault.loosened = make_private(path);
         let anchor = anchor_path(path);
         vault.check_anchor(&anchor, anchoring)?;
         vault.anchor = Some(anchor);
@@ -545,6 +572,16 @@ impl Vault {
                 Ok((k, plain))
             })
             .collect()
+    }
+
+    /// How many keys start with `prefix`, in the open batch if any. Keys are stored in the
+    /// clear, so nothing is read from disk beyond them and no value is opened.
+    pub fn count(&self, space: Space, prefix: &[u8]) -> Result<usize, VaultError> {
+        let batch = self.lock();
+        match batch.as_ref() {
+            Some(txn) => count_keys(&txn.open_table(space.table())?, prefix),
+            None => count_keys(&self.db.begin_read()?.open_table(space.table())?, prefix),
+        }
     }
 
     /// Deletes every key starting with `prefix`; returns how many.
@@ -842,6 +879,45 @@ fn holder(path: &Path) -> String {
         out.push_str(&format!(", open for {age} s"));
     }
     out
+}
+
+/// Makes the store file at `path` private (0600) if its group or others have any permission
+/// on it; returns the mode it had then. Best effort: a file system without Unix permissions,
+/// or a file someone else owns, is left as it is (and reported only if the change took).
+#[cfg(unix)]
+fn make_private(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o7777;
+    if mode & 0o077 == 0 {
+        return None;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).ok()?;
+    Some(mode)
+}
+
+#[cfg(not(unix))]
+fn make_private(_path: &Path) -> Option<u32> {
+    None
+}
+
+/// How many keys of the table start with `prefix`, without reading values.
+fn count_keys(
+    t: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    prefix: &[u8],
+) -> Result<usize, VaultError> {
+    if prefix.is_empty() {
+        // redb keeps each table's length in its root: no walk at all.
+        return Ok(usize::try_from(t.len()?).unwrap_or(usize::MAX));
+    }
+    let mut n = 0;
+    for row in t.range(prefix..)? {
+        let (k, _) = row?;
+        if !k.value().starts_with(prefix) {
+            break;
+        }
+        n += 1;
+    }
+    Ok(n)
 }
 
 /// Which keys of a prefix [`read_raw`] returns.
@@ -1245,5 +1321,74 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         drop(Vault::create(&path, b"p", FAST).unwrap());
         assert_eq!(anchored(&path), Some(0));
+    }
+
+    #[test]
+    fn count_counts_keys_without_opening_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = Vault::create(&dir.path().join("v.qpq"), b"p", FAST).unwrap();
+        assert_eq!(v.count(Space::Outbox, b"").unwrap(), 0);
+        for k in [b"a/1".as_slice(), b"a/2", b"a/\xff", b"ab", b"b/1"] {
+            v.put(Space::State, k, b"x").unwrap();
+        }
+        v.put(Space::Outbox, b"a/1", b"x").unwrap();
+        assert_eq!(v.count(Space::State, b"").unwrap(), 5);
+        assert_eq!(v.count(Space::State, b"a").unwrap(), 4);
+        assert_eq!(v.count(Space::State, b"a/").unwrap(), 3);
+        assert_eq!(v.count(Space::State, b"a/1").unwrap(), 1);
+        assert_eq!(v.count(Space::State, b"c").unwrap(), 0);
+        assert_eq!(v.count(Space::Outbox, b"").unwrap(), 1);
+        // Inside a transaction it sees that transaction's writes.
+        v.atomic(|| -> Result<(), VaultError> {
+            v.put(Space::State, b"a/3", b"x")?;
+            v.delete(Space::State, b"b/1")?;
+            assert_eq!(v.count(Space::State, b"a/")?, 4);
+            assert_eq!(v.count(Space::State, b"")?, 5);
+            Err(VaultError::Crypto("roll back"))
+        })
+        .unwrap_err();
+        assert_eq!(v.count(Space::State, b"a/").unwrap(), 3);
+        // Values are not opened: one that fails authentication is still counted.
+        {
+            let txn = v.db.begin_write().unwrap();
+            txn.open_table(Space::State.table())
+                .unwrap()
+                .insert(b"a/4".as_slice(), [0u8; 40].as_slice())
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        assert!(matches!(v.scan(Space::State, b"a/"), Err(VaultError::Tampered)));
+        assert_eq!(v.count(Space::State, b"a/").unwrap(), 4);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_store_file_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.qpq");
+        let v = Vault::create(&path, b"p", FAST).unwrap();
+        assert_eq!(mode(&path), 0o600, "created private");
+        assert_eq!(v.loosened_mode(), None);
+        drop(v);
+        let v = Vault::open(&path, b"p").unwrap();
+        assert_eq!((mode(&path), v.loosened_mode()), (0o600, None));
+        drop(v);
+        // A store made readable by others (an older build, a copy, a chmod) is tightened, and
+        // the open says what it was; a wrong passphrase changes nothing.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(Vault::open(&path, b"wrong"), Err(VaultError::WrongPassphrase)));
+        assert_eq!(mode(&path), 0o644);
+        let v = Vault::open(&path, b"p").unwrap();
+        assert_eq!((mode(&path), v.loosened_mode()), (0o600, Some(0o644)));
+        drop(v);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660)).unwrap();
+        assert_eq!(Vault::reanchor(&path, b"p").unwrap(), 0);
+        assert_eq!(mode(&path), 0o600);
+        // Owner-only modes are left alone.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let v = Vault::open(&path, b"p").unwrap();
+        assert_eq!((mode(&path), v.loosened_mode()), (0o700, None));
     }
 }
