@@ -523,12 +523,20 @@ async fn a_retried_claim_whose_first_answer_was_lost_is_a_duplicate() {
             Vault::open(&store(dir.path(), "alice"), passphrase("alice").as_bytes()).unwrap();
         let key = [b"commit/".as_slice(), &team].concat();
         let record = vault.get(Space::State, &key).unwrap().expect("the pending commit's record");
-        let record: serde_json::Value = serde_json::from_slice(&record).unwrap();
+        // The stored form (core/src/client/records.rs): 0x01 ‖ len ‖ metadata JSON ‖ len ‖
+        // commit ‖ Welcome.
+        assert_eq!(record[0], 0x01, "a pending commit in the binary form");
+        let part = |at: usize| -> (&[u8], usize) {
+            let len = u32::from_be_bytes(record[at..at + 4].try_into().unwrap()) as usize;
+            (&record[at + 4..at + 4 + len], at + 4 + len)
+        };
+        let (meta, next) = part(1);
+        let commit = part(next).0.to_vec();
+        let record: serde_json::Value = serde_json::from_slice(meta).unwrap();
         let bytes = |v: &serde_json::Value| -> Vec<u8> {
             v.as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8).collect()
         };
         let slot: [u8; 16] = bytes(&record["slot"]).try_into().unwrap();
-        let commit = bytes(&record["commit"]);
         let to: Vec<[u8; 32]> = record["commit_to"]
             .as_array()
             .unwrap()

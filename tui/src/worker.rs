@@ -3,6 +3,7 @@
 //! events into [`WorkerEvent`]s for all of them ([`Hub`]). No UI ever waits on it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -221,11 +222,16 @@ fn greet(client: &Client, link: &Link, tx: &Tx<'_>) {
 
 /// Runs until the input channel closes; returns after closing the connection (the caller
 /// drops the client, which closes the store). Events go to every process in `hub`.
+///
+/// Once `stopping` is set (before the channel is closed), no request is started any more:
+/// the one running finishes and gets its reply, and every one still queued is answered
+/// [`refuse`]d, so that no caller is told "stopping" about a request that ran.
 pub async fn run(
     mut client: Client,
     mut rx: mpsc::Receiver<Input>,
     hub: Hub,
     notifier: Option<crate::daemon::Notifier>,
+    stopping: Arc<AtomicBool>,
 ) {
     client.set_auto_reconnect(false);
     let mut events = client.subscribe();
@@ -277,6 +283,14 @@ pub async fn run(
         tokio::select! {
             input = rx.recv() => match input {
                 None => break,
+                Some(input) if stopping.load(Ordering::SeqCst) => {
+                    rx.close();
+                    refuse(&hub, input);
+                    while let Some(input) = rx.recv().await {
+                        refuse(&hub, input);
+                    }
+                    break;
+                }
                 Some(Input::Attach(id)) => greet(&client, &link, &Tx { hub: &hub, to: Some(id) }),
                 Some(Input::Detach(id)) => {
                     open.remove(&id);
@@ -292,11 +306,11 @@ pub async fn run(
                     {
                         let event = match &e {
                             // Loud and blocking: an overlay that must be acknowledged.
-                            ClientError::KeyChanged { username, .. } => WorkerEvent::Alert {
+                            CommandError::Client(ClientError::KeyChanged { username, .. }) => WorkerEvent::Alert {
                                 title: format!("{username}'s key changed"),
                                 text: e.to_string(),
                             },
-                            ClientError::Net(_) if !client.is_online() => {
+                            CommandError::Client(ClientError::Net(_)) if !client.is_online() => {
                                 WorkerEvent::Error(format!("offline: {e}"))
                             }
                             _ => WorkerEvent::Error(e.to_string()),
@@ -343,7 +357,7 @@ pub async fn run(
                 let r = match dialed {
                     Ok(Ok(conn)) => client.resume_on(conn).await,
                     Ok(Err(e)) => Err(e.into()),
-                    Err(e) => Err(ClientError::Invalid(format!("connecting failed: {e}"))),
+                    Err(_) => Err(ClientError::Internal("the connecting task failed")),
                 };
                 match r {
                     Ok(()) => {
@@ -358,6 +372,7 @@ pub async fn run(
             }
         }
         if client.is_online()
+            && !stopping.load(Ordering::SeqCst)
             && let Err(e) = client.sync().await
         {
             let local = !matches!(e, ClientError::Net(_) | ClientError::NeedLogin);
@@ -375,6 +390,35 @@ pub async fn run(
     client.disconnect().await;
 }
 
+/// What a request that will never run is answered: the daemon is stopping, so it did not run
+/// (and running it again elsewhere cannot do it twice).
+pub const NOT_RUN: &str = "the qpq daemon is stopping; this request did not run";
+
+/// Answers a request taken off the queue of a stopping worker, unrun.
+fn refuse(hub: &Hub, input: Input) {
+    match input {
+        Input::Cli(id, ..) => hub.to(
+            id,
+            Reply::Done { error: Some(NOT_RUN.into()), follow: None, after: 0, notes: Vec::new() },
+        ),
+        // Typing is no request anyone waits for.
+        Input::Ui(_, Command::Typing { .. } | Command::Quit | Command::Copy(_)) => {}
+        Input::Ui(id, _) => hub.to(id, Reply::Event(WorkerEvent::Error(NOT_RUN.into()))),
+        Input::Attach(_) | Input::Detach(_) => {}
+    }
+}
+
+/// Why a command from a UI failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CommandError {
+    /// The client failed.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The command can't be carried out as given (a bad argument): nothing was done.
+    #[error("{0}")]
+    Refused(String),
+}
+
 /// Runs one command while forwarding, as they happen, the events that need no access to the
 /// client: transfer progress and our own new messages (shown at once, marked pending). The
 /// rest is forwarded after the command.
@@ -385,7 +429,7 @@ async fn run_command(
     open: &OpenSet,
     tx: &Tx<'_>,
     notifier: Option<&crate::daemon::Notifier>,
-) -> Result<(), ClientError> {
+) -> Result<(), CommandError> {
     let (me, username) = (client.identity_key(), client.username().to_string());
     let mut held = Vec::new();
     let mut own_message = false;
@@ -575,7 +619,7 @@ async fn forward(
     }
 }
 
-async fn handle(client: &mut Client, cmd: Command, tx: &Tx<'_>) -> Result<(), ClientError> {
+async fn handle(client: &mut Client, cmd: Command, tx: &Tx<'_>) -> Result<(), CommandError> {
     match cmd {
         Command::Open(conv) => {
             send_history(client, &conv, tx)?;
@@ -610,7 +654,7 @@ async fn handle(client: &mut Client, cmd: Command, tx: &Tx<'_>) -> Result<(), Cl
         }
         Command::CreateGroup(name) => {
             if let Some(why) = crate::cli::personal_name(client, &name)? {
-                return Err(ClientError::Invalid(why));
+                return Err(CommandError::Refused(why));
             }
             client.create_group(&name).await?;
             send_conversations(client, tx);
@@ -637,7 +681,7 @@ async fn handle(client: &mut Client, cmd: Command, tx: &Tx<'_>) -> Result<(), Cl
             if current.as_deref() != Some(name.as_str())
                 && let Some(why) = crate::cli::personal_name(client, &name)?
             {
-                return Err(ClientError::Invalid(why));
+                return Err(CommandError::Refused(why));
             }
             client.rename(&conv, &name, topic.as_deref()).await?;
             send_conversations(client, tx);
@@ -676,7 +720,7 @@ async fn handle(client: &mut Client, cmd: Command, tx: &Tx<'_>) -> Result<(), Cl
         Command::SendFile { conv, path } => {
             // The daemon's working directory is not the terminal's: the UI sends it absolute.
             if !path.is_absolute() {
-                return Err(ClientError::Invalid(format!(
+                return Err(CommandError::Refused(format!(
                     "not an absolute path: {}",
                     path.display()
                 )));
@@ -689,12 +733,12 @@ async fn handle(client: &mut Client, cmd: Command, tx: &Tx<'_>) -> Result<(), Cl
                 .history(&conv, usize::MAX)?
                 .into_iter()
                 .find(|e| e.message_id == message_id)
-                .ok_or_else(|| ClientError::Invalid("no such message".into()))?;
+                .ok_or_else(|| CommandError::Refused("no such message".into()))?;
             let offer = Client::offer_of(&entry)
-                .ok_or_else(|| ClientError::Invalid("not a file".into()))?;
+                .ok_or_else(|| CommandError::Refused("not a file".into()))?;
             let dir = dir.unwrap_or_else(crate::downloads::default_dir);
             if !dir.is_absolute() {
-                return Err(ClientError::Invalid(format!(
+                return Err(CommandError::Refused(format!(
                     "not an absolute path: {}",
                     dir.display()
                 )));

@@ -19,7 +19,8 @@ use prost::Message as _;
 use qpq_proto::frame::{self, RESPONSE_HEADER_LEN, ResponseHeader};
 use qpq_proto::{method, v1};
 
-use super::engine::{Client, ClientError};
+use super::engine::Client;
+use super::error::ClientError;
 use super::net::{Push, read_response};
 use crate::content::{Body, Content, FileOffer};
 use crate::identity::Identity;
@@ -89,7 +90,7 @@ impl Harness {
         let bob_identity = Identity::generate();
         let bob_mls = Mls::new(bob_vault.clone(), Identity::from_seed(&bob_identity.seed()));
         let server = SocketAddr::from((Ipv4Addr::LOCALHOST, 9));
-        let bob = Client::assemble(bob_vault.clone(), bob_identity, "bob".into(), server, None);
+        let bob = Client::assemble(bob_vault.clone(), bob_identity, "bob".into(), server, None)?;
 
         let group = alice.create(Kind::Group)?;
         let added = alice.add(
@@ -98,8 +99,8 @@ impl Harness {
             &[bob_mls.identity_key(), carol.identity_key()],
         )?;
         alice.confirm(&group)?;
-        let welcome = added.welcome.ok_or(ClientError::Invalid("add made no Welcome".into()))?;
-        bob.process_one(&welcome)?;
+        let welcome = added.welcome.ok_or(ClientError::Internal("add made no Welcome"))?;
+        bob.state.process_one(&welcome)?;
         carol.process(&welcome)?;
 
         let mut messages = Vec::new();
@@ -128,8 +129,9 @@ impl Harness {
         let _ = alice_vault.atomic(|| -> Result<(), Rollback> {
             bob_vault.atomic(|| -> Result<(), Rollback> {
                 outcome = match Mode::of(mode) {
-                    Mode::Envelope => bob.process_one(data).map(drop),
+                    Mode::Envelope => bob.state.process_one(data).map(drop),
                     Mode::Plaintext => bob
+                        .state
                         .apply_incoming(Incoming::Application {
                             group_id: group.clone(),
                             sender: alice.identity_key(),
@@ -137,10 +139,10 @@ impl Harness {
                         })
                         .map(drop),
                     Mode::Encrypted => match alice.encrypt(group, data) {
-                        Ok((ciphertext, _)) => bob.process_one(&ciphertext).map(drop),
+                        Ok((ciphertext, _)) => bob.state.process_one(&ciphertext).map(drop),
                         Err(e) => Err(e.into()),
                     },
-                    Mode::Patched => bob.process_one(&patched(messages, data)).map(drop),
+                    Mode::Patched => bob.state.process_one(&patched(messages, data)).map(drop),
                     Mode::Push => push(bob, data),
                     Mode::Response => response(bob, alice, group, data),
                     Mode::KeyPackage => {
@@ -253,10 +255,10 @@ fn push(bob: &mut Client, bytes: &[u8]) -> Result<(), ClientError> {
     let p = Push { event: head.event, payload: payload.to_vec() };
     match p.event {
         method::PUSH_NEW_MESSAGE => {
-            let m =
-                v1::NewMessage::decode(payload).map_err(|e| ClientError::Invalid(e.to_string()))?;
+            let m = v1::NewMessage::decode(payload)
+                .map_err(|_| ClientError::PeerInvalid("an undecodable push"))?;
             match m.envelope {
-                Some(env) => bob.process_one(&env.data).map(drop),
+                Some(env) => bob.state.process_one(&env.data).map(drop),
                 None => Ok(()),
             }
         }
@@ -272,7 +274,7 @@ fn response(bob: &Client, alice: &Mls, group: &[u8], bytes: &[u8]) -> Result<(),
     let Some(body) = bytes[RESPONSE_HEADER_LEN..].get(..header.len as usize) else { return Ok(()) };
     if let Ok(r) = read_response::<v1::FetchResponse>(1, &header, body) {
         for env in r.payloads {
-            let _ = bob.process_one(&env.data);
+            let _ = bob.state.process_one(&env.data);
         }
     }
     if let Ok(r) = read_response::<v1::FetchKeyPackageResponse>(1, &header, body) {
@@ -291,7 +293,7 @@ fn response(bob: &Client, alice: &Mls, group: &[u8], bytes: &[u8]) -> Result<(),
 fn now<F: Future<Output = Result<(), ClientError>>>(f: F) -> Result<(), ClientError> {
     match pin!(f).poll(&mut Context::from_waker(Waker::noop())) {
         Poll::Ready(r) => r,
-        Poll::Pending => Err(ClientError::Invalid("push handler waited".into())),
+        Poll::Pending => Err(ClientError::Internal("push handler waited")),
     }
 }
 
