@@ -2,8 +2,11 @@
 //! its socket and every `qpq` attaches (two terminal UIs in tmux, a `tail -f`, scripted
 //! `send`s); SIGKILL of the daemon while they are attached (they say so, attach again, nothing
 //! acknowledged is lost); malformed socket messages (an error and a closed socket, the daemon
-//! goes on); the notify command; locking after an idle time.
+//! goes on); the notify command; locking after an idle time; a daemon stopped with requests
+//! queued (each either runs with its reply or never runs, and only those are told "stopping");
+//! a daemon a `qpq` starts reaching the server that `qpq` was given.
 
+use std::collections::BTreeSet;
 use std::io::Read as _;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -13,7 +16,7 @@ use qpq_tests::procs::{
     KillOnDrop, alive, collect, daemon_pid, signal as kill, wait_gone, wait_text,
 };
 use qpq_tests::tmux::Tmux;
-use qpq_tests::{Pair, qpq_command};
+use qpq_tests::{Pair, ServerProcess, qpq_command};
 use qpq_tui::ipc;
 use qpq_tui::protocol::{Reply, Request};
 use tokio::io::AsyncWriteExt;
@@ -241,4 +244,127 @@ async fn the_notify_command_gets_metadata_not_plaintext_and_the_daemon_locks_whe
     let mut err = String::new();
     daemon.0.stderr.take().unwrap().read_to_string(&mut err).unwrap();
     assert!(err.contains("locked after"), "{err}");
+}
+
+/// SIGTERM with a hundred sends queued on the daemon: every request either ran and got its
+/// real reply, or never runs, and only those are told the daemon is stopping (a script that
+/// retries on that error never sends twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_daemon_says_so_only_for_requests_that_never_run() {
+    const N: usize = 100;
+    let s = Pair::with_dm().await;
+    let mut daemon = start_daemon(&s.bob, "bob", &[]);
+    let mut stream = raw(&s.bob).await;
+    ipc::write_frame(&mut stream, &Request::Unlock { passphrase: "bob-pass".into() })
+        .await
+        .unwrap();
+    loop {
+        match ipc::read_frame::<Reply, _>(&mut stream).await.unwrap() {
+            Some(Reply::State { locked: false }) => break,
+            Some(Reply::UnlockFailed(why)) => panic!("unlock: {why}"),
+            Some(_) => {}
+            None => panic!("the daemon closed the connection"),
+        }
+    }
+    // All at once, on one connection: they queue on the worker and run in this order.
+    let mut frames = Vec::new();
+    for i in 0..N {
+        let command = qpq_tui::cli::Command::Send {
+            conversation: "@alice".into(),
+            text: vec![format!("queued {i}")],
+        };
+        frames.extend(ipc::encode(&Request::Cli { command, password: None }).unwrap());
+    }
+    stream.write_all(&frames).await.unwrap();
+    // The answers, in order; SIGTERM as soon as the first request has run.
+    let mut answers: Vec<Option<String>> = Vec::new();
+    let mut last_word = None;
+    let mut answered_after_it = 0;
+    let read = async {
+        while let Ok(Some(r)) = ipc::read_frame::<Reply, _>(&mut stream).await {
+            match r {
+                Reply::Done { error, .. } if last_word.is_none() => {
+                    if answers.is_empty() {
+                        kill(daemon.0.id(), "-TERM");
+                    }
+                    answers.push(error);
+                }
+                Reply::Done { .. } => answered_after_it += 1,
+                Reply::Error(e) => {
+                    last_word.get_or_insert(e);
+                }
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), read).await.expect("the daemon closed it");
+    assert!(daemon.0.wait().unwrap().success(), "a clean stop");
+    let last_word = last_word.expect("the daemon said it was stopping");
+    assert!(last_word.contains("stopping"), "{last_word}");
+
+    // What was sent: bob's own messages in the conversation (read with the daemon gone).
+    let history = ok(&s.bob, "bob", &["tail", "@alice", "-n", "1000"]);
+    let sent: BTreeSet<usize> = history
+        .lines()
+        .filter_map(|l| l.rsplit_once("] queued ").and_then(|(_, i)| i.trim().parse().ok()))
+        .collect();
+    let mut not_run = 0;
+    for (i, error) in answers.iter().enumerate() {
+        match error {
+            None => assert!(sent.contains(&i), "request {i} was answered done but not sent"),
+            Some(e) => {
+                assert!(e.contains("did not run"), "request {i}: {e}");
+                assert!(!sent.contains(&i), "request {i} was told {e:?} but was sent");
+                not_run += 1;
+            }
+        }
+    }
+    for i in answers.len()..N {
+        assert!(!sent.contains(&i), "request {i} was sent after its caller was told {last_word:?}");
+    }
+    assert_eq!(answered_after_it, 0, "answers after {last_word:?}");
+    assert!(not_run > 0, "the stop came after the queue had run: {answers:?}");
+    assert!(!ipc::socket_path(&s.bob).unwrap().exists());
+}
+
+/// The server moved (same data and certificate, another port) and the stores still record
+/// the old address: a daemon that `tail --follow` starts reaches the address that `qpq` was
+/// given, by `--server` or by `QPQ_SERVER`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_qpq_starts_reaches_the_server_qpq_was_given() {
+    let mut s = Pair::with_dm().await;
+    let old = s.server.addr;
+    let data = s.server.data_dir.clone();
+    s.server.kill();
+    s.server = ServerProcess::start(&data, &[]).unwrap();
+    let moved = s.server.addr;
+    assert_ne!(moved, old, "the server moved");
+    let server = moved.to_string();
+    ok(&s.alice, "alice", &["--server", &server, "send", "@bob", "after the move"]);
+    let mut previous = None;
+    for (how, text) in [("--server", "after the move"), ("QPQ_SERVER", "and again")] {
+        let mut tail = match how {
+            "--server" => qpq(&s.bob, "bob", &["--server", &server, "tail", "@alice", "--follow"]),
+            _ => {
+                let mut c = qpq(&s.bob, "bob", &["tail", "@alice", "--follow"]);
+                c.env("QPQ_SERVER", &server);
+                c
+            }
+        };
+        let mut tail = KillOnDrop(tail.spawn().unwrap());
+        let tailed = collect(&mut tail.0);
+        // The daemon caught up from the moved server before the history was printed.
+        wait_text(&tailed.out, text, Duration::from_secs(20), how);
+        let daemon = daemon_pid(&s.bob, previous, Duration::from_secs(5));
+        // Runs on that daemon (given no server itself): the daemon's address.
+        let whoami = ok(&s.bob, "bob", &["whoami"]);
+        assert!(whoami.contains(&format!("server {moved}")), "{how}: {whoami}");
+        kill(tail.0.id(), "-TERM");
+        let _ = tail.0.wait();
+        wait_gone(daemon, Duration::from_secs(15));
+        previous = Some(daemon);
+        if how == "--server" {
+            ok(&s.alice, "alice", &["--server", &server, "send", "@bob", "and again"]);
+        }
+    }
 }

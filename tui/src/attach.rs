@@ -1,6 +1,7 @@
 //! The attached side of the account's socket: find the daemon (or start one), unlock it,
 //! send requests and read replies.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -78,12 +79,14 @@ impl Attached {
     }
 
     /// Attaches to the daemon serving `home`, starting one if none does (it exits a few
-    /// seconds after the last attached process leaves).
-    pub async fn to_or_start(home: &Path) -> anyhow::Result<Self> {
+    /// seconds after the last attached process leaves). A daemon started here reaches the
+    /// account's server at `server` when given (the caller's `--server` or `QPQ_SERVER`),
+    /// else at the address the store records; one already serving keeps its own.
+    pub async fn to_or_start(home: &Path, server: Option<SocketAddr>) -> anyhow::Result<Self> {
         if let Some(a) = Self::to(home).await? {
             return Ok(a);
         }
-        start_daemon(home)?;
+        start_daemon(home, server)?;
         let deadline = tokio::time::Instant::now() + START_WAIT;
         loop {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -141,31 +144,82 @@ pub fn daemon_log(home: &Path) -> PathBuf {
     home.join("daemon.log")
 }
 
-/// Starts `qpq daemon --exit-when-detached` for `home` in the background: its own process
-/// group (a hang-up of this terminal does not reach it), no terminal, errors appended to
-/// `daemon.log`, and neither secret variable in its environment.
-fn start_daemon(home: &Path) -> anyhow::Result<()> {
-    use std::os::unix::process::CommandExt;
+/// Starts `qpq daemon --exit-when-detached` for `home` in the background (see
+/// [`daemon_command`]), errors appended to `daemon.log`.
+fn start_daemon(home: &Path, server: Option<SocketAddr>) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("finding the qpq executable")?;
     let log = std::fs::File::options()
         .create(true)
         .append(true)
         .open(daemon_log(home))
         .with_context(|| format!("opening {}", daemon_log(home).display()))?;
-    let mut child = std::process::Command::new(exe)
-        .arg("--home")
-        .arg(home)
-        .args(["daemon", "--exit-when-detached"])
-        .env_remove("QPQ_PASSPHRASE")
-        .env_remove("QPQ_PASSWORD")
-        .env_remove("QPQ_HOME")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
+    let mut child = daemon_command(&exe, home, server)
         .stderr(log)
-        .process_group(0)
         .spawn()
         .context("starting the qpq daemon")?;
     // Reaped when it exits, so no zombie stays behind while we run.
     std::thread::spawn(move || child.wait());
     Ok(())
+}
+
+/// The command line of a daemon `qpq` starts: its own process group (a hang-up of this
+/// terminal does not reach it), no terminal, neither secret variable in its environment, and
+/// the caller's choice of server (`--server` or `QPQ_SERVER`, as parsed here) on its command
+/// line, so that it reaches the server this `qpq` was told to.
+fn daemon_command(exe: &Path, home: &Path, server: Option<SocketAddr>) -> std::process::Command {
+    use std::os::unix::process::CommandExt;
+    let mut c = std::process::Command::new(exe);
+    c.arg("--home").arg(home);
+    if let Some(server) = server {
+        c.arg("--server").arg(server.to_string());
+    }
+    c.args(["daemon", "--exit-when-detached"])
+        .env_remove("QPQ_PASSPHRASE")
+        .env_remove("QPQ_PASSWORD")
+        .env_remove("QPQ_HOME")
+        .env_remove("QPQ_SERVER")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .process_group(0);
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsStr;
+
+    use super::*;
+
+    #[test]
+    fn a_started_daemon_takes_the_callers_server() {
+        let (exe, home) = (Path::new("/usr/bin/qpq"), Path::new("/home/ann/.local/share/qpq"));
+        let args = |c: &std::process::Command| {
+            c.get_args().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>()
+        };
+        let server: SocketAddr = "192.0.2.7:5001".parse().unwrap();
+        let c = daemon_command(exe, home, Some(server));
+        assert_eq!(
+            args(&c),
+            [
+                "--home",
+                "/home/ann/.local/share/qpq",
+                "--server",
+                "192.0.2.7:5001",
+                "daemon",
+                "--exit-when-detached"
+            ]
+        );
+        // Neither secret, nor a server of the environment that the caller overrode.
+        let removed: Vec<&OsStr> =
+            c.get_envs().filter(|(_, v)| v.is_none()).map(|(k, _)| k).collect();
+        for var in ["QPQ_PASSPHRASE", "QPQ_PASSWORD", "QPQ_HOME", "QPQ_SERVER"] {
+            assert!(removed.contains(&OsStr::new(var)), "{var} is removed");
+        }
+        // Without a choice, the daemon uses the server the store records.
+        let c = daemon_command(exe, home, None);
+        assert_eq!(
+            args(&c),
+            ["--home", "/home/ann/.local/share/qpq", "daemon", "--exit-when-detached"]
+        );
+    }
 }

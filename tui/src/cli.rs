@@ -259,7 +259,7 @@ async fn run(cli: Cli, signals: crate::signals::Signals) -> anyhow::Result<()> {
     let home = home(cli.home);
     let Some(command) = cli.command else {
         let store = store_path(&home);
-        return crate::tui_main::run(home, store, signals).await;
+        return crate::tui_main::run(home, store, cli.server, signals).await;
     };
     if let Command::Register { username, invite, pin } = command {
         let server = cli.server.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 5001)));
@@ -311,10 +311,10 @@ async fn run(cli: Cli, signals: crate::signals::Signals) -> anyhow::Result<()> {
     if matches!(command, Command::Tail { follow: true, .. }) {
         let mut stop = signals.clone();
         let attached = tokio::select! {
-            a = crate::attach::Attached::to_or_start(&home) => a?,
+            a = crate::attach::Attached::to_or_start(&home, cli.server) => a?,
             i = stop.interrupted() => return Err(i.into()),
         };
-        return remote(attached, &home, command, &signals).await;
+        return remote(attached, &home, cli.server, command, &signals).await;
     }
     // A daemon serves the account: the command runs there. Otherwise it runs here, holding
     // the serve lock (a daemon started meanwhile waits for it). If another one-shot command
@@ -322,7 +322,7 @@ async fn run(cli: Cli, signals: crate::signals::Signals) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let _serving = loop {
         if let Some(attached) = crate::attach::Attached::to(&home).await? {
-            return remote(attached, &home, command, &signals).await;
+            return remote(attached, &home, cli.server, command, &signals).await;
         }
         if let Some(lock) = crate::daemon::try_serve_lock(&home)? {
             break Some(lock);
@@ -369,10 +369,11 @@ async fn run(cli: Cli, signals: crate::signals::Signals) -> anyhow::Result<()> {
 
 /// Runs a subcommand on the daemon that serves the account (unlocking it first if it is
 /// locked); a `tail --follow` then prints new messages from the daemon's events, and attaches
-/// again (to a daemon it starts, if need be) when the daemon goes away.
+/// again (to a daemon it starts, on `server` if given, if need be) when the daemon goes away.
 async fn remote(
     mut attached: crate::attach::Attached,
     home: &Path,
+    server: Option<SocketAddr>,
     mut command: Command,
     signals: &crate::signals::Signals,
 ) -> anyhow::Result<()> {
@@ -385,13 +386,8 @@ async fn remote(
             std::io::stdin().read_to_string(&mut s)?;
             *text = vec![s.trim_end_matches('\n').to_string()];
         }
-        Command::SendFile { path, .. } => *path = std::path::absolute(&*path)?,
-        Command::Download { dir, .. } => {
-            *dir = Some(match dir.take() {
-                Some(d) => std::path::absolute(d)?,
-                None => crate::downloads::default_dir(),
-            });
-        }
+        Command::SendFile { path, .. } => *path = crate::downloads::absolute(path)?,
+        Command::Download { dir, .. } => *dir = Some(crate::downloads::download_dir(dir.take())?),
         Command::Login => {
             password = Some(ask(signals, "QPQ_PASSWORD", "Password: ").await?);
         }
@@ -450,7 +446,7 @@ async fn remote(
             *after = Some(printed_up_to);
         }
         attached = tokio::select! {
-            a = crate::attach::Attached::to_or_start(home) => a?,
+            a = crate::attach::Attached::to_or_start(home, server) => a?,
             i = stop.interrupted() => return Err(i.into()),
         };
     }

@@ -18,6 +18,8 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -167,10 +169,11 @@ enum Ctl {
     Gone(AttachId),
 }
 
-/// The running worker: its input and its task.
+/// The running worker: its input, its task, and the flag that tells it to start nothing more.
 struct Running {
     input: mpsc::Sender<Input>,
     task: JoinHandle<()>,
+    stopping: Arc<AtomicBool>,
 }
 
 /// Serves the account in `home` until a signal, or (with `exit_when_detached`) until nothing
@@ -195,6 +198,9 @@ pub async fn run(
     let listener = ipc::bind(&socket)?;
     let hub = Hub::default();
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<Ctl>(256);
+    // Each connection's writer holds a clone until it has sent what was queued for it: on the
+    // way out, the replies are written before the process ends.
+    let (writers_tx, mut writers_rx) = mpsc::channel::<()>(1);
     let mut worker: Option<Running> = None;
     let mut next_id: AttachId = 0;
     // Since when nothing has been attached.
@@ -209,7 +215,7 @@ pub async fn run(
             accepted = ipc::accept_checked(&listener) => match accepted {
                 Ok(stream) => {
                     next_id += 1;
-                    tokio::spawn(connection(stream, next_id, ctl_tx.clone()));
+                    tokio::spawn(connection(stream, next_id, ctl_tx.clone(), writers_tx.clone()));
                 }
                 // Another user, or an accept error (out of descriptors): keep serving, without
                 // spinning on an error that persists.
@@ -242,13 +248,15 @@ pub async fn run(
                         match unlock(&store, passphrase, &opts).await {
                             Ok(client) => {
                                 let (input, rx) = mpsc::channel(256);
+                                let stopping = Arc::new(AtomicBool::new(false));
                                 let task = tokio::spawn(worker::run(
                                     client,
                                     rx,
                                     hub.clone(),
                                     opts.notifier.clone(),
+                                    stopping.clone(),
                                 ));
-                                worker = Some(Running { input, task });
+                                worker = Some(Running { input, task, stopping });
                             }
                             Err(why) => {
                                 hub.to(id, Reply::UnlockFailed(why));
@@ -301,10 +309,26 @@ pub async fn run(
             _ = stop.interrupted() => break,
         }
     }
-    hub.all(Reply::Error("the qpq daemon is stopping".into()));
-    if let Some(w) = worker.take() {
-        close(w).await;
+    // What the worker took off its queue ran and its reply is queued; what it had not taken
+    // is answered "did not run" (`worker::NOT_RUN`), and so is, by the error below, every
+    // request still on its way to it (those never run either). Only then is anyone told the
+    // daemon is stopping. A command cut short after 5 s may have taken effect: then nothing is
+    // claimed, and the attached processes see their connection close.
+    let finished = match worker.take() {
+        Some(w) => close(w).await,
+        None => true,
+    };
+    if finished {
+        hub.all(Reply::Error("the qpq daemon is stopping".into()));
     }
+    // Requests not taken yet, and connections not attached yet, go with the channel.
+    drop(ctl_rx);
+    for id in hub.ids() {
+        hub.remove(id);
+    }
+    drop(writers_tx);
+    // Every writer ends once it has sent what was queued (a peer that does not read gets 2 s).
+    let _ = tokio::time::timeout(Duration::from_secs(2), writers_rx.recv()).await;
     // The lock is still ours: the socket at that path is ours to remove.
     let _ = std::fs::remove_file(&socket);
     Ok(())
@@ -342,15 +366,21 @@ async fn unlock(store: &Path, passphrase: String, opts: &Options) -> Result<Clie
     }
 }
 
-/// Stops the worker: it closes the connection and drops the client, which closes the store.
-async fn close(mut w: Running) {
+/// Stops the worker: the command it runs finishes, the ones queued are answered "did not
+/// run", then it closes the connection and drops the client, which closes the store. `false`
+/// if it had to be cut short (a command still running after 5 s).
+async fn close(mut w: Running) -> bool {
+    // Set before the channel closes: the worker tells them apart by this flag.
+    w.stopping.store(true, Ordering::SeqCst);
     drop(w.input);
     if tokio::time::timeout(Duration::from_secs(5), &mut w.task).await.is_err() {
         // Dropping the task drops the client, which closes the store all the same.
         eprintln!("qpq daemon: the worker did not stop within 5 s; stopping it");
         w.task.abort();
         let _ = w.task.await;
+        return false;
     }
+    true
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -361,8 +391,14 @@ async fn sleep_until(at: Option<Instant>) {
 }
 
 /// One attached process: frames in, replies out. A malformed, oversized or foreign frame
-/// gets [`Reply::Error`] and the connection is closed; the daemon goes on.
-async fn connection(stream: UnixStream, id: AttachId, ctl: mpsc::Sender<Ctl>) {
+/// gets [`Reply::Error`] and the connection is closed; the daemon goes on. `alive` is held
+/// by the writer until it ends (see [`run`]).
+async fn connection(
+    stream: UnixStream,
+    id: AttachId,
+    ctl: mpsc::Sender<Ctl>,
+    alive: mpsc::Sender<()>,
+) {
     let (mut rd, mut wr) = stream.into_split();
     // The hub holds the only sender: once it drops this connection (gone, or too slow to
     // read its replies), the writer ends and the socket closes, and the attached `qpq`
@@ -372,6 +408,7 @@ async fn connection(stream: UnixStream, id: AttachId, ctl: mpsc::Sender<Ctl>) {
         return;
     }
     let writer = tokio::spawn(async move {
+        let _alive = alive;
         while let Some(r) = rx.recv().await {
             match ipc::write_frame(&mut wr, &r).await {
                 Ok(()) => {}

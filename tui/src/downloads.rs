@@ -1,11 +1,17 @@
-//! Where downloads go by default, and how names a peer chose are shown.
+//! Where downloads go by default, how paths are resolved for the daemon, and how names a peer
+//! chose are shown.
 //!
 //! The default directory follows the XDG user directories: `$XDG_DOWNLOAD_DIR`, else the
 //! `XDG_DOWNLOAD_DIR` line of `$XDG_CONFIG_HOME/user-dirs.dirs` (`~/.config/user-dirs.dirs`),
 //! else `~/Downloads`. Never the current directory: a download's name is chosen by the peer
 //! who offered it, and the current directory is often `$HOME` or a source tree.
+//!
+//! A `qpq` attached to the daemon resolves paths before it sends a request ([`absolute`],
+//! [`download_dir`]): the daemon runs in another working directory and environment.
 
 use std::path::{Path, PathBuf};
+
+use anyhow::Context;
 
 /// The directory downloads go to when none is given.
 pub fn default_dir() -> PathBuf {
@@ -17,6 +23,28 @@ pub fn default_dir() -> PathBuf {
         config.and_then(|c| std::fs::read_to_string(c.join("user-dirs.dirs")).ok()).as_deref(),
         home.as_deref(),
     )
+}
+
+/// `path` as this process means it: absolute, against its working directory (a file to send,
+/// a download directory given on the command line). An error, never a path left relative,
+/// when it cannot be resolved (an empty path, a working directory that was deleted): the
+/// daemon would refuse it with a less helpful one.
+pub fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
+    std::path::absolute(path).with_context(|| format!("cannot resolve {:?}", path.display()))
+}
+
+/// Where a download goes, resolved by the `qpq` that asks for it: `dir` if given, else this
+/// user's [`default_dir`], made [`absolute`] either way.
+pub fn download_dir(dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    download_dir_or(dir, default_dir)
+}
+
+/// [`download_dir`] with the default from `default`.
+fn download_dir_or(
+    dir: Option<PathBuf>,
+    default: impl FnOnce() -> PathBuf,
+) -> anyhow::Result<PathBuf> {
+    absolute(&dir.unwrap_or_else(default))
 }
 
 /// [`default_dir`] from its inputs: the variable, the text of `user-dirs.dirs`, `$HOME`.
@@ -90,6 +118,27 @@ mod tests {
         assert_eq!(r(None, Some("XDG_DOWNLOAD_DIR=\"in\"")), home.join("Downloads"));
         assert_eq!(r(None, Some("XDG_MUSIC_DIR=\"$HOME/Music\"")), home.join("Downloads"));
         assert_eq!(resolve(None, None, None), Path::new("."));
+    }
+
+    #[test]
+    fn paths_for_the_daemon_are_absolute_or_an_error() {
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(absolute(Path::new("notes.pdf")).unwrap(), cwd.join("notes.pdf"));
+        assert_eq!(absolute(Path::new("/srv/a.pdf")).unwrap(), Path::new("/srv/a.pdf"));
+        // A given directory, and the default one, even when the default is relative (no
+        // `$HOME`, or a relative `$HOME`).
+        let dir = |d: Option<&str>, default: &str| {
+            download_dir_or(d.map(PathBuf::from), || PathBuf::from(default))
+        };
+        assert_eq!(dir(Some("in"), "/unused").unwrap(), cwd.join("in"));
+        assert_eq!(dir(None, "/home/ann/Downloads").unwrap(), Path::new("/home/ann/Downloads"));
+        assert_eq!(dir(None, ".").unwrap(), std::path::absolute(".").unwrap());
+        assert_eq!(dir(None, "home/Downloads").unwrap(), cwd.join("home/Downloads"));
+        // Nothing to resolve: an error the user sees, not a relative path sent on.
+        let e = absolute(Path::new("")).unwrap_err();
+        assert!(format!("{e:#}").contains("cannot resolve"), "{e:#}");
+        assert!(download_dir(Some(PathBuf::new())).is_err());
+        assert!(download_dir(None).unwrap().is_absolute());
     }
 
     #[test]

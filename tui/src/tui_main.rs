@@ -2,6 +2,7 @@
 //! worker events and ticks feeding [`App::update`], and a redraw after each.
 
 use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -35,8 +36,15 @@ impl Drop for TerminalGuard {
 
 /// Runs the UI for the account in `home` until the user quits, a stop signal arrives (SIGHUP
 /// from a dropped SSH session, SIGTERM, SIGINT) or the terminal goes away; each way the worker
-/// closes the store and the connection and the terminal is restored.
-pub async fn run(home: PathBuf, store: PathBuf, signals: Signals) -> anyhow::Result<()> {
+/// closes the store and the connection and the terminal is restored. `server` (`--server` or
+/// `QPQ_SERVER`) is the default of the registration form, and where a daemon this UI starts
+/// reaches an existing account's server.
+pub async fn run(
+    home: PathBuf,
+    store: PathBuf,
+    server: Option<SocketAddr>,
+    signals: Signals,
+) -> anyhow::Result<()> {
     let config = Config::load()?;
     if !std::io::stdin().is_terminal() || !std::io::stdout().is_terminal() {
         anyhow::bail!(
@@ -59,7 +67,7 @@ pub async fn run(home: PathBuf, store: PathBuf, signals: Signals) -> anyhow::Res
     let mut notice = None;
     loop {
         let setup = tokio::select! {
-            r = setup(&mut terminal, &mut keys, &home, &store, notice.take()) => r?,
+            r = setup(&mut terminal, &mut keys, &home, &store, server, notice.take()) => r?,
             i = stop.interrupted() => return Err(i.into()),
         };
         let Some(attached) = setup else { return Ok(()) };
@@ -91,13 +99,14 @@ async fn next_key(keys: &mut mpsc::Receiver<TermEvent>) -> Option<crossterm::eve
     }
 }
 
-/// Attaches to the daemon serving the account (starting one) and unlocks it if needed, or
-/// registers a new account first; `None` if the user quit.
+/// Attaches to the daemon serving the account (starting one, on `server` if given) and
+/// unlocks it if needed, or registers a new account first; `None` if the user quit.
 async fn setup(
     terminal: &mut DefaultTerminal,
     keys: &mut mpsc::Receiver<TermEvent>,
     home: &Path,
     store: &Path,
+    server: Option<SocketAddr>,
     notice: Option<String>,
 ) -> anyhow::Result<Option<Attached>> {
     if store.exists() {
@@ -105,7 +114,7 @@ async fn setup(
         form.error = notice;
         form.stage = Stage::Working("attaching…".into());
         terminal.draw(|f| form.draw(f))?;
-        let mut attached = Attached::to_or_start(home).await?;
+        let mut attached = Attached::to_or_start(home, server).await?;
         form.stage = Stage::Editing;
         while attached.locked {
             terminal.draw(|f| form.draw(f))?;
@@ -139,7 +148,8 @@ async fn setup(
         }
         return Ok(Some(attached));
     }
-    let default_server = std::env::var("QPQ_SERVER").unwrap_or_else(|_| "127.0.0.1:5001".into());
+    // `QPQ_SERVER` is in `server` already (clap reads it).
+    let default_server = server.map_or_else(|| "127.0.0.1:5001".into(), |s| s.to_string());
     let mut form = Form::register(&default_server);
     let mut fingerprint = None;
     loop {
@@ -190,10 +200,11 @@ async fn setup(
                 let passphrase = opts.passphrase.clone();
                 match Client::register(opts).await {
                     Ok(mut c) => {
-                        // The new store is served by a daemon like any other.
+                        // The new store is served by a daemon like any other, on the server it
+                        // was just registered on (the form's, which the store records).
                         c.disconnect().await;
                         drop(c);
-                        let mut attached = Attached::to_or_start(home).await?;
+                        let mut attached = Attached::to_or_start(home, None).await?;
                         if attached.locked
                             && let Err(why) = attached.unlock(passphrase).await?
                         {
@@ -290,9 +301,15 @@ async fn main_loop(
             match cmd {
                 Command::Copy(text) => copy(&text),
                 Command::Quit => app.quit = true,
-                other => {
-                    let _ = cmd_tx.send(in_our_directory(other)).await;
-                }
+                other => match in_our_directory(other) {
+                    Ok(cmd) => {
+                        let _ = cmd_tx.send(cmd).await;
+                    }
+                    // Not sent: shown like the daemon's errors.
+                    Err(e) => {
+                        let _ = app.update(Action::Worker(WorkerEvent::Error(format!("{e:#}"))));
+                    }
+                },
             }
         }
     };
@@ -309,18 +326,18 @@ async fn main_loop(
 
 /// Paths as this terminal means them: the daemon runs in another working directory (and
 /// environment), so a file to send becomes absolute here, and so does where downloads go
-/// (this user's download directory by default).
-fn in_our_directory(cmd: Command) -> Command {
-    let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
-    match cmd {
-        Command::SendFile { conv, path } => Command::SendFile { conv, path: absolute(path) },
-        Command::Download { conv, message_id, dir } => Command::Download {
-            conv,
-            message_id,
-            dir: Some(absolute(dir.unwrap_or_else(crate::downloads::default_dir))),
-        },
+/// (this user's download directory by default), as for `qpq send-file` and `qpq download`.
+/// An error, for the user to see, when a path cannot be resolved.
+fn in_our_directory(cmd: Command) -> anyhow::Result<Command> {
+    Ok(match cmd {
+        Command::SendFile { conv, path } => {
+            Command::SendFile { conv, path: crate::downloads::absolute(&path)? }
+        }
+        Command::Download { conv, message_id, dir } => {
+            Command::Download { conv, message_id, dir: Some(crate::downloads::download_dir(dir)?) }
+        }
         other => other,
-    }
+    })
 }
 
 /// Rewrites every `http(s)://` run on screen as an OSC 8 hyperlink (same text, same place), so
@@ -395,6 +412,36 @@ fn base64(data: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
+    use super::{Command, in_our_directory};
+
+    #[test]
+    fn paths_are_resolved_here_or_refused_visibly() {
+        let cwd = std::env::current_dir().unwrap();
+        let send = |p: &str| Command::SendFile { conv: vec![1], path: PathBuf::from(p) };
+        assert_eq!(
+            in_our_directory(send("a.txt")).unwrap(),
+            send(&cwd.join("a.txt").to_string_lossy())
+        );
+        assert!(in_our_directory(send("")).is_err(), "an empty path is not sent as it is");
+        let download = |dir: Option<&str>| Command::Download {
+            conv: vec![1],
+            message_id: [2; 16],
+            dir: dir.map(PathBuf::from),
+        };
+        assert_eq!(
+            in_our_directory(download(Some("in"))).unwrap(),
+            download(Some(&cwd.join("in").to_string_lossy()))
+        );
+        match in_our_directory(download(None)).unwrap() {
+            Command::Download { dir: Some(d), .. } => assert!(d.is_absolute(), "{}", d.display()),
+            other => panic!("{other:?}"),
+        }
+        let open = Command::Open(vec![1]);
+        assert_eq!(in_our_directory(open.clone()).unwrap(), open);
+    }
+
     #[test]
     fn base64_matches_rfc4648() {
         assert_eq!(super::base64(b""), "");
