@@ -368,3 +368,70 @@ async fn a_daemon_qpq_starts_reaches_the_server_qpq_was_given() {
         }
     }
 }
+
+/// A transfer runs in a task of its own: while a large upload is on its way, a `send` from
+/// another terminal goes out at once, and both arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_does_not_hold_up_other_commands() {
+    use qpq_tui::protocol::WorkerEvent;
+    let s = Pair::with_dm().await;
+    let _daemon = start_daemon(&s.alice, "alice", &[]);
+    ok(&s.alice, "alice", &["sync"]); // unlocks it
+    let file = s.alice.join("big.bin");
+    // 45 MB, incompressible (under the server's 50 MB blob limit).
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let content: Vec<u8> = (0..45_000_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(&file, &content).unwrap();
+    let mut watcher = raw(&s.alice).await;
+    let upload = qpq(&s.alice, "alice", &["send-file", "@bob", file.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut upload = KillOnDrop(upload);
+    // The upload is under way once its first chunk is acknowledged.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "no upload progress");
+        match tokio::time::timeout(left, ipc::read_frame::<Reply, _>(&mut watcher)).await {
+            Ok(Ok(Some(Reply::Event(WorkerEvent::Transfer {
+                done, total, upload: true, ..
+            }))))
+                if done > 0 && done < total =>
+            {
+                break;
+            }
+            Ok(Ok(Some(_))) => {}
+            other => panic!("the watcher lost the daemon: {other:?}"),
+        }
+    }
+    let started = Instant::now();
+    ok(&s.alice, "alice", &["send", "@bob", "while uploading"]);
+    let took = started.elapsed();
+    assert!(
+        upload.0.try_wait().unwrap().is_none(),
+        "the send waited for the upload to end (it took {took:?})"
+    );
+    eprintln!("send during an upload took {took:?}");
+    let status = upload.0.wait().unwrap();
+    let mut out = String::new();
+    upload.0.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    assert!(status.success() && out.contains("sent big.bin"), "{status:?}: {out}");
+    drop(watcher);
+    ok(&s.bob, "bob", &["sync"]);
+    let history = ok(&s.bob, "bob", &["tail", "@alice"]);
+    assert!(history.contains("while uploading"), "{history}");
+    assert!(history.contains("big.bin"), "{history}");
+    let saved = ok(&s.bob, "bob", &["download", "@alice"]);
+    assert!(saved.contains("saved"), "{saved}");
+    let path = saved.trim().trim_start_matches("saved ").split(" (").next().unwrap().to_string();
+    assert_eq!(std::fs::read(path).unwrap(), content, "bob got the file intact");
+}

@@ -551,6 +551,45 @@ async fn act_on(client: &mut Client, command: Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+impl Command {
+    /// A file transfer: run by a serving daemon in a task of its own.
+    pub fn is_transfer(&self) -> bool {
+        matches!(self, Self::SendFile { .. } | Self::Download { .. })
+    }
+}
+
+/// The newest file offer in a conversation (of that name, if given).
+pub fn find_offer(
+    client: &Client,
+    conversation: &str,
+    name: Option<&str>,
+) -> anyhow::Result<qpq_core::content::FileOffer> {
+    let conv = client.find_conversation(conversation)?.id;
+    let entry = client
+        .history(&conv, usize::MAX)?
+        .into_iter()
+        .rev()
+        .find(|e| e.file.as_ref().is_some_and(|f| name.is_none_or(|n| n == f.name)))
+        .context("no such file offer in this conversation")?;
+    Client::offer_of(&entry).context("no file")
+}
+
+/// What a finished upload says.
+pub fn sent(offer: &qpq_core::content::FileOffer) -> String {
+    format!("sent {} ({} bytes)", offer.name, offer.size)
+}
+
+/// What a finished download says: where it went, and under which name it was offered if
+/// another one was used (the offered one was taken, or unsafe).
+pub fn saved(path: &Path, offered: &str) -> String {
+    let shown = printable(&path.display().to_string());
+    if path.file_name().is_some_and(|n| n.to_string_lossy() == offered) {
+        format!("saved {shown}")
+    } else {
+        format!("saved {shown} (offered as {offered:?})")
+    }
+}
+
 /// Runs a subcommand for an attached `qpq` on the daemon's client (connected and synced by
 /// the worker, so no preamble). Returns what it printed and the notes to show on stderr with
 /// the result: `Ok(Some(conversation))` for a `tail --follow`, which the attached process
@@ -697,32 +736,13 @@ async fn execute(
         Command::SendFile { conversation, path } => {
             let conv = client.find_conversation(&conversation)?.id;
             let offer = client.send_file(&conv, &path).await?;
-            say!(out, "sent {} ({} bytes)", offer.name, offer.size)?;
+            say!(out, "{}", sent(&offer))?;
         }
         Command::Download { conversation, name, dir } => {
-            let conv = client.find_conversation(&conversation)?.id;
-            let entry = client
-                .history(&conv, usize::MAX)?
-                .into_iter()
-                .rev()
-                .find(|e| {
-                    e.file.as_ref().is_some_and(|f| name.as_ref().is_none_or(|n| *n == f.name))
-                })
-                .context("no such file offer in this conversation")?;
-            let offer = Client::offer_of(&entry).context("no file")?;
+            let offer = find_offer(client, &conversation, name.as_deref())?;
             let dir = dir.unwrap_or_else(crate::downloads::default_dir);
             let path = client.download(&offer, &dir).await?;
-            let used = path.file_name().map(|n| n.to_string_lossy().into_owned());
-            if used.as_deref() == Some(offer.name.as_str()) {
-                say!(out, "saved {}", printable(&path.display().to_string()))?;
-            } else {
-                say!(
-                    out,
-                    "saved {} (offered as {:?})",
-                    printable(&path.display().to_string()),
-                    offer.name
-                )?;
-            }
+            say!(out, "{}", saved(&path, &offer.name))?;
         }
         Command::Verify { user, mark, unmark } => {
             let n = client.safety_number(&user).await?;

@@ -3,13 +3,17 @@
 //! events into [`WorkerEvent`]s for all of them ([`Hub`]). No UI ever waits on it.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use qpq_core::client::net::{Connection, NetError};
-use qpq_core::client::{Client, ClientError, ConnState, ConvKind, Event, HistoryEntry};
+use qpq_core::client::{
+    Client, ClientError, ConnState, ConvKind, Event, HistoryEntry, TransferProgress,
+};
 use qpq_core::content::Body;
+use qpq_core::content::FileOffer;
 use qpq_core::identity::hex;
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
@@ -241,6 +245,8 @@ pub async fn run(
         link.retry_at = None;
     }
     let everyone = Tx { hub: &hub, to: None };
+    let (finished_tx, mut finished) = mpsc::unbounded_channel();
+    let transfers = Transfers { done: finished_tx, hub: hub.clone() };
     // Connect and catch up before the first command, so a subcommand sent with the unlock
     // sees the account as it is (one attempt: unreachable, the link retries as usual).
     if !client.is_online() {
@@ -302,7 +308,7 @@ pub async fn run(
                     }
                     let tx = Tx { hub: &hub, to: Some(id) };
                     if let Err(e) =
-                        run_command(&mut client, cmd, &mut events, &open, &tx, notifier.as_ref()).await
+                        run_command(&mut client, cmd, &mut events, &open, &tx, &transfers, notifier.as_ref()).await
                     {
                         let event = match &e {
                             // Loud and blocking: an overlay that must be acknowledged.
@@ -316,6 +322,12 @@ pub async fn run(
                             _ => WorkerEvent::Error(e.to_string()),
                         };
                         tx.send(event);
+                    }
+                }
+                Some(Input::Cli(id, command, _)) if command.is_transfer() => {
+                    if let Err(e) = transfers.start_cli(&client, id, *command) {
+                        let error = Some(format!("{e:#}"));
+                        hub.to(id, Reply::Done { error, follow: None, after: 0, notes: Vec::new() });
                     }
                 }
                 Some(Input::Cli(id, command, password)) => {
@@ -332,6 +344,8 @@ pub async fn run(
                     hub.to(id, Reply::Done { error, follow, after, notes });
                 }
             },
+            // A transfer ended in its own task: offer the upload, tell who asked.
+            Some(done) = finished.recv() => finish(&mut client, done, &hub).await,
             // Cancel-safe: a command interrupts the wait, never a sync.
             r = client.wait_for_activity(Duration::from_secs(20)), if online => {
                 if let Err(e) = r {
@@ -408,6 +422,132 @@ fn refuse(hub: &Hub, input: Input) {
     }
 }
 
+/// Transfers run in tasks of their own, so that no command waits behind them; each reports
+/// back to the worker ([`Finished`]) when it ends. Progress goes to every attached process.
+struct Transfers {
+    done: mpsc::UnboundedSender<Finished>,
+    hub: Hub,
+}
+
+/// A transfer that ended, and who asked for it (a subcommand gets its output and `Done`; a
+/// UI a notice).
+struct Finished {
+    to: Option<AttachId>,
+    cli: bool,
+    what: Ended,
+}
+
+enum Ended {
+    Uploaded { conv: Vec<u8>, offer: Result<FileOffer, ClientError> },
+    Saved { offered: String, path: Result<PathBuf, ClientError> },
+}
+
+impl Transfers {
+    fn progress(&self) -> TransferProgress {
+        let hub = self.hub.clone();
+        Box::new(move |t| hub.all(Reply::Event(transfer(t))))
+    }
+
+    fn upload(
+        &self,
+        client: &Client,
+        to: Option<AttachId>,
+        cli: bool,
+        conv: Vec<u8>,
+        path: &std::path::Path,
+    ) -> Result<(), ClientError> {
+        let upload = client.uploader(path, self.progress())?;
+        let done = self.done.clone();
+        tokio::spawn(async move {
+            let offer = upload.await;
+            let _ = done.send(Finished { to, cli, what: Ended::Uploaded { conv, offer } });
+        });
+        Ok(())
+    }
+
+    fn download(
+        &self,
+        client: &Client,
+        to: Option<AttachId>,
+        cli: bool,
+        offer: &FileOffer,
+        dir: &std::path::Path,
+    ) -> Result<(), ClientError> {
+        let download = client.downloader(offer, dir, self.progress())?;
+        let (done, offered) = (self.done.clone(), offer.name.clone());
+        tokio::spawn(async move {
+            let path = download.await;
+            let _ = done.send(Finished { to, cli, what: Ended::Saved { offered, path } });
+        });
+        Ok(())
+    }
+
+    /// Starts a subcommand's transfer (`send-file`, `download`); its caller gets the output
+    /// and `Done` when it ends.
+    fn start_cli(
+        &self,
+        client: &Client,
+        id: AttachId,
+        command: crate::cli::Command,
+    ) -> anyhow::Result<()> {
+        use crate::cli::Command as Cli;
+        match command {
+            Cli::SendFile { conversation, path } => {
+                if !path.is_absolute() {
+                    anyhow::bail!("not an absolute path: {}", path.display());
+                }
+                let conv = client.find_conversation(&conversation)?.id;
+                self.upload(client, Some(id), true, conv, &path)?;
+            }
+            Cli::Download { conversation, name, dir } => {
+                let offer = crate::cli::find_offer(client, &conversation, name.as_deref())?;
+                let dir = dir.unwrap_or_else(crate::downloads::default_dir);
+                if !dir.is_absolute() {
+                    anyhow::bail!("not an absolute path: {}", dir.display());
+                }
+                self.download(client, Some(id), true, &offer, &dir)?;
+            }
+            _ => anyhow::bail!("not a transfer"),
+        }
+        Ok(())
+    }
+}
+
+/// A transfer ended: an upload is offered in its conversation (a message like any other);
+/// whoever asked hears how it went.
+async fn finish(client: &mut Client, done: Finished, hub: &Hub) {
+    let result = match done.what {
+        Ended::Uploaded { conv, offer: Ok(offer) } => {
+            match client.offer_file(&conv, &offer).await {
+                Ok(()) => Ok(crate::cli::sent(&offer)),
+                Err(e) => Err(format!("uploaded, but offering it failed: {e}")),
+            }
+        }
+        Ended::Uploaded { offer: Err(e), .. } => Err(format!("upload failed: {e}")),
+        Ended::Saved { offered, path: Ok(path) } => Ok(crate::cli::saved(&path, &offered)),
+        Ended::Saved { path: Err(e), .. } => Err(format!("download failed: {e}")),
+    };
+    let Some(to) = done.to else { return };
+    if done.cli {
+        let error = match result {
+            Ok(text) => {
+                hub.to(to, Reply::Output(text + "\n"));
+                None
+            }
+            Err(e) => Some(e),
+        };
+        hub.to(to, Reply::Done { error, follow: None, after: 0, notes: Vec::new() });
+    } else {
+        hub.to(
+            to,
+            Reply::Event(match result {
+                Ok(text) => WorkerEvent::Notice(text),
+                Err(e) => WorkerEvent::Error(e),
+            }),
+        );
+    }
+}
+
 /// Why a command from a UI failed.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum CommandError {
@@ -428,13 +568,14 @@ async fn run_command(
     events: &mut broadcast::Receiver<Event>,
     open: &OpenSet,
     tx: &Tx<'_>,
+    transfers: &Transfers,
     notifier: Option<&crate::daemon::Notifier>,
 ) -> Result<(), CommandError> {
     let (me, username) = (client.identity_key(), client.username().to_string());
     let mut held = Vec::new();
     let mut own_message = false;
     let result = {
-        let fut = handle(client, cmd, tx);
+        let fut = handle(client, cmd, tx, transfers);
         tokio::pin!(fut);
         loop {
             tokio::select! {
@@ -619,7 +760,12 @@ async fn forward(
     }
 }
 
-async fn handle(client: &mut Client, cmd: Command, tx: &Tx<'_>) -> Result<(), CommandError> {
+async fn handle(
+    client: &mut Client,
+    cmd: Command,
+    tx: &Tx<'_>,
+    transfers: &Transfers,
+) -> Result<(), CommandError> {
     match cmd {
         Command::Open(conv) => {
             send_history(client, &conv, tx)?;
@@ -725,8 +871,8 @@ async fn handle(client: &mut Client, cmd: Command, tx: &Tx<'_>) -> Result<(), Co
                     path.display()
                 )));
             }
-            let offer = client.send_file(&conv, &path).await?;
-            tx.send(WorkerEvent::Notice(format!("sent {}", offer.name)));
+            // In a task of its own: other commands go on meanwhile.
+            transfers.upload(client, tx.to, false, conv, &path)?;
         }
         Command::Download { conv, message_id, dir } => {
             let entry = client
@@ -743,15 +889,7 @@ async fn handle(client: &mut Client, cmd: Command, tx: &Tx<'_>) -> Result<(), Co
                     dir.display()
                 )));
             }
-            let path = client.download(&offer, &dir).await?;
-            let saved = crate::downloads::printable(&path.display().to_string());
-            let renamed = path.file_name().is_none_or(|n| n.to_string_lossy() != offer.name);
-            let notice = if renamed {
-                format!("saved {saved} (offered as {:?})", offer.name)
-            } else {
-                format!("saved {saved}")
-            };
-            tx.send(WorkerEvent::Notice(notice));
+            transfers.download(client, tx.to, false, &offer, &dir)?;
         }
         Command::React { conv, target, emoji } => {
             client.send(&conv, Body::Reaction { target, emoji, remove: false }).await?;
