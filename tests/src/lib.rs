@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use qpq_proto::frame::{self, RESPONSE_HEADER_LEN, ResponseHeader};
-use qpq_proto::{MAX_PAYLOAD, Message, Status, method, v1};
+use qpq_proto::{Message, Status, method, v1};
 use tokio::sync::{Mutex, mpsc};
 
 /// Path of a workspace binary next to the running test executable (`target/<profile>/`).
@@ -348,7 +348,6 @@ impl Client {
         let endpoint = endpoint.clone();
         let conn = endpoint.connect(addr, "localhost")?.await.context("QUIC handshake")?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let c = conn.clone();
         if !read_pushes {
             return Ok(Self {
                 _endpoint: endpoint,
@@ -357,17 +356,10 @@ impl Client {
                 pushes: Mutex::new(rx),
             });
         }
-        tokio::spawn(async move {
-            while let Ok(mut s) = c.accept_uni().await {
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    let Ok(bytes) = s.read_to_end(MAX_PAYLOAD as usize + 6).await else { return };
-                    if let Ok((h, p)) = frame::decode_push(&bytes) {
-                        let received = std::time::Instant::now();
-                        let _ = tx.send(Push { event: h.event, payload: p.to_vec(), received });
-                    }
-                });
-            }
+        qpq_core::client::net::spawn_push_reader(conn.clone(), move |event, payload| {
+            let received = std::time::Instant::now();
+            let _ = tx.send(Push { event, payload, received });
+            std::future::ready(())
         });
         Ok(Self { _endpoint: endpoint, conn, next_id: AtomicU32::new(1), pushes: Mutex::new(rx) })
     }

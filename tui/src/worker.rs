@@ -704,7 +704,7 @@ async fn forward(
                 Ok(id) => client.name_of(&id).await,
                 Err(_) => String::new(),
             };
-            let mention = entry.text.contains(&format!("@{}", client.username()));
+            let mention = entry.mentions(client.username());
             if is_open(open, &conv) {
                 let _ = client.mark_read(&conv);
             }

@@ -106,6 +106,11 @@ impl HistoryEntry {
         })
     }
 
+    /// Whether the entry mentions `username` (`@username` in its text).
+    pub fn mentions(&self, username: &str) -> bool {
+        !self.system && self.text.contains(&format!("@{username}"))
+    }
+
     /// A system line (member added, removed, ...).
     pub fn system(seq: u64, text: String, now_ms: u64) -> Self {
         Self {

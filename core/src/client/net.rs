@@ -321,6 +321,27 @@ pub struct Push {
     pub payload: Vec<u8>,
 }
 
+/// Reads the server's pushes on `conn` until it ends: each is a unidirectional stream, read
+/// whole (at most a frame) and decoded, then handed to `deliver` as (event id, payload); an
+/// undecodable one is dropped. The one push reader, for the client and the test harness.
+pub fn spawn_push_reader<F, Fut>(conn: quinn::Connection, deliver: F)
+where
+    F: Fn(u16, Vec<u8>) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        while let Ok(mut s) = conn.accept_uni().await {
+            let deliver = deliver.clone();
+            tokio::spawn(async move {
+                let Ok(bytes) = s.read_to_end(MAX_PAYLOAD as usize + 6).await else { return };
+                if let Ok((h, p)) = frame::decode_push(&bytes) {
+                    deliver(h.event, p.to_vec()).await;
+                }
+            });
+        }
+    });
+}
+
 /// An open connection.
 pub struct Connection {
     _endpoint: quinn::Endpoint,
@@ -371,16 +392,10 @@ impl Connection {
             Err(_) => return Err(NetError::Timeout),
         };
         let fingerprint = verifier.seen().unwrap_or_default();
-        let c = conn.clone();
-        tokio::spawn(async move {
-            while let Ok(mut s) = c.accept_uni().await {
-                let tx = pushes.clone();
-                tokio::spawn(async move {
-                    let Ok(bytes) = s.read_to_end(MAX_PAYLOAD as usize + 6).await else { return };
-                    if let Ok((h, p)) = frame::decode_push(&bytes) {
-                        let _ = tx.send(Push { event: h.event, payload: p.to_vec() }).await;
-                    }
-                });
+        spawn_push_reader(conn.clone(), move |event, payload| {
+            let tx = pushes.clone();
+            async move {
+                let _ = tx.send(Push { event, payload }).await;
             }
         });
         Ok(Self { _endpoint: endpoint, conn, next_id: AtomicU32::new(1), fingerprint })

@@ -337,7 +337,7 @@ impl State {
         c.last_activity_ms = now_ms();
         if from_peer && !entry.system {
             c.unread += 1;
-            if entry.text.contains(&format!("@{}", self.username)) {
+            if entry.mentions(&self.username) {
                 c.mentions += 1;
             }
         }
