@@ -430,8 +430,10 @@ async fn an_upload_does_not_hold_up_other_commands() {
     let history = ok(&s.bob, "bob", &["tail", "@alice"]);
     assert!(history.contains("while uploading"), "{history}");
     assert!(history.contains("big.bin"), "{history}");
-    let saved = ok(&s.bob, "bob", &["download", "@alice"]);
+    let dir = s.bob.join("downloads");
+    let saved = ok(&s.bob, "bob", &["download", "@alice", "--dir", dir.to_str().unwrap()]);
     assert!(saved.contains("saved"), "{saved}");
-    let path = saved.trim().trim_start_matches("saved ").split(" (").next().unwrap().to_string();
-    assert_eq!(std::fs::read(path).unwrap(), content, "bob got the file intact");
+    let path = dir.join("big.bin").display().to_string();
+    let got = std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e} ({saved})"));
+    assert!(got == content, "bob got the file intact");
 }

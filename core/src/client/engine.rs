@@ -57,7 +57,8 @@ pub struct Client {
     pub(crate) state: State,
     pub(crate) session: Session,
     events: broadcast::Sender<Event>,
-    pub(crate) progress: Option<ProgressHook>,
+    /// Shared with running transfers, so that one cancelled midway never takes it along.
+    pub(crate) progress: Arc<std::sync::Mutex<Option<ProgressHook>>>,
     /// Whether a call made while offline reconnects (with retries) first. A UI turns it off
     /// and reconnects on its own schedule, so no command waits behind a retry loop.
     auto_reconnect: bool,
@@ -148,7 +149,7 @@ impl Client {
             state: State::new(LocalStore::new(vault), mls, username)?,
             session: Session::new(server, pin),
             events,
-            progress: None,
+            progress: Arc::default(),
             auto_reconnect: true,
             pending_pushes: Vec::new(),
             probe_slots: true,
@@ -171,7 +172,9 @@ impl Client {
     /// Sets a function called synchronously after each transferred chunk (the event stream
     /// reports the same progress asynchronously).
     pub fn set_progress_hook(&mut self, hook: Option<ProgressHook>) {
-        self.progress = hook;
+        if let Ok(mut h) = self.progress.lock() {
+            *h = hook;
+        }
     }
 
     /// Our username.
@@ -259,7 +262,11 @@ impl Client {
 
     /// Resumes the stored session on the current connection.
     pub(crate) async fn resume(&mut self) -> Result<(), ClientError> {
-        let token = self.state.store.token()?.ok_or(ClientError::NeedLogin)?;
+        let Some(token) = self.state.store.token()? else {
+            // Not kept: an unauthenticated connection is no reason to look online.
+            self.session.lose();
+            return Err(ClientError::NeedLogin);
+        };
         match self.session.resume(&token).await {
             Ok(()) => {
                 self.emit(Event::Connection(ConnState::Online));
@@ -671,12 +678,16 @@ impl Client {
                     return Err(e.into());
                 }
                 Err(e) if e.is_transient() => return Err(e.into()),
+                // The session is gone: the message waits for a login, it is not refused.
+                Err(e) if e.status() == Some(Status::Unauthorized) => {
+                    return Err(ClientError::NeedLogin);
+                }
                 Err(e) => {
                     // A permanent refusal (e.g. too large): drop it rather than block the queue.
                     self.emit(Event::Rejected { reason: format!("message not delivered: {e}") });
                 }
             }
-            self.state.store.atomic(|| self.state.delivered(&key, &item))?;
+            self.state.delivered(&key, &item)?;
             self.publish();
             sent += 1;
         }
@@ -759,7 +770,10 @@ impl Client {
                 }
                 match push.and_then(|m| m.envelope) {
                     Some(env) if env.seq != 0 && env.seq <= self.state.last_seq() => {}
-                    Some(env) if !env.data.is_empty() && env.seq == self.state.last_seq() + 1 => {
+                    Some(env)
+                        if !env.data.is_empty()
+                            && Some(env.seq) == self.state.last_seq().checked_add(1) =>
+                    {
                         self.process_envelopes(vec![env]).await?;
                     }
                     _ => self.sync_once().await?,

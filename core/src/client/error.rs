@@ -119,6 +119,10 @@ pub enum ClientError {
     /// The server refused our group change for good (the group is unchanged).
     #[error("the group change was not accepted: {0}; the group is unchanged")]
     ChangeRefused(&'static str),
+    /// An upload made no progress through several reconnects in a row (the server keeps
+    /// refusing its chunks): it was given up; sending the file again starts over.
+    #[error("the upload made no progress (the server keeps refusing it); try again later")]
+    UploadStalled,
     /// A bug of ours, reported instead of a panic.
     #[error("internal error: {0}")]
     Internal(&'static str),

@@ -180,9 +180,10 @@ impl Client {
         if !to.is_empty() {
             self.batch_enqueue(&to, proposal, random_id()).await?;
         }
-        self.state.mls.forget(conv)?;
-        self.state.store.forget_conversation(conv)?;
-        Ok(())
+        self.state.store.atomic(|| -> Result<(), ClientError> {
+            self.state.mls.forget(conv)?;
+            Ok(self.state.store.forget_conversation(conv)?)
+        })
     }
 
     /// Members, epoch and verification code of a conversation.
@@ -256,7 +257,9 @@ impl Client {
     ) -> Result<(), ClientError> {
         self.flush_items().await?;
         let conv = pending.conv.clone();
-        self.send_with_redo(pending).await?;
+        let sent = self.send_with_redo(pending).await;
+        self.publish(); // what merging it wrote (its system line) shows now
+        sent?;
         match self.flush_items().await {
             Ok(_) | Err(ClientError::Net(_)) => {}
             Err(e) => return Err(e),

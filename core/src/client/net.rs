@@ -464,6 +464,16 @@ impl Connection {
     }
 }
 
+impl Drop for Connection {
+    /// Closes the QUIC connection when the last owner lets go of it. Without this it would
+    /// live on: the push reader holds a clone of it until it closes, and keep-alives keep it
+    /// open (a dropped connection would go on holding a slot on the server and doubling
+    /// pushes).
+    fn drop(&mut self) {
+        self.conn.close(0u32.into(), b"bye");
+    }
+}
+
 /// A failed handshake as a connection error: no answer within the idle timeout means nobody
 /// answered, not that an established connection went quiet.
 fn dial_failed(e: quinn::ConnectionError) -> ConnectionLost {

@@ -200,9 +200,13 @@ impl State {
     }
 
     /// Marks an outbox item delivered: out of the outbox, its entry no longer pending.
+    /// One transaction; the UI hears of it once it is stored.
     pub fn delivered(&self, key: &[u8], item: &OutboxItem) -> Result<(), ClientError> {
-        self.store.unqueue(key)?;
-        if let Some(conv) = self.store.update_entry(&item.message_id, |e| e.pending = false)? {
+        let conv = self.store.atomic(|| -> Result<_, ClientError> {
+            self.store.unqueue(key)?;
+            self.store.update_entry(&item.message_id, |e| e.pending = false)
+        })?;
+        if let Some(conv) = conv {
             self.emit(Event::Updated { conv, message_id: item.message_id });
         }
         Ok(())
@@ -849,14 +853,14 @@ impl State {
                 Err(e @ GroupError::Mls(_)) => return Err(ClaimError::Local(e.into())),
                 Err(e) => return Err(ClaimError::Invalid(e.to_string())),
             };
-            let events = self.apply_incoming(incoming)?;
+            let mut events = self.apply_incoming(incoming)?;
             self.resend_superseded(conv, epoch, &before)?;
             // Our own commit of the same epoch lost: make the change again on top of the
             // winner, in this same transaction.
             let redone = match pending {
                 Some(p) => {
                     self.store.forget_commit(conv)?;
-                    self.restage(p)?
+                    self.restage(p, &mut events)?
                 }
                 None => false,
             };
@@ -899,10 +903,15 @@ impl State {
 
     /// Stages our change again after another member's commit won the epoch. Returns whether
     /// there was still something to change. Called in the transaction that applied the winner.
-    pub(crate) fn restage(&self, lost: PendingCommit) -> Result<bool, ClientError> {
+    /// What the user should hear goes to `events`, published once the transaction commits.
+    pub(crate) fn restage(
+        &self,
+        lost: PendingCommit,
+        events: &mut Vec<Event>,
+    ) -> Result<bool, ClientError> {
         let Some(intent) = lost.intent else { return Ok(false) };
         if lost.attempt >= MAX_REDO {
-            self.emit(Event::Rejected {
+            events.push(Event::Rejected {
                 reason: "a group change lost to other admins' changes too often and was given up"
                     .into(),
             });
@@ -913,7 +922,7 @@ impl State {
             Ok(None) => return Ok(false),
             // No longer possible (we were demoted, or removed): say so, keep the winner.
             Err(ClientError::Group(e)) => {
-                self.emit(Event::Rejected {
+                events.push(Event::Rejected {
                     reason: format!("a group change could not be redone: {e}"),
                 });
                 return Ok(false);
@@ -930,7 +939,7 @@ impl State {
     /// Whether `seq` comes after a gap in the queue (messages expired on the server before we
     /// fetched them); says so to the UI.
     pub fn check_gap(&self, seq: u64) -> bool {
-        let gap = self.last_seq > 0 && seq > self.last_seq + 1;
+        let gap = self.last_seq > 0 && seq > self.last_seq.saturating_add(1);
         if gap {
             self.emit(Event::Gap { after: self.last_seq, next: seq });
         }

@@ -6,18 +6,18 @@
 //! so it goes through the client ([`Client::offer_file`]).
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use qpq_proto::{method, v1};
 use rand::RngCore;
 use zeroize::Zeroizing;
 
-use super::engine::{Client, ProgressHook, RECONNECT_ATTEMPTS};
+use super::engine::{Client, RECONNECT_ATTEMPTS};
 use super::error::ClientError;
 use super::event::{Event, Transfer};
 use super::files::{self, FileCryptoError};
-use super::net::Connection;
+use super::net::{Connection, NetError};
 use super::session::Dial;
 use super::state::random_id;
 use crate::content::{Body, FileOffer};
@@ -55,8 +55,13 @@ impl Link {
             match r {
                 Err(ClientError::Net(e)) if e.is_transient() && failures < RECONNECT_ATTEMPTS => {
                     failures += 1;
-                    self.conn = None;
-                    tokio::time::sleep(delay).await;
+                    // A lost connection is dialed again; a busy server's live one is kept,
+                    // and its retry hint respected.
+                    if matches!(e, NetError::Connection(_) | NetError::Timeout) {
+                        self.conn = None;
+                    }
+                    let hint = e.retry_after().unwrap_or_default().min(Duration::from_secs(30));
+                    tokio::time::sleep(delay.max(hint)).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
                 Err(ClientError::Net(e)) if e.status() == Some(qpq_proto::Status::Unauthorized) => {
@@ -140,14 +145,7 @@ impl Client {
     /// Uploads a file and offers it in the conversation, in turn ([`Client::uploader`] and
     /// [`Client::offer_file`]). Progress goes to the progress hook and the event stream.
     pub async fn send_file(&mut self, conv: &[u8], path: &Path) -> Result<FileOffer, ClientError> {
-        let (progress, hook) = self.reporter();
-        let upload = self.uploader(path, progress);
-        let offer = match upload {
-            Ok(upload) => upload.await,
-            Err(e) => Err(e),
-        };
-        self.give_back(hook);
-        let offer = offer?;
+        let offer = self.uploader(path, self.reporter())?.await?;
         self.offer_file(conv, &offer).await?;
         Ok(offer)
     }
@@ -159,43 +157,23 @@ impl Client {
         offer: &FileOffer,
         dir: &Path,
     ) -> Result<PathBuf, ClientError> {
-        let (progress, hook) = self.reporter();
-        let saved = match self.downloader(offer, dir, progress) {
-            Ok(download) => download.await,
-            Err(e) => Err(e),
-        };
-        self.give_back(hook);
-        saved
+        self.downloader(offer, dir, self.reporter())?.await
     }
 
-    /// Progress to the progress hook (lent to the transfer, called synchronously after each
-    /// chunk) and to the event stream.
-    fn reporter(&mut self) -> (TransferProgress, Lent) {
-        let hook: Lent = Arc::new(Mutex::new(self.progress.take()));
-        let (events, lent) = (self.event_sender(), hook.clone());
-        let report = Box::new(move |t: Transfer| {
-            if let Ok(mut h) = lent.lock()
+    /// Progress to the progress hook (called synchronously after each chunk) and to the event
+    /// stream.
+    fn reporter(&self) -> TransferProgress {
+        let (events, hook) = (self.event_sender(), self.progress.clone());
+        Box::new(move |t: Transfer| {
+            if let Ok(mut h) = hook.lock()
                 && let Some(h) = h.as_mut()
             {
                 h(t.done, t.total);
             }
             let _ = events.send(Event::Transfer(t));
-        });
-        (report, hook)
-    }
-
-    /// Takes the lent progress hook back (unless a new one was set meanwhile).
-    fn give_back(&mut self, hook: Lent) {
-        if let Ok(mut h) = hook.lock()
-            && self.progress.is_none()
-        {
-            self.progress = h.take();
-        }
+        })
     }
 }
-
-/// A progress hook lent to a transfer.
-type Lent = Arc<Mutex<Option<ProgressHook>>>;
 
 fn report(progress: &mut TransferProgress, t: Transfer) {
     progress(t);
@@ -211,6 +189,8 @@ async fn upload(
     let mut key = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut key);
     let sealed_path = std::env::temp_dir().join(format!("qpq-upload-{}", hex(&random_id())));
+    // Removed however this ends (an error, a panic, the future dropped midway).
+    let _sealed_file = RemoveOnDrop(sealed_path.clone());
     // Sealing reads and writes the whole file: off the async threads.
     let (source, target) = (path.clone(), sealed_path.clone());
     let sealed = tokio::task::spawn_blocking(move || -> Result<_, ClientError> {
@@ -220,13 +200,7 @@ async fn upload(
     })
     .await
     .map_err(|_| ClientError::Internal("the sealing task failed"))?;
-    let sealed = match sealed {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = std::fs::remove_file(&sealed_path);
-            return Err(e);
-        }
-    };
+    let sealed = sealed?;
     let uploaded = upload_blob(
         &mut link,
         &sealed_path,
@@ -236,7 +210,6 @@ async fn upload(
         &mut progress,
     )
     .await;
-    let _ = std::fs::remove_file(&sealed_path);
     uploaded?;
     Ok(FileOffer {
         blob_id: sealed.blob_id,
@@ -260,7 +233,13 @@ async fn upload_blob(
     use std::io::{Read, Seek, SeekFrom};
     let mut file = std::fs::File::open(path)?;
     let mut offset = 0u64;
+    // Rounds in a row that moved nothing forward (a failed chunk, or an answer that does not
+    // advance): the upload gives up after as many as a call's reconnect attempts.
+    let mut stalled = 0;
     loop {
+        if stalled > RECONNECT_ATTEMPTS {
+            return Err(ClientError::UploadStalled);
+        }
         file.seek(SeekFrom::Start(offset))?;
         let mut chunk = vec![0u8; CHUNK.min(total.saturating_sub(offset) as usize)];
         file.read_exact(&mut chunk)?;
@@ -283,6 +262,7 @@ async fn upload_blob(
                     chunk: Vec::new(),
                     media_type: String::new(),
                 };
+                stalled += 1;
                 link.call(method::UPLOAD_BLOB, &probe).await?
             }
             Err(e) => return Err(e),
@@ -293,6 +273,11 @@ async fn upload_blob(
         }
         if r.next_offset > total {
             return Err(ClientError::PeerInvalid("the server asked for bytes past the end"));
+        }
+        if r.next_offset > offset {
+            stalled = 0;
+        } else {
+            stalled += 1;
         }
         offset = r.next_offset;
         report(progress, Transfer { name: name.into(), done: offset, total, upload: true });
@@ -412,6 +397,15 @@ async fn fetch_blob(
     }
     out.sync_all()?;
     Ok((<[u8; 32]>::from(hash.finalize()) == offer.blob_id, resumed_from))
+}
+
+/// A file removed when this goes out of scope.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 fn media_type(path: &Path) -> String {
