@@ -241,6 +241,16 @@ pub struct Outgoing {
     pub welcome_to: Vec<[u8; 32]>,
 }
 
+/// The [`Outgoing`] of a commit that adds nobody: the commit alone, for `commit_to`.
+fn commit_only(commit: &MlsMessageOut, commit_to: Vec<[u8; 32]>) -> Result<Outgoing, GroupError> {
+    Ok(Outgoing {
+        commit: commit.tls_serialize_detached().map_err(mls)?,
+        commit_to,
+        welcome: None,
+        welcome_to: Vec::new(),
+    })
+}
+
 /// What processing one incoming MLS message produced.
 #[derive(Debug)]
 #[non_exhaustive]
@@ -382,14 +392,7 @@ impl Mls {
             self.require_admin(&group)?;
             let mut kps = Vec::with_capacity(key_packages.len());
             for (bytes, expected) in key_packages.iter().zip(expected) {
-                let msg = MlsMessageIn::tls_deserialize_exact(bytes.as_slice())
-                    .map_err(|e| GroupError::BadKeyPackage(e.to_string()))?;
-                let kp = match msg.extract() {
-                    MlsMessageBodyIn::KeyPackage(kp) => kp
-                        .validate(self.provider.crypto(), ProtocolVersion::Mls10)
-                        .map_err(|e| GroupError::BadKeyPackage(e.to_string()))?,
-                    _ => return Err(GroupError::BadKeyPackage("not a KeyPackage".into())),
-                };
+                let kp = self.validated_key_package(bytes)?;
                 if kp.ciphersuite() != CIPHERSUITE {
                     return Err(GroupError::BadKeyPackage("wrong ciphersuite".into()));
                 }
@@ -421,15 +424,18 @@ impl Mls {
     /// binding). For callers whose KeyPackages come from themselves (benchmarks, fuzzing);
     /// the client checks a fetched one against the account it resolved instead.
     pub fn key_package_account(&self, bytes: &[u8]) -> Result<[u8; 32], GroupError> {
+        bound_account(self.validated_key_package(bytes)?.leaf_node())
+    }
+
+    /// A serialized KeyPackage (an `MLSMessage`), parsed and checked by openmls
+    /// (`KeyPackageIn::validate`); its ciphersuite and credential binding are the caller's.
+    fn validated_key_package(&self, bytes: &[u8]) -> Result<KeyPackage, GroupError> {
         let msg = MlsMessageIn::tls_deserialize_exact(bytes)
             .map_err(|e| GroupError::BadKeyPackage(e.to_string()))?;
         match msg.extract() {
-            MlsMessageBodyIn::KeyPackage(kp) => {
-                let kp = kp
-                    .validate(self.provider.crypto(), ProtocolVersion::Mls10)
-                    .map_err(|e| GroupError::BadKeyPackage(e.to_string()))?;
-                bound_account(kp.leaf_node())
-            }
+            MlsMessageBodyIn::KeyPackage(kp) => kp
+                .validate(self.provider.crypto(), ProtocolVersion::Mls10)
+                .map_err(|e| GroupError::BadKeyPackage(e.to_string())),
             _ => Err(GroupError::BadKeyPackage("not a KeyPackage".into())),
         }
     }
@@ -451,12 +457,7 @@ impl Mls {
             let (commit, _, _) = self.without_stored_proposals(&mut group, |g| {
                 g.remove_members(&self.provider, &self.identity, &leaves).map_err(mls)
             })?;
-            Ok(Outgoing {
-                commit: commit.tls_serialize_detached().map_err(mls)?,
-                commit_to,
-                welcome: None,
-                welcome_to: Vec::new(),
-            })
+            commit_only(&commit, commit_to)
         })
     }
 
@@ -480,12 +481,7 @@ impl Mls {
                 g.update_group_context_extensions(&self.provider, extensions, &self.identity)
                     .map_err(mls)
             })?;
-            Ok(Outgoing {
-                commit: commit.tls_serialize_detached().map_err(mls)?,
-                commit_to,
-                welcome: None,
-                welcome_to: Vec::new(),
-            })
+            commit_only(&commit, commit_to)
         })
     }
 
@@ -499,12 +495,7 @@ impl Mls {
                 g.self_update(&self.provider, &self.identity, LeafNodeParameters::default())
                     .map_err(mls)
             })?;
-            Ok(Outgoing {
-                commit: bundle.commit().tls_serialize_detached().map_err(mls)?,
-                commit_to,
-                welcome: None,
-                welcome_to: Vec::new(),
-            })
+            commit_only(bundle.commit(), commit_to)
         })
     }
 
