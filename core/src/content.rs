@@ -4,7 +4,8 @@
 
 use prost::Message as _;
 use qpq_proto::v1;
-use rand::RngCore;
+
+use crate::ids::MessageId;
 
 /// Largest encoded content (before MLS framing); well below the 4 MiB frame cap.
 pub const MAX_CONTENT: usize = 256 * 1024;
@@ -18,12 +19,12 @@ pub enum Body {
         /// The text.
         body: String,
         /// Message id replied to.
-        reply_to: Option<[u8; 16]>,
+        reply_to: Option<MessageId>,
     },
     /// A reaction to a message (or its removal).
     Reaction {
         /// Message id reacted to.
-        target: [u8; 16],
+        target: MessageId,
         /// The emoji.
         emoji: String,
         /// Whether this takes the reaction back.
@@ -32,19 +33,19 @@ pub enum Body {
     /// A new text for one of the sender's messages.
     Edit {
         /// Message id edited.
-        target: [u8; 16],
+        target: MessageId,
         /// New text.
         body: String,
     },
     /// Deletes one of the sender's messages.
     Delete {
         /// Message id deleted.
-        target: [u8; 16],
+        target: MessageId,
     },
     /// Everything up to `up_to` was read.
     Receipt {
         /// Last message id read.
-        up_to: [u8; 16],
+        up_to: MessageId,
     },
     /// Typing started or stopped.
     Typing {
@@ -85,7 +86,7 @@ pub struct FileOffer {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Content {
     /// Random id chosen by the sender.
-    pub message_id: [u8; 16],
+    pub message_id: MessageId,
     /// Sender clock, ms.
     pub sent_at_ms: u64,
     /// What it says.
@@ -107,9 +108,7 @@ pub enum ContentError {
 impl Content {
     /// A new message with a random id.
     pub fn new(body: Body, now_ms: u64) -> Self {
-        let mut message_id = [0u8; 16];
-        rand::rngs::OsRng.fill_bytes(&mut message_id);
-        Self { message_id, sent_at_ms: now_ms, body }
+        Self { message_id: MessageId::random(), sent_at_ms: now_ms, body }
     }
 
     /// Encodes and pads to the next size bucket: the protobuf bytes, a 0x80 marker, then
@@ -182,8 +181,9 @@ impl Content {
 
     fn from_wire(m: v1::Content) -> Result<Self, ContentError> {
         use v1::content::Body as W;
-        let id16 = |b: &[u8], what: &str| -> Result<[u8; 16], ContentError> {
-            b.try_into().map_err(|_| ContentError::Malformed(format!("{what} must be 16 bytes")))
+        let id16 = |b: &[u8], what: &str| -> Result<MessageId, ContentError> {
+            MessageId::from_slice(b)
+                .ok_or_else(|| ContentError::Malformed(format!("{what} must be 16 bytes")))
         };
         let id32 = |b: &[u8], what: &str| -> Result<[u8; 32], ContentError> {
             b.try_into().map_err(|_| ContentError::Malformed(format!("{what} must be 32 bytes")))
@@ -239,12 +239,12 @@ mod tests {
     #[test]
     fn every_body_round_trips_and_sizes_are_bucketed() {
         let bodies = vec![
-            Body::Text { body: "hi".into(), reply_to: Some([3; 16]) },
+            Body::Text { body: "hi".into(), reply_to: Some([3; 16].into()) },
             Body::Text { body: "x".repeat(300), reply_to: None },
-            Body::Reaction { target: [1; 16], emoji: "👍".into(), remove: false },
-            Body::Edit { target: [1; 16], body: "fixed".into() },
-            Body::Delete { target: [2; 16] },
-            Body::Receipt { up_to: [4; 16] },
+            Body::Reaction { target: [1; 16].into(), emoji: "👍".into(), remove: false },
+            Body::Edit { target: [1; 16].into(), body: "fixed".into() },
+            Body::Delete { target: [2; 16].into() },
+            Body::Receipt { up_to: [4; 16].into() },
             Body::Typing { active: true },
             Body::File(FileOffer {
                 blob_id: [5; 32],

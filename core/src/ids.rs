@@ -155,9 +155,13 @@ mod tests {
         let k = IdentityKey::from([7u8; 32]);
         assert_eq!(serde_json::to_vec(&k).unwrap(), serde_json::to_vec(&[7u8; 32]).unwrap());
         let m = MessageId::from([9u8; 16]);
-        let back: MessageId = serde_json::from_slice(&serde_json::to_vec(&[9u8; 16]).unwrap()).unwrap();
+        let back: MessageId =
+            serde_json::from_slice(&serde_json::to_vec(&[9u8; 16]).unwrap()).unwrap();
         assert_eq!(back, m);
         assert_eq!(IdentityKey::from_slice(&[0; 31]), None);
-        assert_eq!(format!("{:?}", MessageId::from([0xab; 16])), format!("MessageId({})", "ab".repeat(16)));
+        assert_eq!(
+            format!("{:?}", MessageId::from([0xab; 16])),
+            format!("MessageId({})", "ab".repeat(16))
+        );
     }
 }

@@ -25,6 +25,8 @@ pub mod content;
 pub mod credential;
 #[cfg(feature = "mls")]
 pub mod identity;
+#[cfg(feature = "mls")]
+pub mod ids;
 pub mod keypackage;
 #[cfg(feature = "mls")]
 pub mod mls;

@@ -567,7 +567,7 @@ pub async fn register_account(
     .unwrap_or_else(|e| panic!("registering {name}: {e}"));
     let id = c.identity_key();
     c.disconnect().await;
-    id
+    id.to_bytes()
 }
 
 /// The real `qpq` on the store in `home`, with its secrets in the environment, stdin closed,
@@ -651,6 +651,7 @@ pub mod engine {
 
     use qpq_core::client::{Client, RegisterOptions};
     use qpq_core::identity::Identity;
+    use qpq_core::ids::GroupId;
     use qpq_core::mls::Mls;
     use qpq_core::vault::{Space, Vault};
 
@@ -695,7 +696,7 @@ pub mod engine {
     }
 
     /// The texts (not system lines) of `conv`'s history, oldest first.
-    pub fn texts(c: &Client, conv: &[u8]) -> Vec<String> {
+    pub fn texts(c: &Client, conv: &GroupId) -> Vec<String> {
         c.history(conv, usize::MAX)
             .unwrap()
             .into_iter()
@@ -709,7 +710,7 @@ pub mod engine {
     pub async fn team_of_three(
         server: &ServerProcess,
         dir: &Path,
-    ) -> (Client, Client, Client, Vec<u8>) {
+    ) -> (Client, Client, Client, GroupId) {
         let mut alice = account(server, dir, "alice").await;
         let mut bob = account(server, dir, "bob").await;
         let mut carol = account(server, dir, "carol").await;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use qpq_core::client::{Client, ClientError, Event};
 use qpq_core::content::Body;
+use qpq_core::ids::GroupId;
 use qpq_core::mls::GroupError;
 use qpq_core::vault::{Space, Vault, VaultError};
 use qpq_proto::{method, v1};
@@ -501,7 +502,7 @@ async fn only_an_admin_renames_a_group_and_nobody_renames_a_dm() {
     let (mut alice, mut bob, mut carol, team) = team_of_three(&server, dir.path()).await;
     let dm = bob.dm("carol").await.unwrap();
     carol.sync().await.unwrap();
-    let name = |c: &Client, conv: &[u8]| c.conversation(conv).unwrap().unwrap().name;
+    let name = |c: &Client, conv: &GroupId| c.conversation(conv).unwrap().unwrap().name;
     let dm_name = name(&carol, &dm);
     let meta = |name: &str| Body::Meta { name: name.into(), topic: String::new() };
 
@@ -597,7 +598,8 @@ async fn forged_proposals_extension_changes_and_typing_channel_commits_are_rejec
     let Stolen { vault, identity, raw } = thief;
     let provider = QpqProvider::new(vault);
     let load = || MlsGroup::load(provider.storage(), &GroupId::from_slice(&team)).unwrap().unwrap();
-    let bob_only = GroupPolicy { kind: Kind::Group, admins: vec![bob_key] }.extensions().unwrap();
+    let bob_only =
+        GroupPolicy { kind: Kind::Group, admins: vec![bob_key.to_bytes()] }.extensions().unwrap();
     let mut forged = Vec::new();
     // By reference: "make bob the only admin", "remove carol", for an admin to commit.
     let mut group = load();

@@ -20,6 +20,7 @@ use openmls::prelude::tls_codec::Serialize as _;
 use openmls::prelude::*;
 use qpq_core::client::{Client, Event, RegisterOptions};
 use qpq_core::identity::Identity;
+use qpq_core::ids::GroupId;
 use qpq_core::mls::{CIPHERSUITE, Mls, QpqProvider};
 use qpq_core::vault::{KdfParams, Vault};
 use qpq_proto::{Status, method, v1};
@@ -85,7 +86,7 @@ fn rejections(events: &mut tokio::sync::broadcast::Receiver<Event>) -> Vec<Strin
     out
 }
 
-fn texts(c: &Client, conv: &[u8]) -> Vec<String> {
+fn texts(c: &Client, conv: &GroupId) -> Vec<String> {
     c.history(conv, usize::MAX).unwrap().into_iter().filter(|e| !e.system).map(|e| e.text).collect()
 }
 
@@ -250,7 +251,7 @@ async fn a_queue_flood_leaves_room_for_group_changes() {
 
     // bob comes back: junk is rejected, the commit and the Welcome are processed.
     bob.sync().await.unwrap();
-    let members: Vec<[u8; 32]> =
+    let members: Vec<qpq_core::ids::IdentityKey> =
         bob.group_info(&team).await.unwrap().members.into_iter().map(|m| m.0).collect();
     assert!(members.contains(&carol.identity_key()), "bob saw carol's addition");
     assert!(bob.conversation(&dm).unwrap().is_some(), "bob joined dave's DM");

@@ -11,6 +11,7 @@ use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
 use openmls::prelude::{GroupId, MlsGroup, MlsMessageBodyIn, MlsMessageIn, ProtocolVersion};
 use openmls_traits::OpenMlsProvider as _;
 use qpq_core::client::{Client, Event};
+use qpq_core::ids::GroupId as ConvId;
 use qpq_core::keypackage::is_commit;
 use qpq_core::mls::QpqProvider;
 use qpq_core::vault::{Space, Vault};
@@ -33,7 +34,7 @@ async fn team<const N: usize>(
     server: &ServerProcess,
     dir: &Path,
     names: [&str; N],
-) -> ([Client; N], Vec<u8>) {
+) -> ([Client; N], ConvId) {
     let mut clients = Vec::new();
     for name in names {
         clients.push(account(server, dir, name).await);
@@ -103,10 +104,10 @@ fn mentions(reasons: &[String], needle: &str) -> bool {
 
 /// Asserts that all `clients` are in the same epoch of `team` with the same verification
 /// code and the same members; returns the epoch and the member count.
-async fn converged(team: &[u8], clients: &mut [&mut Client]) -> (u64, usize) {
+async fn converged(team: &ConvId, clients: &mut [&mut Client]) -> (u64, usize) {
     let first_name = clients[0].username().to_string();
     let first = clients[0].group_info(team).await.unwrap();
-    let mut ids: Vec<[u8; 32]> = first.members.iter().map(|m| m.0).collect();
+    let mut ids: Vec<[u8; 32]> = first.members.iter().map(|m| m.0.to_bytes()).collect();
     ids.sort();
     for c in clients.iter_mut().skip(1) {
         let info = c.group_info(team).await.unwrap();
@@ -116,7 +117,7 @@ async fn converged(team: &[u8], clients: &mut [&mut Client]) -> (u64, usize) {
             info.verification_code, first.verification_code,
             "{who} and {first_name} have different verification codes: the group forked"
         );
-        let mut theirs: Vec<[u8; 32]> = info.members.iter().map(|m| m.0).collect();
+        let mut theirs: Vec<[u8; 32]> = info.members.iter().map(|m| m.0.to_bytes()).collect();
         theirs.sort();
         assert_eq!(theirs, ids, "{who} and {first_name} see different members");
     }
@@ -124,7 +125,7 @@ async fn converged(team: &[u8], clients: &mut [&mut Client]) -> (u64, usize) {
 }
 
 /// `from` sends `text` into `team`; each of `to` syncs and has it as its latest message.
-async fn message_reaches(team: &[u8], from: &mut Client, to: &mut [&mut Client], text: &str) {
+async fn message_reaches(team: &ConvId, from: &mut Client, to: &mut [&mut Client], text: &str) {
     from.send_text(team, text).await.unwrap();
     for c in to.iter_mut() {
         c.sync().await.unwrap();
@@ -225,12 +226,16 @@ async fn junk_claims_ahead_of_an_admins_change_are_skipped_by_everyone() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path());
     let dave = account(&server, dir.path(), "dave").await;
-    let dave_key = dave.identity_key();
+    let dave_key = dave.identity_key().to_bytes();
     drop(dave);
     let ([mut alice, bob, mut carol, erin], team) =
         team(&server, dir.path(), ["alice", "bob", "carol", "erin"]).await;
-    let (a, b, c, e) =
-        (alice.identity_key(), bob.identity_key(), carol.identity_key(), erin.identity_key());
+    let (a, b, c, e) = (
+        alice.identity_key().to_bytes(),
+        bob.identity_key().to_bytes(),
+        carol.identity_key().to_bytes(),
+        erin.identity_key().to_bytes(),
+    );
     let epoch = alice.group_info(&team).await.unwrap().epoch;
     drop((bob, erin));
 
@@ -279,7 +284,11 @@ async fn a_removed_member_can_no_longer_touch_the_group() {
     let server = start(dir.path());
     let ([mut alice, mut bob, carol, erin], team) =
         team(&server, dir.path(), ["alice", "bob", "carol", "erin"]).await;
-    let (a, b, c) = (alice.identity_key(), bob.identity_key(), carol.identity_key());
+    let (a, b, c) = (
+        alice.identity_key().to_bytes(),
+        bob.identity_key().to_bytes(),
+        carol.identity_key().to_bytes(),
+    );
     let epoch = alice.group_info(&team).await.unwrap().epoch;
     drop((carol, erin));
 
@@ -354,7 +363,11 @@ async fn an_outsider_cannot_claim_a_groups_slot() {
     drop(dave);
     let ([mut alice, mut bob, carol], team) =
         team(&server, dir.path(), ["alice", "bob", "carol"]).await;
-    let (a, b, c) = (alice.identity_key(), bob.identity_key(), carol.identity_key());
+    let (a, b, c) = (
+        alice.identity_key().to_bytes(),
+        bob.identity_key().to_bytes(),
+        carol.identity_key().to_bytes(),
+    );
     let epoch = alice.group_info(&team).await.unwrap().epoch;
     drop(carol);
 
@@ -405,11 +418,11 @@ async fn one_account_holds_at_most_one_claim_per_slot() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path());
     let dave = account(&server, dir.path(), "dave").await;
-    let dave_key = dave.identity_key();
+    let dave_key = dave.identity_key().to_bytes();
     drop(dave);
     let ([mut alice, bob, mut carol], team) =
         team(&server, dir.path(), ["alice", "bob", "carol"]).await;
-    let (a, c) = (alice.identity_key(), carol.identity_key());
+    let (a, c) = (alice.identity_key().to_bytes(), carol.identity_key().to_bytes());
     let epoch = alice.group_info(&team).await.unwrap().epoch;
     drop(bob);
 
@@ -581,7 +594,7 @@ async fn two_admins_racing_end_in_one_order() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path());
     let dave = account(&server, dir.path(), "dave").await;
-    let dave_key = dave.identity_key();
+    let dave_key = dave.identity_key().to_bytes();
     drop(dave);
     let ([mut alice, mut bob, mut carol], team) =
         team(&server, dir.path(), ["alice", "bob", "carol"]).await;

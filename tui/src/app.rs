@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use qpq_core::client::{ConnState, ConvKind, Conversation, HistoryEntry};
+use qpq_core::ids::{GroupId, MessageId};
 use ratatui_textarea::TextArea;
 
 use crate::config::{self, Config};
@@ -103,7 +104,7 @@ pub struct App {
     /// Selected conversation index.
     pub selected: usize,
     /// The open conversation's id.
-    pub open: Option<Vec<u8>>,
+    pub open: Option<GroupId>,
     /// Its history.
     pub timeline: Vec<HistoryEntry>,
     /// Selected timeline entry, counted from the newest (0 = newest), when the timeline has focus.
@@ -148,15 +149,15 @@ pub struct App {
     /// When the worker tries to reconnect next (offline).
     pub retry_at: Option<Instant>,
     /// Who is typing where, until when.
-    pub typing: HashMap<Vec<u8>, Vec<(String, Instant)>>,
+    pub typing: HashMap<GroupId, Vec<(String, Instant)>>,
     /// Transfers in progress.
     pub transfers: Vec<TransferView>,
     /// Per-conversation notification levels.
-    pub notify: HashMap<Vec<u8>, config::NotifyLevel>,
+    pub notify: HashMap<GroupId, config::NotifyLevel>,
     /// Set when a notification should fire (bell / OSC 9); the main loop takes it.
     pub pending_alert: Option<String>,
     /// Last typing notice sent, to rate-limit them.
-    typing_sent: Option<(Vec<u8>, Instant)>,
+    typing_sent: Option<(GroupId, Instant)>,
     /// Leave the program.
     pub quit: bool,
 }
@@ -830,7 +831,7 @@ impl App {
         }
     }
 
-    fn own_last(&self) -> Option<[u8; 16]> {
+    fn own_last(&self) -> Option<MessageId> {
         let me = self.names.iter().find(|(_, n)| **n == self.username).map(|(id, _)| id.clone());
         self.timeline
             .iter()

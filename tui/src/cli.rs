@@ -13,6 +13,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use qpq_core::client::{Client, ClientError, ConvKind, Conversation, Event, RegisterOptions};
 use qpq_core::identity::hex;
+use qpq_core::ids::GroupId;
 use qpq_core::vault::{KdfParams, Vault};
 
 use crate::downloads::printable;
@@ -284,7 +285,7 @@ async fn run(cli: Cli, signals: crate::signals::Signals) -> anyhow::Result<()> {
         let shown = (|| -> std::io::Result<()> {
             let mut out = std::io::stdout().lock();
             writeln!(out, "registered {username} on {server}")?;
-            writeln!(out, "identity {}", hex(&client.identity_key()))?;
+            writeln!(out, "identity {}", client.identity_key())?;
             if let Some(fp) = client.pinned_fingerprint() {
                 writeln!(out, "server certificate pinned: sha256:{fp}")?;
             }
@@ -598,7 +599,7 @@ pub async fn perform(
     client: &mut Client,
     command: Command,
     password: Option<String>,
-) -> (String, Vec<String>, anyhow::Result<Option<(Vec<u8>, u64)>>) {
+) -> (String, Vec<String>, anyhow::Result<Option<(GroupId, u64)>>) {
     let mut notes = client.subscribe();
     let mut out = Vec::new();
     let result = match command {
@@ -639,7 +640,7 @@ pub async fn perform(
 
 fn whoami(client: &Client, out: Out<'_>) -> anyhow::Result<()> {
     say!(out, "username {}", client.username())?;
-    say!(out, "identity {}", hex(&client.identity_key()))?;
+    say!(out, "identity {}", client.identity_key())?;
     say!(out, "server {}", client.server())?;
     if let Some(fp) = client.pinned_fingerprint() {
         say!(out, "pinned sha256:{fp}")?;
@@ -655,7 +656,7 @@ async fn execute(
     command: Command,
     out: Out<'_>,
     stdin: bool,
-) -> anyhow::Result<Option<(Vec<u8>, u64)>> {
+) -> anyhow::Result<Option<(GroupId, u64)>> {
     match command {
         Command::Dm { user, text } => {
             let conv = client.dm(&user).await?;
@@ -768,16 +769,16 @@ async fn execute(
                     out,
                     "{user}: now trusting account {} (was {}); not verified: compare safety \
                      numbers with `qpq verify {user}`",
-                    hex(&new),
-                    hex(&old)
+                    new,
+                    old
                 )?,
-                _ => say!(out, "{user}: account {} (unchanged; not verified)", hex(&new))?,
+                _ => say!(out, "{user}: account {} (unchanged; not verified)", new)?,
             }
         }
         Command::Contacts => {
             for (name, c) in client.contacts()? {
                 let mark = if c.verified { "verified" } else { "unverified" };
-                say!(out, "{name}  {}  {mark}", hex(&c.key))?;
+                say!(out, "{name}  {}  {mark}", c.key)?;
             }
         }
         Command::Register { .. }
@@ -827,7 +828,7 @@ fn refuse_personal_name(client: &Client, name: &str) -> anyhow::Result<()> {
 }
 
 async fn group(client: &mut Client, g: GroupCommand, out: Out<'_>) -> anyhow::Result<()> {
-    let find = |client: &Client, group: &str| -> anyhow::Result<Vec<u8>> {
+    let find = |client: &Client, group: &str| -> anyhow::Result<GroupId> {
         Ok(client.find_conversation(&group_address(group))?.id)
     };
     match g {

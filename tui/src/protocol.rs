@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use qpq_core::client::{ConnState, Conversation, HistoryEntry};
+use qpq_core::ids::{GroupId, MessageId};
 use serde::{Deserialize, Serialize};
 
 use crate::config;
@@ -31,31 +32,31 @@ pub struct InfoView {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// Load a conversation's history and members; mark it read.
-    Open(Vec<u8>),
+    Open(GroupId),
     /// Load the page of history before local seq `before`.
-    Older { conv: Vec<u8>, before: u64 },
+    Older { conv: GroupId, before: u64 },
     /// Send text (optionally a reply).
-    Send { conv: Vec<u8>, text: String, reply_to: Option<[u8; 16]> },
+    Send { conv: GroupId, text: String, reply_to: Option<MessageId> },
     /// Typing started/stopped.
-    Typing { conv: Vec<u8>, active: bool },
+    Typing { conv: GroupId, active: bool },
     /// Open (or create) the DM with a user.
     Dm(String),
     /// Create a group.
     CreateGroup(String),
     /// Add users to a group.
-    Add { conv: Vec<u8>, users: Vec<String> },
+    Add { conv: GroupId, users: Vec<String> },
     /// Remove a user.
-    Remove { conv: Vec<u8>, user: String },
+    Remove { conv: GroupId, user: String },
     /// Promote (true) or demote.
-    SetAdmin { conv: Vec<u8>, user: String, admin: bool },
+    SetAdmin { conv: GroupId, user: String, admin: bool },
     /// Rename / set topic.
-    Rename { conv: Vec<u8>, name: String, topic: Option<String> },
+    Rename { conv: GroupId, name: String, topic: Option<String> },
     /// Leave.
-    Leave(Vec<u8>),
+    Leave(GroupId),
     /// Rotate own keys.
-    Rotate(Vec<u8>),
+    Rotate(GroupId),
     /// Group info.
-    Info(Vec<u8>),
+    Info(GroupId),
     /// Safety number with a user.
     Verify(String),
     /// Record (or forget) that a user's safety number was compared.
@@ -66,18 +67,18 @@ pub enum Command {
         verified: bool,
     },
     /// Send a file.
-    SendFile { conv: Vec<u8>, path: PathBuf },
+    SendFile { conv: GroupId, path: PathBuf },
     /// Download a file offer into `dir` (`None`: the XDG download directory, which the worker
     /// looks up: the UI does no I/O).
-    Download { conv: Vec<u8>, message_id: [u8; 16], dir: Option<PathBuf> },
+    Download { conv: GroupId, message_id: MessageId, dir: Option<PathBuf> },
     /// React to a message.
-    React { conv: Vec<u8>, target: [u8; 16], emoji: String },
+    React { conv: GroupId, target: MessageId, emoji: String },
     /// Edit one of our messages.
-    Edit { conv: Vec<u8>, target: [u8; 16], text: String },
+    Edit { conv: GroupId, target: MessageId, text: String },
     /// Delete one of our messages.
-    Delete { conv: Vec<u8>, target: [u8; 16] },
+    Delete { conv: GroupId, target: MessageId },
     /// Set a conversation's notification level.
-    Notify { conv: Vec<u8>, level: config::NotifyLevel },
+    Notify { conv: GroupId, level: config::NotifyLevel },
     /// Copy text to the clipboard (OSC 52; the main loop writes it).
     Copy(String),
     /// Leave the program.
@@ -91,15 +92,15 @@ pub enum WorkerEvent {
     /// All conversations, most recent first.
     Conversations(Vec<Conversation>),
     /// A conversation's recent history (and the names of its senders).
-    History { conv: Vec<u8>, entries: Vec<HistoryEntry>, names: Vec<(Vec<u8>, String)> },
+    History { conv: GroupId, entries: Vec<HistoryEntry>, names: Vec<(Vec<u8>, String)> },
     /// An older page of a conversation's history (empty: the beginning was reached).
-    Older { conv: Vec<u8>, entries: Vec<HistoryEntry>, names: Vec<(Vec<u8>, String)> },
+    Older { conv: GroupId, entries: Vec<HistoryEntry>, names: Vec<(Vec<u8>, String)> },
     /// A conversation's members: (name, admin, typing-capable identity).
-    Members { conv: Vec<u8>, members: Vec<(String, bool, Vec<u8>)> },
+    Members { conv: GroupId, members: Vec<(String, bool, Vec<u8>)> },
     /// A new message arrived in a conversation.
-    Incoming { conv: Vec<u8>, entry: HistoryEntry, sender: String, mention: bool },
+    Incoming { conv: GroupId, entry: HistoryEntry, sender: String, mention: bool },
     /// Someone is typing.
-    Typing { conv: Vec<u8>, who: String, active: bool },
+    Typing { conv: GroupId, who: String, active: bool },
     /// Group info.
     Info(InfoView),
     /// Safety number.
@@ -109,13 +110,13 @@ pub enum WorkerEvent {
     /// Transfer progress.
     Transfer { name: String, done: u64, total: u64, upload: bool },
     /// An entry of a conversation changed (delivered, edited, deleted, reacted to, read).
-    Changed { conv: Vec<u8>, entry: HistoryEntry },
+    Changed { conv: GroupId, entry: HistoryEntry },
     /// Connection, outbox, and when the next reconnect attempt starts (offline).
     Status { conn: ConnState, outbox: usize, retry_in: Option<Duration> },
     /// Our identity and server.
     Identity { username: String, server: String, identity: String },
     /// A stored per-conversation notification level.
-    NotifyLevel { conv: Vec<u8>, level: config::NotifyLevel },
+    NotifyLevel { conv: GroupId, level: config::NotifyLevel },
     /// Something to show in the status line.
     Notice(String),
     /// Something that failed.
@@ -153,7 +154,7 @@ pub enum Reply {
     /// `tail --follow` goes on printing from [`Reply::Event`]s, those with a local sequence
     /// number above `after` (the ones printed already are not printed twice).
     /// What went wrong on the way for others (`notes`, shown on stderr as `qpq: note:`).
-    Done { error: Option<String>, follow: Option<Vec<u8>>, after: u64, notes: Vec<String> },
+    Done { error: Option<String>, follow: Option<GroupId>, after: u64, notes: Vec<String> },
     /// The connection is refused (a malformed or oversized frame, another version): the
     /// serving process closes it after this.
     Error(String),

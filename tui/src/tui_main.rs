@@ -419,15 +419,15 @@ mod tests {
     #[test]
     fn paths_are_resolved_here_or_refused_visibly() {
         let cwd = std::env::current_dir().unwrap();
-        let send = |p: &str| Command::SendFile { conv: vec![1], path: PathBuf::from(p) };
+        let send = |p: &str| Command::SendFile { conv: vec![1].into(), path: PathBuf::from(p) };
         assert_eq!(
             in_our_directory(send("a.txt")).unwrap(),
             send(&cwd.join("a.txt").to_string_lossy())
         );
         assert!(in_our_directory(send("")).is_err(), "an empty path is not sent as it is");
         let download = |dir: Option<&str>| Command::Download {
-            conv: vec![1],
-            message_id: [2; 16],
+            conv: vec![1].into(),
+            message_id: [2; 16].into(),
             dir: dir.map(PathBuf::from),
         };
         assert_eq!(
@@ -438,7 +438,7 @@ mod tests {
             Command::Download { dir: Some(d), .. } => assert!(d.is_absolute(), "{}", d.display()),
             other => panic!("{other:?}"),
         }
-        let open = Command::Open(vec![1]);
+        let open = Command::Open(vec![1].into());
         assert_eq!(in_our_directory(open.clone()).unwrap(), open);
     }
 

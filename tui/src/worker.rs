@@ -15,6 +15,7 @@ use qpq_core::client::{
 use qpq_core::content::Body;
 use qpq_core::content::FileOffer;
 use qpq_core::identity::hex;
+use qpq_core::ids::{GroupId, IdentityKey};
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
 
@@ -115,9 +116,9 @@ impl<'a> Tx<'a> {
 }
 
 /// The conversation each attached UI has open.
-type OpenSet = HashMap<AttachId, Vec<u8>>;
+type OpenSet = HashMap<AttachId, GroupId>;
 
-fn is_open(open: &OpenSet, conv: &[u8]) -> bool {
+fn is_open(open: &OpenSet, conv: &GroupId) -> bool {
     open.values().any(|c| c == conv)
 }
 
@@ -438,7 +439,7 @@ struct Finished {
 }
 
 enum Ended {
-    Uploaded { conv: Vec<u8>, offer: Result<FileOffer, ClientError> },
+    Uploaded { conv: GroupId, offer: Result<FileOffer, ClientError> },
     Saved { offered: String, path: Result<PathBuf, ClientError> },
 }
 
@@ -453,7 +454,7 @@ impl Transfers {
         client: &Client,
         to: Option<AttachId>,
         cli: bool,
-        conv: Vec<u8>,
+        conv: GroupId,
         path: &std::path::Path,
     ) -> Result<(), ClientError> {
         let upload = client.uploader(path, self.progress())?;
@@ -584,7 +585,7 @@ async fn run_command(
                     Ok(Event::Transfer(t)) => {
                         tx.all().send(transfer(t));
                     }
-                    Ok(Event::Message { conv, entry }) if entry.sender == me => {
+                    Ok(Event::Message { conv, entry }) if *entry.sender == *me => {
                         own_message = true;
                         let incoming = WorkerEvent::Incoming {
                             conv,
@@ -668,7 +669,7 @@ fn fit_page(mut entries: Vec<HistoryEntry>) -> Vec<HistoryEntry> {
     entries
 }
 
-fn send_history(client: &mut Client, conv: &[u8], tx: &Tx<'_>) -> Result<(), ClientError> {
+fn send_history(client: &mut Client, conv: &GroupId, tx: &Tx<'_>) -> Result<(), ClientError> {
     let entries = fit_page(client.history(conv, HISTORY_PAGE)?);
     let mut names = Vec::new();
     for e in &entries {
@@ -676,18 +677,18 @@ fn send_history(client: &mut Client, conv: &[u8], tx: &Tx<'_>) -> Result<(), Cli
             names.push((e.sender.clone(), n));
         }
     }
-    tx.send(WorkerEvent::History { conv: conv.to_vec(), entries, names });
+    tx.send(WorkerEvent::History { conv: conv.clone(), entries, names });
     Ok(())
 }
 
-async fn send_members(client: &mut Client, conv: &[u8], tx: &Tx<'_>) {
+async fn send_members(client: &mut Client, conv: &GroupId, tx: &Tx<'_>) {
     if client.conversation(conv).ok().flatten().is_none_or(|c| c.kind != ConvKind::Group) {
         return;
     }
     if let Ok(info) = client.group_info(conv).await {
         let members =
             info.members.into_iter().map(|(id, name, admin)| (name, admin, id.to_vec())).collect();
-        tx.all().send(WorkerEvent::Members { conv: conv.to_vec(), members });
+        tx.all().send(WorkerEvent::Members { conv: conv.clone(), members });
     }
 }
 
@@ -701,7 +702,7 @@ async fn forward(
     match ev {
         Event::Message { conv, entry } => {
             let sender = match <[u8; 32]>::try_from(entry.sender.as_slice()) {
-                Ok(id) => client.name_of(&id).await,
+                Ok(id) => client.name_of(&IdentityKey::from(id)).await,
                 Err(_) => String::new(),
             };
             let mention = entry.mentions(client.username());
@@ -714,7 +715,7 @@ async fn forward(
                     == Some("none")
             };
             if let Some(n) = notifier
-                && entry.sender != client.identity_key()
+                && *entry.sender != *client.identity_key()
                 && !entry.system
                 && !muted()
                 && let Ok(Some(c)) = client.conversation(&conv)

@@ -23,6 +23,7 @@ use super::session::Session;
 use super::state::{Effect, Resolution, Route, State, now_ms};
 use crate::content::{Body, Content, FileOffer};
 use crate::identity::{Identity, hex};
+use crate::ids::{GroupId, IdentityKey, MessageId};
 use crate::mls::{GroupError, Incoming, Mls};
 use crate::vault::{KdfParams, Vault};
 
@@ -183,8 +184,8 @@ impl Client {
     }
 
     /// Our identity key.
-    pub fn identity_key(&self) -> [u8; 32] {
-        self.state.identity_key()
+    pub fn identity_key(&self) -> IdentityKey {
+        self.state.identity_key().into()
     }
 
     /// The server address.
@@ -384,7 +385,7 @@ impl Client {
     }
 
     /// A conversation by id.
-    pub fn conversation(&self, id: &[u8]) -> Result<Option<Conversation>, ClientError> {
+    pub fn conversation(&self, id: &GroupId) -> Result<Option<Conversation>, ClientError> {
         self.state.store.conversation(id)
     }
 
@@ -401,14 +402,14 @@ impl Client {
     }
 
     /// The last `limit` history entries of a conversation, oldest first.
-    pub fn history(&self, conv: &[u8], limit: usize) -> Result<Vec<HistoryEntry>, ClientError> {
+    pub fn history(&self, conv: &GroupId, limit: usize) -> Result<Vec<HistoryEntry>, ClientError> {
         self.state.store.history(conv, limit)
     }
 
     /// Up to `limit` history entries older than local seq `before`, oldest first.
     pub fn history_before(
         &self,
-        conv: &[u8],
+        conv: &GroupId,
         before: u64,
         limit: usize,
     ) -> Result<Vec<HistoryEntry>, ClientError> {
@@ -416,15 +417,15 @@ impl Client {
     }
 
     /// Marks a conversation read; returns the last message id, for a read receipt.
-    pub fn mark_read(&self, conv: &[u8]) -> Result<Option<[u8; 16]>, ClientError> {
+    pub fn mark_read(&self, conv: &GroupId) -> Result<Option<MessageId>, ClientError> {
         self.state.mark_read(conv)
     }
 
     /// The history entry of a message id (ours or a peer's), with its conversation.
     pub fn entry(
         &self,
-        message_id: &[u8; 16],
-    ) -> Result<Option<(Vec<u8>, HistoryEntry)>, ClientError> {
+        message_id: &MessageId,
+    ) -> Result<Option<(GroupId, HistoryEntry)>, ClientError> {
         self.state.store.entry(message_id)
     }
 
@@ -492,7 +493,7 @@ impl Client {
     /// Trust on first use, like SSH's known_hosts: the first key the server gives for a name is
     /// remembered; a different key later is [`ClientError::KeyChanged`] until the user accepts
     /// it with [`Client::trust`]. The server is asked every time, so a remapped name is seen.
-    pub async fn resolve(&mut self, username: &str) -> Result<[u8; 32], ClientError> {
+    pub async fn resolve(&mut self, username: &str) -> Result<IdentityKey, ClientError> {
         let r = self
             .call::<_, v1::ResolveUserResponse>(
                 method::RESOLVE_USER,
@@ -508,7 +509,7 @@ impl Client {
                     .map_err(|_| ClientError::PeerInvalid("an identity key is not 32 bytes"))?;
                 self.state.check_contact(username, id)?;
                 self.state.remember_name(id, username)?;
-                Ok(id)
+                Ok(id.into())
             }
             Err(ClientError::Net(e)) if e.status() == Some(Status::NotFound) => {
                 Err(ClientError::UnknownUser(username.into()))
@@ -518,7 +519,7 @@ impl Client {
     }
 
     /// The username of an identity (cached; asks the server once).
-    pub async fn name_of(&mut self, id: &[u8; 32]) -> String {
+    pub async fn name_of(&mut self, id: &IdentityKey) -> String {
         if *id == self.identity_key() {
             return self.state.username().to_string();
         }
@@ -533,7 +534,7 @@ impl Client {
             .await;
         match r {
             Ok(r) => {
-                let _ = self.state.remember_name(*id, &r.username);
+                let _ = self.state.remember_name(id.to_bytes(), &r.username);
                 r.username
             }
             Err(_) => hex(&id[..6]),
@@ -545,7 +546,7 @@ impl Client {
     pub async fn trust(
         &mut self,
         username: &str,
-    ) -> Result<(Option<[u8; 32]>, [u8; 32]), ClientError> {
+    ) -> Result<(Option<IdentityKey>, IdentityKey), ClientError> {
         let old = self.contact(username)?.map(|c| c.key);
         self.state.store.forget_contact(username)?;
         match self.resolve(username).await {
@@ -566,7 +567,7 @@ impl Client {
     /// Encrypts `body` for a conversation, records it (history and outbox, atomically with
     /// the MLS state), then tries to deliver it. Returns the message id. Offline, the message
     /// stays in the outbox and goes out on the next connect.
-    pub async fn send(&mut self, conv: &[u8], body: Body) -> Result<[u8; 16], ClientError> {
+    pub async fn send(&mut self, conv: &GroupId, body: Body) -> Result<MessageId, ClientError> {
         // Receivers take a name or topic only from a group's admin: do not show one locally
         // that they will reject.
         if matches!(body, Body::Meta { .. }) {
@@ -590,13 +591,13 @@ impl Client {
         let me = self.identity_key();
         let entry = self.state.store.atomic(|| self.state.record_send(conv, &me, &content))?;
         if let Some(entry) = entry {
-            self.emit(Event::Message { conv: conv.to_vec(), entry });
+            self.emit(Event::Message { conv: conv.clone(), entry });
         }
         // Our edit, delete or reaction changed an entry: say which (a UI updates just that).
         if let Body::Edit { target, .. } | Body::Delete { target } | Body::Reaction { target, .. } =
             &content.body
         {
-            self.emit(Event::Updated { conv: conv.to_vec(), message_id: *target });
+            self.emit(Event::Updated { conv: conv.clone(), message_id: *target });
         }
         match self.flush_outbox().await {
             Ok(_) | Err(ClientError::Net(_)) => {}
@@ -606,12 +607,16 @@ impl Client {
     }
 
     /// Sends a text message.
-    pub async fn send_text(&mut self, conv: &[u8], text: &str) -> Result<[u8; 16], ClientError> {
+    pub async fn send_text(
+        &mut self,
+        conv: &GroupId,
+        text: &str,
+    ) -> Result<MessageId, ClientError> {
         self.send(conv, Body::Text { body: text.to_string(), reply_to: None }).await
     }
 
     /// Tells the conversation's connected members that we are typing (not stored anywhere).
-    pub async fn send_typing(&mut self, conv: &[u8], active: bool) -> Result<(), ClientError> {
+    pub async fn send_typing(&mut self, conv: &GroupId, active: bool) -> Result<(), ClientError> {
         let content = Content::new(Body::Typing { active }, now_ms()).encode()?;
         let (ciphertext, to) = self
             .state
@@ -715,12 +720,16 @@ impl Client {
             self.process_envelopes(r.payloads).await?;
         }
         // Once the queue is drained: at the first sync of a session, and after a gap.
-        if std::mem::take(&mut self.probe_slots)
-            && let Err(e) = self.catch_up_all().await
-        {
-            self.probe_slots = true; // the next sync tries again
-            return Err(e);
+        if std::mem::take(&mut self.probe_slots) {
+            if let Err(e) = self.catch_up_all().await {
+                self.probe_slots = true; // the next sync tries again
+                return Err(e);
+            }
+            // Leave proposals processed just before a crash (stored and acknowledged, the
+            // commit not yet staged) are committed now.
+            self.commit_all_proposals().await?;
         }
+        self.commit_deferred_leaves().await?;
         if self.state.take_queued() {
             match self.flush_outbox().await {
                 // Offline now: it waits in the outbox for the next connect.
@@ -790,7 +799,7 @@ impl Client {
                     && let Ok(Content { body: Body::Typing { active }, .. }) =
                         Content::decode(&plaintext)
                 {
-                    self.emit(Event::Typing { conv: group_id, who: sender, active });
+                    self.emit(Event::Typing { conv: group_id.into(), who: sender.into(), active });
                 }
             }
             method::PUSH_KEY_PACKAGES_LOW => {
@@ -867,7 +876,7 @@ impl Client {
         for effect in effects {
             match effect {
                 Effect::LearnName(id) => {
-                    self.name_of(&id).await;
+                    self.name_of(&id.into()).await;
                 }
                 Effect::CommitProposals(conv) if !proposals.contains(&conv) => proposals.push(conv),
                 Effect::CommitProposals(_) => {}
@@ -920,11 +929,8 @@ impl Client {
     /// Names DMs joined before the peer's username was known.
     pub(crate) async fn name_dms(&mut self) -> Result<(), ClientError> {
         for mut c in self.conversations()? {
-            let Some(peer) = c.peer.as_ref().and_then(|p| <[u8; 32]>::try_from(p.as_slice()).ok())
-            else {
-                continue;
-            };
-            if c.kind == ConvKind::Dm && c.name == hex(&peer[..6]) {
+            let Some(peer) = c.peer else { continue };
+            if c.kind == ConvKind::Dm && c.name == peer.short() {
                 let name = self.name_of(&peer).await;
                 if name != c.name {
                     c.name = name;
@@ -957,7 +963,7 @@ impl Client {
 pub(crate) fn batch_request(
     to: Vec<Vec<u8>>,
     payload: Vec<u8>,
-    id: [u8; 16],
+    id: MessageId,
 ) -> v1::BatchEnqueueRequest {
     v1::BatchEnqueueRequest {
         recipient_keys: to,

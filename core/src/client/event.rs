@@ -1,6 +1,7 @@
 //! What the client tells its UI: the [`Event`] stream and the types it carries.
 
 use super::history::{Conversation, HistoryEntry};
+use crate::ids::{GroupId, IdentityKey, MessageId};
 
 /// Connection state, as events report it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -34,30 +35,30 @@ pub enum Event {
     /// A new history entry (message, file offer, system line).
     Message {
         /// Conversation id.
-        conv: Vec<u8>,
+        conv: GroupId,
         /// The entry.
         entry: HistoryEntry,
     },
     /// An existing entry changed (edit, delete, reaction, receipt).
     Updated {
         /// Conversation id.
-        conv: Vec<u8>,
+        conv: GroupId,
         /// The entry's message id.
-        message_id: [u8; 16],
+        message_id: MessageId,
     },
     /// Someone started or stopped typing.
     Typing {
         /// Conversation id.
-        conv: Vec<u8>,
+        conv: GroupId,
         /// Who.
-        who: [u8; 32],
+        who: IdentityKey,
         /// Started (true) or stopped.
         active: bool,
     },
     /// We joined, a conversation was renamed, or membership changed.
     Conversation {
         /// Conversation id.
-        conv: Vec<u8>,
+        conv: GroupId,
     },
     /// Transfer progress.
     Transfer(Transfer),
@@ -71,7 +72,7 @@ pub enum Event {
     /// A member proposed a change (e.g. leaving) that waits for an admin's commit.
     Proposal {
         /// Conversation id.
-        conv: Vec<u8>,
+        conv: GroupId,
     },
     /// Gap in a queue's seq numbers: messages expired on the server before we fetched them.
     Gap {
@@ -88,7 +89,7 @@ pub struct GroupInfo {
     /// The conversation.
     pub conversation: Conversation,
     /// Members: identity, username (if known), admin.
-    pub members: Vec<([u8; 32], String, bool)>,
+    pub members: Vec<(IdentityKey, String, bool)>,
     /// MLS epoch.
     pub epoch: u64,
     /// Verification code (same for every member in this epoch).

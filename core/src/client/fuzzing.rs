@@ -210,7 +210,7 @@ impl From<VaultError> for Rollback {
 
 /// One message body of each kind.
 fn bodies() -> Vec<Body> {
-    let target = [7u8; 16];
+    let target = crate::ids::MessageId::from([7u8; 16]);
     vec![
         Body::Text { body: "hello".into(), reply_to: Some(target) },
         Body::Reaction { target, emoji: "+1".into(), remove: false },

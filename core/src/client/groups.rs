@@ -10,9 +10,10 @@ use super::event::{Event, GroupInfo};
 use super::history::ConvKind;
 use super::net::NetError;
 use super::records::{Intent, PendingCommit};
-use super::state::{MAX_REDO, Resolution, random_id};
+use super::state::{MAX_REDO, Resolution};
 use crate::content::Body;
 use crate::identity::{hex, safety_number};
+use crate::ids::{GroupId, MessageId};
 use crate::mls::{GroupError, Kind};
 
 /// At most this many epochs are applied by one catch-up (a guard, far above real gaps).
@@ -22,7 +23,7 @@ const MAX_SLOT_CLAIMS: u32 = 1024;
 
 impl Client {
     /// The DM with `username`, created (and the peer invited) if there is none.
-    pub async fn dm(&mut self, username: &str) -> Result<Vec<u8>, ClientError> {
+    pub async fn dm(&mut self, username: &str) -> Result<GroupId, ClientError> {
         let peer = self.resolve(username).await?;
         if peer == self.identity_key() {
             return Err(ClientError::SelfConversation);
@@ -30,7 +31,7 @@ impl Client {
         if let Some(c) = self
             .conversations()?
             .into_iter()
-            .find(|c| c.kind == ConvKind::Dm && c.peer.as_deref() == Some(peer.as_slice()))
+            .find(|c| c.kind == ConvKind::Dm && c.peer == Some(peer))
         {
             return Ok(c.id);
         }
@@ -43,40 +44,40 @@ impl Client {
                 id.clone(),
                 ConvKind::Dm,
                 username.to_string(),
-                Some(peer),
+                Some(peer.to_bytes()),
             )?;
-            let intent = Intent::Add { kps: vec![kp], ids: vec![peer] };
+            let intent = Intent::Add { kps: vec![kp], ids: vec![peer.to_bytes()] };
             let out = self.state.build(&id, &intent)?.ok_or(GroupError::NotMember)?;
             let pending = self.state.stage_commit(&id, out, false, None, intent, 0)?;
             Ok((id, pending))
         })?;
         self.deliver_commit(pending).await?;
-        Ok(id)
+        Ok(id.into())
     }
 
     /// Creates a group named `name` with us as admin.
-    pub async fn create_group(&mut self, name: &str) -> Result<Vec<u8>, ClientError> {
+    pub async fn create_group(&mut self, name: &str) -> Result<GroupId, ClientError> {
         if self.conversations()?.iter().any(|c| c.name == name) {
             return Err(ClientError::NameTaken(name.to_string()));
         }
         self.state.store.atomic(|| -> Result<_, ClientError> {
             let id = self.state.mls.create(Kind::Group)?;
             self.state.new_conversation(id.clone(), ConvKind::Group, name.to_string(), None)?;
-            Ok(id)
+            Ok(GroupId::from(id))
         })
     }
 
     /// Adds users to a group (admins only); they get a Welcome, everyone else the commit.
     pub async fn add_members(
         &mut self,
-        conv: &[u8],
+        conv: &GroupId,
         usernames: &[String],
     ) -> Result<(), ClientError> {
         let (mut kps, mut ids) = (Vec::new(), Vec::new());
         for u in usernames {
             let id = self.resolve(u).await?;
             kps.push(self.fetch_key_package(&id, u).await?);
-            ids.push(id);
+            ids.push(id.to_bytes());
         }
         let system = format!("{} added {}", self.state.username(), usernames.join(", "));
         // Once merged, the newcomers are told the group's name and topic.
@@ -84,16 +85,21 @@ impl Client {
     }
 
     /// Removes a user (admins only).
-    pub async fn remove_member(&mut self, conv: &[u8], username: &str) -> Result<(), ClientError> {
+    pub async fn remove_member(
+        &mut self,
+        conv: &GroupId,
+        username: &str,
+    ) -> Result<(), ClientError> {
         let id = self.resolve(username).await?;
         let system = format!("{} removed {username}", self.state.username());
-        self.commit_change(conv, Intent::Remove { ids: vec![id] }, false, Some(system)).await
+        self.commit_change(conv, Intent::Remove { ids: vec![id.to_bytes()] }, false, Some(system))
+            .await
     }
 
     /// Makes a member an admin or not (admins only).
     pub async fn set_admin(
         &mut self,
-        conv: &[u8],
+        conv: &GroupId,
         username: &str,
         admin: bool,
     ) -> Result<(), ClientError> {
@@ -103,11 +109,12 @@ impl Client {
         }
         let verb = if admin { "promoted" } else { "demoted" };
         let system = format!("{} {verb} {username}", self.state.username());
-        self.commit_change(conv, Intent::Admin { id, admin }, false, Some(system)).await
+        self.commit_change(conv, Intent::Admin { id: id.to_bytes(), admin }, false, Some(system))
+            .await
     }
 
     /// Rotates our keys in a conversation.
-    pub async fn rotate_keys(&mut self, conv: &[u8]) -> Result<(), ClientError> {
+    pub async fn rotate_keys(&mut self, conv: &GroupId) -> Result<(), ClientError> {
         self.commit_change(conv, Intent::Rotate, false, None).await
     }
 
@@ -130,7 +137,7 @@ impl Client {
     /// Renames a group and sets its topic (sent to all members).
     pub async fn rename(
         &mut self,
-        conv: &[u8],
+        conv: &GroupId,
         name: &str,
         topic: Option<&str>,
     ) -> Result<(), ClientError> {
@@ -158,7 +165,7 @@ impl Client {
     }
 
     /// Leaves a conversation: proposes our removal to the others and forgets it locally.
-    pub async fn leave(&mut self, conv: &[u8]) -> Result<(), ClientError> {
+    pub async fn leave(&mut self, conv: &GroupId) -> Result<(), ClientError> {
         // Only admins commit, so a group's last admin hands the role on before leaving (to
         // the first member in the tree), or nobody could carry out its leave or any change.
         let me = self.identity_key();
@@ -171,14 +178,14 @@ impl Client {
             && self.state.mls.kind(conv)? == Kind::Group
         {
             let heir = others[0].identity;
-            let name = self.name_of(&heir).await;
+            let name = self.name_of(&heir.into()).await;
             let system = format!("{} made {name} an admin before leaving", self.state.username());
             self.commit_change(conv, Intent::Admin { id: heir, admin: true }, false, Some(system))
                 .await?;
         }
         let (proposal, to) = self.state.mls.leave(conv)?;
         if !to.is_empty() {
-            self.batch_enqueue(&to, proposal, random_id()).await?;
+            self.batch_enqueue(&to, proposal, MessageId::random()).await?;
         }
         self.state.store.atomic(|| -> Result<(), ClientError> {
             self.state.mls.forget(conv)?;
@@ -187,13 +194,14 @@ impl Client {
     }
 
     /// Members, epoch and verification code of a conversation.
-    pub async fn group_info(&mut self, conv: &[u8]) -> Result<GroupInfo, ClientError> {
+    pub async fn group_info(&mut self, conv: &GroupId) -> Result<GroupInfo, ClientError> {
         let conversation =
             self.conversation(conv)?.ok_or_else(|| ClientError::UnknownConversation(hex(conv)))?;
         let mut members = Vec::new();
         for m in self.state.mls.members(conv)? {
-            let name = self.name_of(&m.identity).await;
-            members.push((m.identity, name, m.admin));
+            let id = m.identity.into();
+            let name = self.name_of(&id).await;
+            members.push((id, name, m.admin));
         }
         Ok(GroupInfo {
             conversation,
@@ -213,7 +221,7 @@ impl Client {
         if let Some(dm) = self
             .conversations()?
             .into_iter()
-            .find(|c| c.kind == ConvKind::Dm && c.peer.as_deref() == Some(peer.as_slice()))
+            .find(|c| c.kind == ConvKind::Dm && c.peer == Some(peer))
         {
             let members = self.state.mls.members(&dm.id)?;
             if let Some(other) = members.iter().find(|m| m.identity != me)
@@ -221,7 +229,7 @@ impl Client {
             {
                 return Err(ClientError::KeyChanged {
                     username: username.into(),
-                    pinned: hex(&peer),
+                    pinned: peer.to_string(),
                     presented: hex(&other.identity),
                 });
             }
@@ -539,11 +547,42 @@ impl Client {
         Ok(())
     }
 
+    /// Commits, in every group, the leave proposals waiting in MLS (as the admin chosen to).
+    pub(crate) async fn commit_all_proposals(&mut self) -> Result<(), ClientError> {
+        for c in self.state.conversations()? {
+            if self.state.mls.epoch(&c.id).is_err() {
+                continue;
+            }
+            if let Some(pending) = self.state.stage_proposals(&c.id)? {
+                self.deliver_commit(pending).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the members whose leave waited for a commit of ours to settle.
+    pub(crate) async fn commit_deferred_leaves(&mut self) -> Result<(), ClientError> {
+        for (conv, ids) in self.state.take_deferred_leaves() {
+            if self.state.mls.epoch(&conv).is_err() {
+                continue; // we left, or were removed
+            }
+            if self.state.store.has_pending_commit(&conv)? {
+                self.state.defer_leaves(conv, ids);
+                continue;
+            }
+            let leave = Intent::Leave { ids };
+            if let Some(pending) = self.state.stage_change(&conv, leave, false, None)? {
+                self.deliver_commit(pending).await?;
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) async fn batch_enqueue(
         &mut self,
         to: &[[u8; 32]],
         payload: Vec<u8>,
-        message_id: [u8; 16],
+        message_id: MessageId,
     ) -> Result<(), ClientError> {
         let req = batch_request(to.iter().map(|k| k.to_vec()).collect(), payload, message_id);
         let _: v1::BatchEnqueueResponse = self.call(method::BATCH_ENQUEUE, &req).await?;

@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::content::{Body, Content, FileOffer};
+use crate::ids::{GroupId, IdentityKey, MessageId};
 
 /// DM or group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -17,7 +18,7 @@ pub enum ConvKind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Conversation {
     /// MLS group id.
-    pub id: Vec<u8>,
+    pub id: GroupId,
     /// DM or group.
     pub kind: ConvKind,
     /// Group name; for a DM, the peer's username.
@@ -25,7 +26,7 @@ pub struct Conversation {
     /// Group topic.
     pub topic: String,
     /// The peer's identity key in a DM.
-    pub peer: Option<Vec<u8>>,
+    pub peer: Option<IdentityKey>,
     /// Last message or change, ms.
     pub last_activity_ms: u64,
     /// Messages received since the user last read the conversation.
@@ -50,7 +51,7 @@ pub struct HistoryEntry {
     /// Local sequence number (display order).
     pub seq: u64,
     /// The sender's message id.
-    pub message_id: [u8; 16],
+    pub message_id: MessageId,
     /// Sender identity key.
     pub sender: Vec<u8>,
     /// Sender clock, ms.
@@ -60,7 +61,7 @@ pub struct HistoryEntry {
     /// Text, or a description for non-text entries.
     pub text: String,
     /// Message replied to.
-    pub reply_to: Option<[u8; 16]>,
+    pub reply_to: Option<MessageId>,
     /// A file offer.
     pub file: Option<FileOffer>,
     /// Edited at least once.
@@ -115,7 +116,7 @@ impl HistoryEntry {
     pub fn system(seq: u64, text: String, now_ms: u64) -> Self {
         Self {
             seq,
-            message_id: [0; 16],
+            message_id: MessageId::default(),
             sender: Vec::new(),
             sent_at_ms: now_ms,
             received_at_ms: now_ms,

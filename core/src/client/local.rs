@@ -27,6 +27,7 @@ use zeroize::Zeroizing;
 use super::error::ClientError;
 use super::history::{Conversation, HistoryEntry, conv_prefix, message_key};
 use super::records::{OutboxItem, PendingCommit};
+use crate::ids::{GroupId, IdentityKey};
 use crate::vault::{Space, Vault, VaultError};
 
 /// `state` keys of remembered contacts: `contact/ ‖ username`.
@@ -41,7 +42,7 @@ pub(crate) const RECENT_PER_CONVERSATION: u64 = 64;
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Contact {
     /// The account identity key.
-    pub key: [u8; 32],
+    pub key: IdentityKey,
     /// Verified out of band (`qpq verify --mark`).
     pub verified: bool,
     /// When it was first seen (ms since the epoch; 0 if accepted again by `trust`).
@@ -267,7 +268,7 @@ impl LocalStore {
     pub fn put_entry(&self, c: &Conversation, entry: &HistoryEntry) -> Result<(), ClientError> {
         self.vault.put(Space::Messages, &message_key(&c.id, entry.seq), &json(entry)?)?;
         if !entry.system {
-            let mut index = c.id.clone();
+            let mut index = c.id.to_vec();
             index.extend_from_slice(&entry.seq.to_be_bytes());
             self.vault.put(Space::State, &mid_key(&entry.message_id), &index)?;
         }
@@ -280,20 +281,20 @@ impl LocalStore {
     }
 
     /// Where a message id's entry is: its conversation and local seq.
-    pub fn locate(&self, message_id: &[u8; 16]) -> Result<Option<(Vec<u8>, u64)>, ClientError> {
+    pub fn locate(&self, message_id: &[u8; 16]) -> Result<Option<(GroupId, u64)>, ClientError> {
         let Some(index) = self.vault.get(Space::State, &mid_key(message_id))? else {
             return Ok(None);
         };
         Ok(index
             .split_last_chunk::<8>()
-            .map(|(conv, seq)| (conv.to_vec(), u64::from_be_bytes(*seq))))
+            .map(|(conv, seq)| (GroupId::from(conv), u64::from_be_bytes(*seq))))
     }
 
     /// The entry of a message id, with its conversation.
     pub fn entry(
         &self,
         message_id: &[u8; 16],
-    ) -> Result<Option<(Vec<u8>, HistoryEntry)>, ClientError> {
+    ) -> Result<Option<(GroupId, HistoryEntry)>, ClientError> {
         let Some((conv, seq)) = self.locate(message_id)? else { return Ok(None) };
         let Some(v) = self.vault.get(Space::Messages, &message_key(&conv, seq))? else {
             return Ok(None);
@@ -306,7 +307,7 @@ impl LocalStore {
         &self,
         message_id: &[u8; 16],
         f: impl FnOnce(&mut HistoryEntry),
-    ) -> Result<Option<Vec<u8>>, ClientError> {
+    ) -> Result<Option<GroupId>, ClientError> {
         let Some((conv, seq)) = self.locate(message_id)? else { return Ok(None) };
         let key = message_key(&conv, seq);
         let Some(v) = self.vault.get(Space::Messages, &key)? else { return Ok(None) };

@@ -30,6 +30,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::ids::{GroupId, MessageId};
+
 /// The first byte of a legacy record: a JSON object.
 const LEGACY_JSON: u8 = b'{';
 /// The first byte of a record in the binary form. Never `{`, nor JSON whitespace.
@@ -90,13 +92,13 @@ pub(crate) enum RecordError {
 #[derive(serde::Serialize, serde::Deserialize)]
 #[cfg_attr(test, derive(Debug, Clone, PartialEq, Eq))]
 pub(crate) struct PendingCommit {
-    pub(crate) conv: Vec<u8>,
+    pub(crate) conv: GroupId,
     pub(crate) commit: Vec<u8>,
     pub(crate) commit_to: Vec<Vec<u8>>,
-    pub(crate) message_id: [u8; 16],
+    pub(crate) message_id: MessageId,
     pub(crate) welcome: Option<Vec<u8>>,
     pub(crate) welcome_to: Vec<Vec<u8>>,
-    pub(crate) welcome_id: [u8; 16],
+    pub(crate) welcome_id: MessageId,
     /// Tell newcomers the group's name and topic once merged.
     #[serde(default)]
     pub(crate) announce: bool,
@@ -137,36 +139,36 @@ pub(crate) enum Intent {
 #[derive(serde::Serialize, serde::Deserialize)]
 #[cfg_attr(test, derive(Debug, Clone, PartialEq, Eq))]
 pub(crate) struct OutboxItem {
-    pub(crate) conv: Vec<u8>,
+    pub(crate) conv: GroupId,
     pub(crate) to: Vec<Vec<u8>>,
     pub(crate) payload: Vec<u8>,
-    pub(crate) message_id: [u8; 16],
+    pub(crate) message_id: MessageId,
 }
 
 /// The metadata of an [`OutboxItem`] in the binary form, as written.
 #[derive(Serialize)]
 struct OutboxMetaRef<'a> {
-    conv: &'a [u8],
+    conv: &'a GroupId,
     to: &'a [Vec<u8>],
-    message_id: &'a [u8; 16],
+    message_id: &'a MessageId,
 }
 
 /// The metadata of an [`OutboxItem`] in the binary form, as read.
 #[derive(Deserialize)]
 struct OutboxMeta {
-    conv: Vec<u8>,
+    conv: GroupId,
     to: Vec<Vec<u8>>,
-    message_id: [u8; 16],
+    message_id: MessageId,
 }
 
 /// The metadata of a [`PendingCommit`] in the binary form, as written.
 #[derive(Serialize)]
 struct CommitMetaRef<'a> {
-    conv: &'a [u8],
+    conv: &'a GroupId,
     commit_to: &'a [Vec<u8>],
-    message_id: &'a [u8; 16],
+    message_id: &'a MessageId,
     welcome_to: &'a [Vec<u8>],
-    welcome_id: &'a [u8; 16],
+    welcome_id: &'a MessageId,
     announce: bool,
     system: &'a Option<String>,
     slot: &'a Option<[u8; 16]>,
@@ -178,11 +180,11 @@ struct CommitMetaRef<'a> {
 /// `#[serde(default)]`, as in the legacy form.
 #[derive(Deserialize)]
 struct CommitMeta {
-    conv: Vec<u8>,
+    conv: GroupId,
     commit_to: Vec<Vec<u8>>,
-    message_id: [u8; 16],
+    message_id: MessageId,
     welcome_to: Vec<Vec<u8>>,
-    welcome_id: [u8; 16],
+    welcome_id: MessageId,
     #[serde(default)]
     announce: bool,
     #[serde(default)]
@@ -392,23 +394,23 @@ mod tests {
     /// What the outbox fixture holds.
     fn outbox_fixture() -> OutboxItem {
         OutboxItem {
-            conv: bytes(0x10, 16),
+            conv: bytes(0x10, 16).into(),
             to: vec![bytes(0x20, 32), bytes(0x40, 32)],
             payload: bytes(0x80, 48),
-            message_id: arr(0x60),
+            message_id: arr(0x60).into(),
         }
     }
 
     /// What the v0.3 commit fixture holds (an add, with its Welcome).
     fn commit_v03_fixture() -> PendingCommit {
         PendingCommit {
-            conv: bytes(0x10, 16),
+            conv: bytes(0x10, 16).into(),
             commit: bytes(0x80, 40),
             commit_to: vec![bytes(0x20, 32)],
-            message_id: arr(0x60),
+            message_id: arr(0x60).into(),
             welcome: Some(bytes(0xc0, 24)),
             welcome_to: vec![bytes(0x40, 32)],
-            welcome_id: arr(0x70),
+            welcome_id: arr(0x70).into(),
             announce: true,
             system: Some("alice added carol · café ✓".into()),
             slot: Some(arr(0x90)),
@@ -420,13 +422,13 @@ mod tests {
     /// What the v0.3 rotation fixture holds (no Welcome, a unit intent).
     fn commit_v03_rotate_fixture() -> PendingCommit {
         PendingCommit {
-            conv: bytes(0x10, 16),
+            conv: bytes(0x10, 16).into(),
             commit: bytes(0x80, 40),
             commit_to: vec![bytes(0x20, 32), bytes(0x40, 32)],
-            message_id: arr(0x60),
+            message_id: arr(0x60).into(),
             welcome: None,
             welcome_to: vec![],
-            welcome_id: arr(0x70),
+            welcome_id: arr(0x70).into(),
             announce: false,
             system: None,
             slot: Some(arr(0x90)),
@@ -438,13 +440,13 @@ mod tests {
     /// What the v0.2 commit fixture holds: no slot, intent or attempt in the record.
     fn commit_v02_fixture() -> PendingCommit {
         PendingCommit {
-            conv: bytes(0x10, 16),
+            conv: bytes(0x10, 16).into(),
             commit: bytes(0x80, 40),
             commit_to: vec![bytes(0x20, 32)],
-            message_id: arr(0x60),
+            message_id: arr(0x60).into(),
             welcome: Some(bytes(0xc0, 24)),
             welcome_to: vec![bytes(0x40, 32)],
-            welcome_id: arr(0x70),
+            welcome_id: arr(0x70).into(),
             announce: true,
             system: Some("alice added bob".into()),
             slot: None,

@@ -22,6 +22,7 @@ use super::local::{Contact, LocalStore, Recent};
 use super::records::{Intent, OutboxItem, PendingCommit};
 use crate::content::{Body, Content};
 use crate::identity::hex;
+use crate::ids::{GroupId, IdentityKey, MessageId};
 use crate::keypackage::{self, ClearHeader};
 use crate::mls::{GroupError, Incoming, Kind, Mls, Outgoing};
 use crate::vault::VaultError;
@@ -45,7 +46,7 @@ pub(crate) enum Effect {
     /// Learn the username of this identity (a sender we may not know).
     LearnName([u8; 32]),
     /// Members proposed changes (leaving) in this group: as an admin, commit them.
-    CommitProposals(Vec<u8>),
+    CommitProposals(GroupId),
 }
 
 /// Where a queued message goes before MLS sees it (PROTOCOL.md §6.9).
@@ -116,6 +117,8 @@ pub(crate) struct State {
     queued: AtomicBool,
     /// Slots resolved during the current sync: not read again (nor their junk reported twice).
     pub(crate) resolved: HashSet<[u8; 16]>,
+    /// Members whose leave proposal came while a commit of ours was pending in their group.
+    deferred_leaves: Mutex<HashMap<Vec<u8>, Vec<[u8; 32]>>>,
 }
 
 impl State {
@@ -130,6 +133,7 @@ impl State {
             events: Mutex::default(),
             queued: AtomicBool::new(false),
             resolved: HashSet::new(),
+            deferred_leaves: Mutex::default(),
         })
     }
 
@@ -189,13 +193,14 @@ impl State {
         match self.store.contact(username)? {
             Some(c) if c.key != id => Err(ClientError::KeyChanged {
                 username: username.into(),
-                pinned: hex(&c.key),
+                pinned: c.key.to_string(),
                 presented: hex(&id),
             }),
             Some(_) => Ok(()),
-            None => self
-                .store
-                .save_contact(username, &Contact { key: id, verified: false, since_ms: now_ms() }),
+            None => self.store.save_contact(
+                username,
+                &Contact { key: id.into(), verified: false, since_ms: now_ms() },
+            ),
         }
     }
 
@@ -237,7 +242,7 @@ impl State {
     /// Every conversation, most recent first.
     pub fn conversations(&self) -> Result<Vec<Conversation>, ClientError> {
         let mut out = self.store.conversations()?;
-        let verified: Vec<[u8; 32]> = self
+        let verified: Vec<IdentityKey> = self
             .store
             .contacts()?
             .into_iter()
@@ -245,8 +250,7 @@ impl State {
             .map(|(_, c)| c.key)
             .collect();
         for c in &mut out {
-            c.verified = c.kind == ConvKind::Dm
-                && c.peer.as_deref().is_some_and(|p| verified.iter().any(|v| v.as_slice() == p));
+            c.verified = c.kind == ConvKind::Dm && c.peer.is_some_and(|p| verified.contains(&p));
         }
         out.sort_by_key(|c| std::cmp::Reverse(c.last_activity_ms));
         Ok(out)
@@ -316,7 +320,7 @@ impl State {
     }
 
     /// Marks a conversation read; returns the last message id, for a read receipt.
-    pub fn mark_read(&self, conv: &[u8]) -> Result<Option<[u8; 16]>, ClientError> {
+    pub fn mark_read(&self, conv: &[u8]) -> Result<Option<MessageId>, ClientError> {
         if let Some(mut c) = self.store.conversation(conv)? {
             c.unread = 0;
             c.mentions = 0;
@@ -351,17 +355,17 @@ impl State {
 
     pub(crate) fn new_conversation(
         &self,
-        id: Vec<u8>,
+        id: impl Into<GroupId>,
         kind: ConvKind,
         name: String,
         peer: Option<[u8; 32]>,
     ) -> Result<Conversation, ClientError> {
         let c = Conversation {
-            id,
+            id: id.into(),
             kind,
             name,
             topic: String::new(),
-            peer: peer.map(|p| p.to_vec()),
+            peer: peer.map(IdentityKey::from),
             last_activity_ms: now_ms(),
             unread: 0,
             mentions: 0,
@@ -426,7 +430,7 @@ impl State {
         &self,
         sender: &[u8; 32],
         content: &Content,
-    ) -> Result<Option<Vec<u8>>, ClientError> {
+    ) -> Result<Option<GroupId>, ClientError> {
         Ok(match &content.body {
             Body::Edit { target, body } => self.store.update_entry(target, |e| {
                 if e.sender == sender {
@@ -458,7 +462,7 @@ impl State {
         &self,
         reader: &[u8; 32],
         up_to: &[u8; 16],
-    ) -> Result<Option<Vec<u8>>, ClientError> {
+    ) -> Result<Option<GroupId>, ClientError> {
         let Some((conv, last)) = self.store.locate(up_to)? else { return Ok(None) };
         self.store.update_recent_entries(&conv, 200, |e| {
             let unread = e.seq <= last
@@ -498,7 +502,7 @@ impl State {
             to.retain(|k| readers.contains(k));
             if !to.is_empty() {
                 // A new transport id: the server still holds the first one for dedup.
-                self.queue(conv, &to, ciphertext, random_id())?;
+                self.queue(conv, &to, ciphertext, MessageId::random())?;
                 sent += 1;
             }
         }
@@ -515,10 +519,10 @@ impl State {
         conv: &[u8],
         to: &[[u8; 32]],
         payload: Vec<u8>,
-        message_id: [u8; 16],
+        message_id: MessageId,
     ) -> Result<(), ClientError> {
         self.store.queue(&OutboxItem {
-            conv: conv.to_vec(),
+            conv: conv.into(),
             to: to.iter().map(|t| t.to_vec()).collect(),
             payload,
             message_id,
@@ -536,8 +540,8 @@ impl State {
             self.store.save_conversation(&c)?;
             self.append(conv, |seq| HistoryEntry::system(seq, format!("⚠ {text}"), now_ms()), false)
         })?;
-        self.emit(Event::Message { conv: conv.to_vec(), entry });
-        self.emit(Event::Conversation { conv: conv.to_vec() });
+        self.emit(Event::Message { conv: conv.into(), entry });
+        self.emit(Event::Conversation { conv: conv.into() });
         Ok(())
     }
 
@@ -552,6 +556,7 @@ impl State {
         let mut events = Vec::new();
         match incoming {
             Incoming::Joined { group_id, kind, members } => {
+                let group_id = GroupId::from(group_id);
                 let me = self.identity_key();
                 let peer = members.iter().map(|m| m.identity).find(|id| *id != me);
                 let (kind, name) = match kind {
@@ -574,6 +579,7 @@ impl State {
                 events.push(Event::Conversation { conv: group_id });
             }
             Incoming::Application { group_id, sender, plaintext } => {
+                let group_id = GroupId::from(group_id);
                 let content = Content::decode(&plaintext)?;
                 match &content.body {
                     // A message sent again after its epoch was superseded
@@ -622,9 +628,11 @@ impl State {
                             }
                         }
                     }
-                    Body::Typing { active } => {
-                        events.push(Event::Typing { conv: group_id, who: sender, active: *active })
-                    }
+                    Body::Typing { active } => events.push(Event::Typing {
+                        conv: group_id,
+                        who: sender.into(),
+                        active: *active,
+                    }),
                     _ => {
                         if let Some(conv) = self.apply_effect(&sender, &content)? {
                             events.push(Event::Updated {
@@ -636,6 +644,7 @@ impl State {
                 }
             }
             Incoming::Commit { group_id, committer, added, removed, removed_us, .. } => {
+                let group_id = GroupId::from(group_id);
                 let who = |id: &[u8; 32]| self.cached_name(id).unwrap_or_else(|| hex(&id[..6]));
                 let mut lines = Vec::new();
                 if !added.is_empty() {
@@ -667,6 +676,7 @@ impl State {
                 events.push(Event::Conversation { conv: group_id });
             }
             Incoming::Proposal { group_id, .. } => {
+                let group_id = GroupId::from(group_id);
                 events.push(Event::Proposal { conv: group_id.clone() });
                 events.push(Event::Conversation { conv: group_id });
             }
@@ -742,13 +752,13 @@ impl State {
     ) -> Result<PendingCommit, ClientError> {
         let keys = |v: &[[u8; 32]]| v.iter().map(|k| k.to_vec()).collect();
         let pending = PendingCommit {
-            conv: conv.to_vec(),
+            conv: conv.into(),
             commit: out.commit,
             commit_to: keys(&out.commit_to),
-            message_id: random_id(),
+            message_id: MessageId::random(),
             welcome: out.welcome,
             welcome_to: keys(&out.welcome_to),
-            welcome_id: random_id(),
+            welcome_id: MessageId::random(),
             announce,
             system,
             // While the commit is pending the group is still in the epoch it commits from.
@@ -1038,10 +1048,23 @@ impl State {
     }
 
     /// The commit that carries out the pending proposals of `conv` (members leaving), staged;
-    /// `None` if there is nothing to commit or a commit of ours is already pending there.
+    /// `None` if there is nothing to commit. With a commit of ours already pending there (one
+    /// at a time), who is leaving is remembered for [`State::take_deferred_leaves`]: merging
+    /// our commit drops the proposals, and the leavers must still go.
     pub fn stage_proposals(&self, conv: &[u8]) -> Result<Option<PendingCommit>, ClientError> {
         if self.store.has_pending_commit(conv)? {
-            return Ok(None); // one commit of ours at a time; the next sync gets back to it
+            let ids = self.mls.leaving(conv)?;
+            if !ids.is_empty()
+                && let Ok(mut deferred) = self.deferred_leaves.lock()
+            {
+                let waiting = deferred.entry(conv.to_vec()).or_default();
+                for id in ids {
+                    if !waiting.contains(&id) {
+                        waiting.push(id);
+                    }
+                }
+            }
+            return Ok(None);
         }
         self.store.atomic(|| -> Result<_, ClientError> {
             let intent = Intent::Leave { ids: self.mls.leaving(conv)? };
@@ -1050,6 +1073,23 @@ impl State {
                 None => Ok(None),
             }
         })
+    }
+
+    /// The leaves [`State::stage_proposals`] put off, by group.
+    pub fn take_deferred_leaves(&self) -> Vec<(Vec<u8>, Vec<[u8; 32]>)> {
+        self.deferred_leaves.lock().map(|mut d| d.drain().collect()).unwrap_or_default()
+    }
+
+    /// Puts a leave back for later (our commit there is still pending).
+    pub fn defer_leaves(&self, conv: Vec<u8>, ids: Vec<[u8; 32]>) {
+        if let Ok(mut d) = self.deferred_leaves.lock() {
+            let waiting = d.entry(conv).or_default();
+            for id in ids {
+                if !waiting.contains(&id) {
+                    waiting.push(id);
+                }
+            }
+        }
     }
 
     /// Stages the commit for `intent`, or `None` if the group already is as asked.
@@ -1070,13 +1110,13 @@ impl State {
 }
 
 /// The message an edit, delete, reaction or receipt is about.
-fn target_of(body: &Body) -> [u8; 16] {
+fn target_of(body: &Body) -> MessageId {
     match body {
         Body::Edit { target, .. } | Body::Delete { target } | Body::Reaction { target, .. } => {
             *target
         }
         Body::Receipt { up_to } => *up_to,
-        _ => [0; 16],
+        _ => MessageId::default(),
     }
 }
 

@@ -22,6 +22,7 @@ use super::session::Dial;
 use super::state::random_id;
 use crate::content::{Body, FileOffer};
 use crate::identity::hex;
+use crate::ids::GroupId;
 
 /// Blob chunk size for uploads and downloads (well below the frame cap).
 const CHUNK: usize = 1 << 20;
@@ -117,7 +118,11 @@ impl Client {
     }
 
     /// Offers an uploaded file in a conversation (a message like any other).
-    pub async fn offer_file(&mut self, conv: &[u8], offer: &FileOffer) -> Result<(), ClientError> {
+    pub async fn offer_file(
+        &mut self,
+        conv: &GroupId,
+        offer: &FileOffer,
+    ) -> Result<(), ClientError> {
         // The upload may have outlived the client's connection: offline (or with automatic
         // reconnects off) the offer waits in the outbox like any message.
         let _ = self.ensure_connected().await;
@@ -144,7 +149,11 @@ impl Client {
 
     /// Uploads a file and offers it in the conversation, in turn ([`Client::uploader`] and
     /// [`Client::offer_file`]). Progress goes to the progress hook and the event stream.
-    pub async fn send_file(&mut self, conv: &[u8], path: &Path) -> Result<FileOffer, ClientError> {
+    pub async fn send_file(
+        &mut self,
+        conv: &GroupId,
+        path: &Path,
+    ) -> Result<FileOffer, ClientError> {
         let offer = self.uploader(path, self.reporter())?.await?;
         self.offer_file(conv, &offer).await?;
         Ok(offer)

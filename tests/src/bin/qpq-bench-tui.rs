@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use qpq_core::client::{Client, ConnState, RegisterOptions};
+use qpq_core::ids::GroupId;
 use qpq_core::vault::KdfParams;
 use qpq_tests::ServerProcess;
 use qpq_tui::app::{Action, App, Command, WorkerEvent};
@@ -61,7 +62,7 @@ async fn main() -> anyhow::Result<()> {
     // Second stage: measure in a fresh process, so RSS is the UI's and not the builder's.
     if let Some(store) = std::env::var_os("QPQ_BENCH_STORE") {
         let dm = hex_decode(&std::env::var("QPQ_BENCH_DM")?);
-        return measure(std::path::Path::new(&store), &dm);
+        return measure(std::path::Path::new(&store), &dm.into());
     }
     let messages: usize = env_or("QPQ_BENCH_MESSAGES", 10_000);
     let dir = tempfile::tempdir()?;
@@ -138,14 +139,14 @@ fn hex_decode(s: &str) -> Vec<u8> {
     (0..s.len() / 2).filter_map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()).collect()
 }
 
-fn measure(store: &std::path::Path, dm: &[u8]) -> anyhow::Result<()> {
+fn measure(store: &std::path::Path, dm: &GroupId) -> anyhow::Result<()> {
     let rss_before = rss_kib();
     // What `qpq` does between the passphrase and the first frame of the main screen.
     let t0 = Instant::now();
     let client = Client::open(store, "bob passphrase")?;
     let unlocked = t0.elapsed();
     let list = client.conversations()?;
-    let first = list.iter().find(|c| c.id == dm).cloned().unwrap_or_else(|| list[0].clone());
+    let first = list.iter().find(|c| c.id == *dm).cloned().unwrap_or_else(|| list[0].clone());
     let _ = &first;
     let entries = client.history(&first.id, HISTORY_PAGE)?;
     let names: Vec<(Vec<u8>, String)> = entries
@@ -262,7 +263,7 @@ async fn read_until(
 /// greeting, open the conversation the UI opens by itself (the newest: the DM, the biggest),
 /// take its history, draw. Returns the connection and the times from the start to the
 /// greeting's conversation list, to the history, and to the drawn frame.
-async fn attach_and_draw(home: &Path, dm: &[u8]) -> anyhow::Result<(Attached, [Duration; 3])> {
+async fn attach_and_draw(home: &Path, dm: &GroupId) -> anyhow::Result<(Attached, [Duration; 3])> {
     let t = Instant::now();
     let mut attached = Attached::to(home).await?.context("no qpq daemon on the socket")?;
     anyhow::ensure!(!attached.locked, "the qpq daemon is locked");
@@ -270,7 +271,7 @@ async fn attach_and_draw(home: &Path, dm: &[u8]) -> anyhow::Result<(Attached, [D
     let asked =
         read_until(&mut attached, &mut app, |e| matches!(e, WorkerEvent::Conversations(_))).await?;
     let greeted = t.elapsed();
-    anyhow::ensure!(asked == [Command::Open(dm.to_vec())], "the UI did not open the DM first");
+    anyhow::ensure!(asked == [Command::Open(dm.clone())], "the UI did not open the DM first");
     for cmd in asked {
         attached.send(&Request::Ui(cmd)).await?;
     }
@@ -283,7 +284,7 @@ async fn attach_and_draw(home: &Path, dm: &[u8]) -> anyhow::Result<(Attached, [D
 }
 
 /// Third stage: the real `qpq daemon` on bob's store in `home`, the server still running.
-async fn daemon(home: &Path, dm: &[u8]) -> anyhow::Result<()> {
+async fn daemon(home: &Path, dm: &GroupId) -> anyhow::Result<()> {
     let attaches: usize = env_or("QPQ_BENCH_ATTACHES", 20).max(1);
     let idle = Duration::from_secs(env_or("QPQ_BENCH_IDLE_SECS", 30));
     let bin = qpq_tests::workspace_bin("qpq");
@@ -335,7 +336,7 @@ async fn daemon(home: &Path, dm: &[u8]) -> anyhow::Result<()> {
         .context("the daemon did not come online within 60 s")??;
     let greeted = t.elapsed();
     drop(attached);
-    let dm_entries = app.convs.iter().find(|c| c.id == dm).map_or(0, |c| c.next_seq);
+    let dm_entries = app.convs.iter().find(|c| c.id == *dm).map_or(0, |c| c.next_seq);
     println!(
         "daemon unlock over the socket (the store's default KDF: Argon2id 32 MiB, 3 passes): {:.1} ms; connected, synced and greeted {:.1} ms later",
         ms(unlocked),

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use qpq_core::client::{Client, RegisterOptions};
 use qpq_core::identity::hex;
+use qpq_core::ids::GroupId;
 use qpq_core::vault::KdfParams;
 use qpq_tests::{ServerProcess, workspace_bin};
 
@@ -115,7 +116,7 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_history(c: &Client, conv: &[u8], title: &str) {
+fn print_history(c: &Client, conv: &GroupId, title: &str) {
     println!("== {title}:");
     for e in c.history(conv, 20).unwrap_or_default() {
         if e.system {

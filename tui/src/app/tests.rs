@@ -24,7 +24,7 @@ fn ctrl(c: char) -> Action {
 
 fn conv(id: u8, name: &str, kind: ConvKind, unread: u32) -> Conversation {
     Conversation {
-        id: vec![id; 16],
+        id: vec![id; 16].into(),
         kind,
         name: name.into(),
         topic: String::new(),
@@ -46,7 +46,7 @@ fn app() -> App {
         conv(1, "team", ConvKind::Group, 0),
         conv(2, "bob", ConvKind::Dm, 2),
     ])));
-    assert_eq!(cmds, vec![Command::Open(vec![1; 16])], "the first conversation opens");
+    assert_eq!(cmds, vec![Command::Open(vec![1; 16].into())], "the first conversation opens");
     a
 }
 
@@ -57,7 +57,11 @@ fn enter_sends_the_composer_text_to_the_open_conversation() {
     let cmds = a.update(key(KeyCode::Enter));
     assert_eq!(
         cmds,
-        vec![Command::Send { conv: vec![1; 16], text: "hello world".into(), reply_to: None }]
+        vec![Command::Send {
+            conv: vec![1; 16].into(),
+            text: "hello world".into(),
+            reply_to: None
+        }]
     );
     assert!(a.composer.is_empty(), "the composer clears");
     assert!(a.update(key(KeyCode::Enter)).is_empty(), "an empty composer sends nothing");
@@ -72,7 +76,7 @@ fn typing_notices_are_rate_limited_and_slash_commands_send_none() {
     let cmds = typed(&mut a, "abc");
     assert_eq!(
         cmds,
-        vec![Command::Typing { conv: vec![1; 16], active: true }],
+        vec![Command::Typing { conv: vec![1; 16].into(), active: true }],
         "one notice for a burst"
     );
     a.update(key(KeyCode::Enter));
@@ -90,8 +94,8 @@ fn focus_moves_between_panes_and_the_list_opens_conversations() {
     a.update(key(KeyCode::Char('j')));
     assert_eq!(a.selected, 1);
     let cmds = a.update(key(KeyCode::Enter));
-    assert_eq!(cmds, vec![Command::Open(vec![2; 16])]);
-    assert_eq!(a.open, Some(vec![2; 16]));
+    assert_eq!(cmds, vec![Command::Open(vec![2; 16].into())]);
+    assert_eq!(a.open, Some(vec![2; 16].into()));
     assert_eq!(a.focus, Focus::Composer);
     assert_eq!(a.new_from, Some(8), "two unread of next_seq 10: the marker sits at seq 8");
     a.update(Action::Key(KeyEvent::new(KeyCode::BackTab, KeyModifiers::SHIFT)));
@@ -101,7 +105,7 @@ fn focus_moves_between_panes_and_the_list_opens_conversations() {
 #[test]
 fn admin_commands_issue_the_right_engine_commands_and_destructive_ones_ask() {
     let mut a = app();
-    let team = vec![1u8; 16];
+    let team: qpq_core::ids::GroupId = vec![1u8; 16].into();
     let run = |a: &mut App, line: &str| {
         typed(a, line);
         a.update(key(KeyCode::Enter))
@@ -153,7 +157,7 @@ fn the_switcher_finds_conversations_fuzzily() {
     assert!(matches!(a.overlay, Some(Overlay::Switcher { .. })));
     typed(&mut a, "bb");
     let cmds = a.update(key(KeyCode::Enter));
-    assert_eq!(cmds, vec![Command::Open(vec![2; 16])]);
+    assert_eq!(cmds, vec![Command::Open(vec![2; 16].into())]);
     assert!(a.overlay.is_none());
     assert_eq!(fuzzy_score("tm", "team"), Some(6), "two gaps (x2) and two unmatched letters");
     assert_eq!(fuzzy_score("x", "team"), None);
@@ -183,7 +187,7 @@ fn downloads_go_to_the_default_directory_unless_one_is_given() {
     let mut a = app();
     let mut file = HistoryEntry::system(1, String::new(), 0);
     file.system = false;
-    file.message_id = [7; 16];
+    file.message_id = [7; 16].into();
     file.file = Some(qpq_core::content::FileOffer {
         blob_id: [0; 32],
         size: 1,
@@ -194,7 +198,7 @@ fn downloads_go_to_the_default_directory_unless_one_is_given() {
         sha256: [0; 32],
     });
     a.update(Action::Worker(WorkerEvent::History {
-        conv: vec![1; 16],
+        conv: vec![1; 16].into(),
         entries: vec![file],
         names: vec![],
     }));
@@ -203,7 +207,7 @@ fn downloads_go_to_the_default_directory_unless_one_is_given() {
         a.update(key(KeyCode::Enter))
     };
     let want = |dir: Option<PathBuf>| {
-        vec![Command::Download { conv: vec![1; 16], message_id: [7; 16], dir }]
+        vec![Command::Download { conv: vec![1; 16].into(), message_id: [7; 16].into(), dir }]
     };
     assert_eq!(run(&mut a, "/download"), want(None), "the worker picks the XDG directory");
     assert_eq!(run(&mut a, "/download /tmp/in"), want(Some("/tmp/in".into())));
@@ -226,14 +230,14 @@ fn help_opens_and_closes_and_quit_quits() {
 fn notifications_follow_the_conversation_level() {
     let mut a = app();
     let entry = |text: &str| HistoryEntry {
-        message_id: [9; 16],
+        message_id: [9; 16].into(),
         sender: vec![7; 32],
         text: text.into(),
         ..own_entry(1, false)
     };
     let incoming = |conv: u8, text: &str, mention| {
         Action::Worker(WorkerEvent::Incoming {
-            conv: vec![conv; 16],
+            conv: vec![conv; 16].into(),
             entry: entry(text),
             sender: "bob".into(),
             mention,
@@ -248,7 +252,7 @@ fn notifications_follow_the_conversation_level() {
     typed(&mut a, "/notify none");
     assert_eq!(
         a.update(key(KeyCode::Enter)),
-        vec![Command::Notify { conv: vec![1; 16], level: config::NotifyLevel::None }]
+        vec![Command::Notify { conv: vec![1; 16].into(), level: config::NotifyLevel::None }]
     );
     a.update(incoming(1, "hey @alice", true));
     assert!(a.pending_alert.is_none());
@@ -260,13 +264,13 @@ fn notifications_follow_the_conversation_level() {
 fn typing_indicators_expire() {
     let mut a = app();
     a.update(Action::Worker(WorkerEvent::Typing {
-        conv: vec![1; 16],
+        conv: vec![1; 16].into(),
         who: "bob".into(),
         active: true,
     }));
-    assert_eq!(a.typing[&vec![1u8; 16]].len(), 1);
+    assert_eq!(a.typing[&vec![1u8; 16].into()].len(), 1);
     a.update(Action::Tick(Instant::now() + TYPING_SHOWN + Duration::from_secs(1)));
-    assert!(a.typing[&vec![1u8; 16]].is_empty());
+    assert!(a.typing[&vec![1u8; 16].into()].is_empty());
 }
 
 #[test]
@@ -274,7 +278,7 @@ fn timeline_keys_react_copy_and_reply() {
     let mut a = app();
     let mut e = HistoryEntry {
         seq: 0,
-        message_id: [5; 16],
+        message_id: [5; 16].into(),
         sender: vec![7; 32],
         sent_at_ms: 0,
         received_at_ms: 0,
@@ -289,7 +293,7 @@ fn timeline_keys_react_copy_and_reply() {
         pending: false,
     };
     a.update(Action::Worker(WorkerEvent::History {
-        conv: vec![1; 16],
+        conv: vec![1; 16].into(),
         entries: vec![e.clone()],
         names: vec![],
     }));
@@ -298,14 +302,22 @@ fn timeline_keys_react_copy_and_reply() {
     assert_eq!(a.update(key(KeyCode::Char('y'))), vec![Command::Copy("pick me".into())]);
     assert_eq!(
         a.update(key(KeyCode::Char('+'))),
-        vec![Command::React { conv: vec![1; 16], target: [5; 16], emoji: "👍".into() }]
+        vec![Command::React {
+            conv: vec![1; 16].into(),
+            target: [5; 16].into(),
+            emoji: "👍".into()
+        }]
     );
     a.update(key(KeyCode::Char('r')));
     assert_eq!(a.focus, Focus::Composer);
     typed(&mut a, "sure");
     assert_eq!(
         a.update(key(KeyCode::Enter)),
-        vec![Command::Send { conv: vec![1; 16], text: "sure".into(), reply_to: Some([5; 16]) }]
+        vec![Command::Send {
+            conv: vec![1; 16].into(),
+            text: "sure".into(),
+            reply_to: Some([5; 16].into())
+        }]
     );
 }
 
@@ -314,16 +326,19 @@ fn scrolling_past_the_oldest_loaded_entry_asks_for_the_page_before() {
     let mut a = app();
     let mk = |seq: u64| HistoryEntry { sender: vec![7; 32], ..own_entry(seq, false) };
     a.update(Action::Worker(WorkerEvent::History {
-        conv: vec![1; 16],
+        conv: vec![1; 16].into(),
         entries: vec![mk(5), mk(6)],
         names: vec![],
     }));
     a.focus = Focus::Timeline;
     assert!(a.update(key(KeyCode::Up)).is_empty());
-    assert_eq!(a.update(key(KeyCode::Up)), vec![Command::Older { conv: vec![1; 16], before: 5 }]);
+    assert_eq!(
+        a.update(key(KeyCode::Up)),
+        vec![Command::Older { conv: vec![1; 16].into(), before: 5 }]
+    );
     assert!(a.update(key(KeyCode::Up)).is_empty(), "one request at a time");
     a.update(Action::Worker(WorkerEvent::Older {
-        conv: vec![1; 16],
+        conv: vec![1; 16].into(),
         entries: (0..5).map(mk).collect(),
         names: vec![],
     }));
@@ -388,7 +403,7 @@ fn the_safety_number_overlay_marks_a_contact_verified() {
 fn own_entry(seq: u64, pending: bool) -> HistoryEntry {
     HistoryEntry {
         seq,
-        message_id: [seq as u8; 16],
+        message_id: [seq as u8; 16].into(),
         sender: vec![1; 32],
         sent_at_ms: 0,
         received_at_ms: 0,
@@ -442,7 +457,7 @@ fn notices_and_errors_expire_and_an_outage_error_clears_when_back_online() {
 #[test]
 fn a_pending_message_turns_delivered_and_receipts_cover_earlier_ones() {
     let mut a = app();
-    let conv = vec![1; 16];
+    let conv: qpq_core::ids::GroupId = vec![1; 16].into();
     a.update(Action::Worker(WorkerEvent::History {
         conv: conv.clone(),
         entries: vec![own_entry(0, false), own_entry(1, false)],
@@ -472,6 +487,6 @@ fn a_pending_message_turns_delivered_and_receipts_cover_earlier_ones() {
     // Another conversation's change does not touch this timeline.
     let mut other = own_entry(2, false);
     other.text = "elsewhere".into();
-    a.update(Action::Worker(WorkerEvent::Changed { conv: vec![2; 16], entry: other }));
+    a.update(Action::Worker(WorkerEvent::Changed { conv: vec![2; 16].into(), entry: other }));
     assert_eq!(a.timeline[2].text, "m2");
 }

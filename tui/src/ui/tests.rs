@@ -15,7 +15,7 @@ const NOON: u64 = 1_767_268_800_000;
 
 fn conv(id: u8, name: &str, kind: ConvKind, unread: u32, mentions: u32) -> Conversation {
     Conversation {
-        id: vec![id; 16],
+        id: vec![id; 16].into(),
         kind,
         name: name.into(),
         topic: if kind == ConvKind::Group { "launch on friday".into() } else { String::new() },
@@ -33,7 +33,7 @@ fn conv(id: u8, name: &str, kind: ConvKind, unread: u32, mentions: u32) -> Conve
 fn entry(seq: u64, sender: u8, text: &str, minute: u64) -> HistoryEntry {
     HistoryEntry {
         seq,
-        message_id: [seq as u8 + 1; 16],
+        message_id: [seq as u8 + 1; 16].into(),
         sender: vec![sender; 32],
         sent_at_ms: NOON + minute * 60_000,
         received_at_ms: NOON + minute * 60_000,
@@ -80,7 +80,7 @@ fn with_history() -> App {
     let mut edited = entry(2, 2, "great, I will test it tonight", 2);
     edited.edited = true;
     let mut reply = entry(3, 3, "@alice which firmware?", 3);
-    reply.reply_to = Some([2; 16]);
+    reply.reply_to = Some([2; 16].into());
     let mut file = entry(4, 1, "[file] notes.pdf", 4);
     file.file = Some(FileOffer {
         blob_id: [0; 32],
@@ -95,7 +95,7 @@ fn with_history() -> App {
     deleted.deleted = true;
     a.new_from = Some(3);
     a.update(Action::Worker(WorkerEvent::History {
-        conv: vec![1; 16],
+        conv: vec![1; 16].into(),
         entries: vec![system, hello, edited, reply, file, deleted],
         names: vec![
             (vec![1; 32], "alice".into()),
@@ -104,7 +104,7 @@ fn with_history() -> App {
         ],
     }));
     a.update(Action::Worker(WorkerEvent::Members {
-        conv: vec![1; 16],
+        conv: vec![1; 16].into(),
         members: vec![
             ("alice".into(), true, vec![1; 32]),
             ("bob".into(), false, vec![2; 32]),
@@ -134,7 +134,7 @@ fn conversation_with_history_at_80x24() {
 fn group_with_members_and_typing_at_100x30() {
     let mut a = with_history();
     a.update(Action::Worker(WorkerEvent::Typing {
-        conv: vec![1; 16],
+        conv: vec![1; 16].into(),
         who: "carol".into(),
         active: true,
     }));
