@@ -436,4 +436,38 @@ async fn an_upload_does_not_hold_up_other_commands() {
     let path = dir.join("big.bin").display().to_string();
     let got = std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e} ({saved})"));
     assert!(got == content, "bob got the file intact");
+
+    // Through bob's daemon, the same file into the same directory twice at once: the second is
+    // refused (the two would share a part file), the first completes intact.
+    let _bob_daemon = start_daemon(&s.bob, "bob", &[]);
+    ok(&s.bob, "bob", &["sync"]);
+    let mut watcher = raw(&s.bob).await;
+    let again = s.bob.join("again");
+    let args = ["download", "@alice", "--dir", again.to_str().unwrap()];
+    let first = qpq(&s.bob, "bob", &args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
+    let mut first = KillOnDrop(first.unwrap());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "no download progress");
+        match tokio::time::timeout(left, ipc::read_frame::<Reply, _>(&mut watcher)).await {
+            Ok(Ok(Some(Reply::Event(WorkerEvent::Transfer {
+                done,
+                total,
+                upload: false,
+                ..
+            }))))
+                if done > 0 && done < total =>
+            {
+                break;
+            }
+            Ok(Ok(Some(_))) => {}
+            other => panic!("the watcher lost bob's daemon: {other:?}"),
+        }
+    }
+    let second = qpq(&s.bob, "bob", &args).output().unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success() && err.contains("already being downloaded"), "{err}");
+    assert!(first.0.wait().unwrap().success(), "the first download ended well");
+    assert!(std::fs::read(again.join("big.bin")).unwrap() == content, "and intact");
 }

@@ -247,7 +247,13 @@ pub async fn run(
     }
     let everyone = Tx { hub: &hub, to: None };
     let (finished_tx, mut finished) = mpsc::unbounded_channel();
-    let transfers = Transfers { done: finished_tx, hub: hub.clone() };
+    let transfers = Transfers {
+        done: finished_tx,
+        hub: hub.clone(),
+        slots: Arc::new(tokio::sync::Semaphore::new(MAX_TRANSFERS)),
+        downloading: Arc::default(),
+        running: Mutex::default(),
+    };
     // Connect and catch up before the first command, so a subcommand sent with the unlock
     // sees the account as it is (one attempt: unreachable, the link retries as usual).
     if !client.is_online() {
@@ -428,6 +434,31 @@ fn refuse(hub: &Hub, input: Input) {
 struct Transfers {
     done: mpsc::UnboundedSender<Finished>,
     hub: Hub,
+    /// At most [`MAX_TRANSFERS`] run at once (each holds a stream, maybe a connection, and
+    /// server memory); the others wait their turn.
+    slots: Arc<tokio::sync::Semaphore>,
+    /// Downloads running, by directory and blob: a second one of the same file into the same
+    /// directory would share its part file.
+    downloading: Arc<Mutex<std::collections::HashSet<DownloadKey>>>,
+    /// The running tasks, aborted when the worker ends (a locked or stopped daemon transfers
+    /// nothing more).
+    running: Mutex<Vec<tokio::task::AbortHandle>>,
+}
+
+/// A download's target: its directory and its blob.
+type DownloadKey = (PathBuf, [u8; 32]);
+
+/// Transfers that run at once.
+const MAX_TRANSFERS: usize = 2;
+
+impl Drop for Transfers {
+    fn drop(&mut self) {
+        if let Ok(running) = self.running.lock() {
+            for task in running.iter() {
+                task.abort();
+            }
+        }
+    }
 }
 
 /// A transfer that ended, and who asked for it (a subcommand gets its output and `Done`; a
@@ -449,6 +480,20 @@ impl Transfers {
         Box::new(move |t| hub.all(Reply::Event(transfer(t))))
     }
 
+    /// Runs `task` in a task of its own once a slot is free; what it returns goes back to the
+    /// worker.
+    fn spawn(&self, task: impl Future<Output = Finished> + Send + 'static) {
+        let (slots, done) = (self.slots.clone(), self.done.clone());
+        let handle = tokio::spawn(async move {
+            let _slot = slots.acquire_owned().await;
+            let _ = done.send(task.await);
+        });
+        if let Ok(mut running) = self.running.lock() {
+            running.retain(|t| !t.is_finished());
+            running.push(handle.abort_handle());
+        }
+    }
+
     fn upload(
         &self,
         client: &Client,
@@ -456,12 +501,11 @@ impl Transfers {
         cli: bool,
         conv: GroupId,
         path: &std::path::Path,
-    ) -> Result<(), ClientError> {
+    ) -> Result<(), CommandError> {
         let upload = client.uploader(path, self.progress())?;
-        let done = self.done.clone();
-        tokio::spawn(async move {
+        self.spawn(async move {
             let offer = upload.await;
-            let _ = done.send(Finished { to, cli, what: Ended::Uploaded { conv, offer } });
+            Finished { to, cli, what: Ended::Uploaded { conv, offer } }
         });
         Ok(())
     }
@@ -473,12 +517,32 @@ impl Transfers {
         cli: bool,
         offer: &FileOffer,
         dir: &std::path::Path,
-    ) -> Result<(), ClientError> {
-        let download = client.downloader(offer, dir, self.progress())?;
-        let (done, offered) = (self.done.clone(), offer.name.clone());
-        tokio::spawn(async move {
+    ) -> Result<(), CommandError> {
+        let key = (dir.to_path_buf(), offer.blob_id);
+        let fresh = self.downloading.lock().is_ok_and(|mut d| d.insert(key.clone()));
+        if !fresh {
+            return Err(CommandError::Refused(format!(
+                "{} is already being downloaded into {}",
+                offer.name,
+                crate::downloads::printable(&dir.display().to_string())
+            )));
+        }
+        let download = match client.downloader(offer, dir, self.progress()) {
+            Ok(d) => d,
+            Err(e) => {
+                if let Ok(mut d) = self.downloading.lock() {
+                    d.remove(&key);
+                }
+                return Err(e.into());
+            }
+        };
+        let (downloading, offered) = (self.downloading.clone(), offer.name.clone());
+        self.spawn(async move {
             let path = download.await;
-            let _ = done.send(Finished { to, cli, what: Ended::Saved { offered, path } });
+            if let Ok(mut d) = downloading.lock() {
+                d.remove(&key);
+            }
+            Finished { to, cli, what: Ended::Saved { offered, path } }
         });
         Ok(())
     }

@@ -548,32 +548,57 @@ impl Client {
     }
 
     /// Commits, in every group, the leave proposals waiting in MLS (as the admin chosen to).
+    /// A group where it fails is reported and skipped, so one group cannot stop the others
+    /// (or the sync); `Err` only for a network failure, after which the next sync tries again.
     pub(crate) async fn commit_all_proposals(&mut self) -> Result<(), ClientError> {
         for c in self.state.conversations()? {
             if self.state.mls.epoch(&c.id).is_err() {
                 continue;
             }
-            if let Some(pending) = self.state.stage_proposals(&c.id)? {
-                self.deliver_commit(pending).await?;
+            let committed = match self.state.stage_proposals(&c.id) {
+                Ok(Some(pending)) => self.deliver_commit(pending).await,
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            };
+            match committed {
+                Ok(()) => {}
+                Err(e @ (ClientError::Net(_) | ClientError::NeedLogin)) => return Err(e),
+                Err(e) => self.emit(Event::Rejected {
+                    reason: format!("members' leaving could not be committed: {e}"),
+                }),
             }
         }
         Ok(())
     }
 
     /// Removes the members whose leave waited for a commit of ours to settle.
+    /// On a failure, what was not committed yet waits for the next sync.
     pub(crate) async fn commit_deferred_leaves(&mut self) -> Result<(), ClientError> {
-        for (conv, ids) in self.state.take_deferred_leaves() {
-            if self.state.mls.epoch(&conv).is_err() {
-                continue; // we left, or were removed
-            }
-            if self.state.store.has_pending_commit(&conv)? {
+        let mut waiting = self.state.take_deferred_leaves().into_iter();
+        while let Some((conv, ids)) = waiting.next() {
+            let done = self.commit_leaves(&conv, &ids).await;
+            if let Err(e) = done {
                 self.state.defer_leaves(conv, ids);
-                continue;
+                for (conv, ids) in waiting {
+                    self.state.defer_leaves(conv, ids);
+                }
+                return Err(e);
             }
-            let leave = Intent::Leave { ids };
-            if let Some(pending) = self.state.stage_change(&conv, leave, false, None)? {
-                self.deliver_commit(pending).await?;
-            }
+        }
+        Ok(())
+    }
+
+    async fn commit_leaves(&mut self, conv: &[u8], ids: &[[u8; 32]]) -> Result<(), ClientError> {
+        if self.state.mls.epoch(conv).is_err() {
+            return Ok(()); // we left, or were removed
+        }
+        if self.state.store.has_pending_commit(conv)? {
+            self.state.defer_leaves(conv.to_vec(), ids.to_vec());
+            return Ok(());
+        }
+        let leave = Intent::Leave { ids: ids.to_vec() };
+        if let Some(pending) = self.state.stage_change(conv, leave, false, None)? {
+            self.deliver_commit(pending).await?;
         }
         Ok(())
     }

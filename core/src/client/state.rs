@@ -644,6 +644,14 @@ impl State {
                 }
             }
             Incoming::Commit { group_id, committer, added, removed, removed_us, .. } => {
+                // Whoever this commit removed has left: a leave of theirs we put off is done
+                // (and must not remove them again if they are invited back).
+                if !removed.is_empty()
+                    && let Ok(mut deferred) = self.deferred_leaves.lock()
+                    && let Some(waiting) = deferred.get_mut(&group_id)
+                {
+                    waiting.retain(|id| !removed.contains(id));
+                }
                 let group_id = GroupId::from(group_id);
                 let who = |id: &[u8; 32]| self.cached_name(id).unwrap_or_else(|| hex(&id[..6]));
                 let mut lines = Vec::new();
@@ -1052,8 +1060,14 @@ impl State {
     /// at a time), who is leaving is remembered for [`State::take_deferred_leaves`]: merging
     /// our commit drops the proposals, and the leavers must still go.
     pub fn stage_proposals(&self, conv: &[u8]) -> Result<Option<PendingCommit>, ClientError> {
+        // Read-only first: most groups have nobody leaving, and a write transaction costs an
+        // fsync even when it writes nothing (this runs for every group at each session start).
+        let leaving = self.mls.leaving(conv)?;
+        if leaving.is_empty() {
+            return Ok(None);
+        }
         if self.store.has_pending_commit(conv)? {
-            let ids = self.mls.leaving(conv)?;
+            let ids = leaving;
             if !ids.is_empty()
                 && let Ok(mut deferred) = self.deferred_leaves.lock()
             {

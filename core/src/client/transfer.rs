@@ -271,7 +271,6 @@ async fn upload_blob(
                     chunk: Vec::new(),
                     media_type: String::new(),
                 };
-                stalled += 1;
                 link.call(method::UPLOAD_BLOB, &probe).await?
             }
             Err(e) => return Err(e),
