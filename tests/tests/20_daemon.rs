@@ -369,11 +369,31 @@ async fn a_daemon_qpq_starts_reaches_the_server_qpq_was_given() {
     }
 }
 
+/// Reads the daemon's events on `watcher` until an upload (or download) is part-way through.
+async fn until_under_way(watcher: &mut tokio::net::UnixStream, upload: bool) {
+    use qpq_tui::protocol::WorkerEvent;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "no transfer progress (upload: {upload})");
+        match tokio::time::timeout(left, ipc::read_frame::<Reply, _>(watcher)).await {
+            Ok(Ok(Some(Reply::Event(WorkerEvent::Transfer {
+                done, total, upload: up, ..
+            }))))
+                if up == upload && done > 0 && done < total =>
+            {
+                return;
+            }
+            Ok(Ok(Some(_))) => {}
+            other => panic!("the watcher lost the daemon: {other:?}"),
+        }
+    }
+}
+
 /// A transfer runs in a task of its own: while a large upload is on its way, a `send` from
 /// another terminal goes out at once, and both arrive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_does_not_hold_up_other_commands() {
-    use qpq_tui::protocol::WorkerEvent;
     let s = Pair::with_dm().await;
     let _daemon = start_daemon(&s.alice, "alice", &[]);
     ok(&s.alice, "alice", &["sync"]); // unlocks it
@@ -397,22 +417,7 @@ async fn an_upload_does_not_hold_up_other_commands() {
         .unwrap();
     let mut upload = KillOnDrop(upload);
     // The upload is under way once its first chunk is acknowledged.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        assert!(!left.is_zero(), "no upload progress");
-        match tokio::time::timeout(left, ipc::read_frame::<Reply, _>(&mut watcher)).await {
-            Ok(Ok(Some(Reply::Event(WorkerEvent::Transfer {
-                done, total, upload: true, ..
-            }))))
-                if done > 0 && done < total =>
-            {
-                break;
-            }
-            Ok(Ok(Some(_))) => {}
-            other => panic!("the watcher lost the daemon: {other:?}"),
-        }
-    }
+    until_under_way(&mut watcher, true).await;
     let started = Instant::now();
     ok(&s.alice, "alice", &["send", "@bob", "while uploading"]);
     let took = started.elapsed();
@@ -446,25 +451,7 @@ async fn an_upload_does_not_hold_up_other_commands() {
     let args = ["download", "@alice", "--dir", again.to_str().unwrap()];
     let first = qpq(&s.bob, "bob", &args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
     let mut first = KillOnDrop(first.unwrap());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        assert!(!left.is_zero(), "no download progress");
-        match tokio::time::timeout(left, ipc::read_frame::<Reply, _>(&mut watcher)).await {
-            Ok(Ok(Some(Reply::Event(WorkerEvent::Transfer {
-                done,
-                total,
-                upload: false,
-                ..
-            }))))
-                if done > 0 && done < total =>
-            {
-                break;
-            }
-            Ok(Ok(Some(_))) => {}
-            other => panic!("the watcher lost bob's daemon: {other:?}"),
-        }
-    }
+    until_under_way(&mut watcher, false).await;
     let second = qpq(&s.bob, "bob", &args).output().unwrap();
     let err = String::from_utf8_lossy(&second.stderr);
     assert!(!second.status.success() && err.contains("already being downloaded"), "{err}");

@@ -1067,21 +1067,11 @@ impl State {
             return Ok(None);
         }
         if self.store.has_pending_commit(conv)? {
-            let ids = leaving;
-            if !ids.is_empty()
-                && let Ok(mut deferred) = self.deferred_leaves.lock()
-            {
-                let waiting = deferred.entry(conv.to_vec()).or_default();
-                for id in ids {
-                    if !waiting.contains(&id) {
-                        waiting.push(id);
-                    }
-                }
-            }
+            self.defer_leaves(conv.to_vec(), leaving);
             return Ok(None);
         }
         self.store.atomic(|| -> Result<_, ClientError> {
-            let intent = Intent::Leave { ids: self.mls.leaving(conv)? };
+            let intent = Intent::Leave { ids: leaving };
             match self.mls.commit_pending(conv)? {
                 Some(out) => Ok(Some(self.stage_commit(conv, out, false, None, intent, 0)?)),
                 None => Ok(None),
